@@ -1,0 +1,31 @@
+# `make run` and `make test` set the machine up first when needed (scripts/setup.sh).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+ARGS ?=
+
+.PHONY: setup run test test-unit bench clean-runs
+
+$(STAMP): setup.cfg pyproject.toml scripts/setup.sh scripts/horovod-0.28.1-tf2.21-cpu.patch
+	bash scripts/setup.sh
+
+setup:
+	bash scripts/setup.sh
+
+## The main job: digits, simple CNN, horovodrun -np 2; writes runs/digits/.
+run: $(STAMP)
+	$(PY) scripts/run_digits.py $(ARGS)
+
+## The whole suite: unit tests and real horovodrun -np 2 integration tests.
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m "not horovod" $(ARGS)
+
+## Throughput benchmark (not a test): writes bench/results.json.
+bench: $(STAMP)
+	$(PY) scripts/bench.py $(ARGS)
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,101 @@
+"""The horovodrun command line and environment, as a pure function of the options.
+
+Nothing here runs anything or reads the machine: `build_command(opts, env)`
+returns `(argv, env)` for the executor in launch.cli, and unit tests check it
+as data.
+"""
+
+import re
+from dataclasses import dataclass
+
+_HOST = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+?(:\d+)?$")
+
+
+class LaunchError(ValueError):
+    """Launcher options that cannot work; str(e) is a one-line message."""
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """What the user asked for on the launcher's command line.
+
+    Attributes:
+      np: number of worker processes (ranks).
+      config: the experiment YAML given to every worker.
+      overrides: `key=value` strings passed on as `--set`.
+      hosts: horovodrun `-H` list, `host1:slots,host2:slots`.
+      hostfile: a file of `host slots=N` lines (exclusive with hosts).
+      controller: "gloo" or "mpi".
+      timeline: write a Horovod timeline (Chrome trace) to this file.
+      autotune: let Horovod tune fusion buffer and cycle time.
+      fusion_threshold_mb: Horovod tensor fusion buffer size.
+      python: interpreter that runs the workers.
+      horovodrun: the horovodrun executable.
+    """
+
+    np: int
+    config: str
+    overrides: tuple[str, ...] = ()
+    hosts: str | None = None
+    hostfile: str | None = None
+    controller: str = "gloo"
+    timeline: str | None = None
+    autotune: bool = False
+    fusion_threshold_mb: int | None = None
+    python: str = "python"
+    horovodrun: str = "horovodrun"
+
+
+def parse_hosts(hosts: str) -> list[tuple[str, int]]:
+    """`h1:2,h2` to [("h1", 2), ("h2", 1)]; raises LaunchError on a malformed entry."""
+    parsed = []
+    for item in hosts.split(","):
+        item = item.strip()
+        name, _, slots = item.partition(":")
+        if not name or not _HOST.match(item) or (slots and not slots.isdigit()) or slots == "0":
+            raise LaunchError(f"--hosts entry {item!r} is not host[:slots] with slots >= 1")
+        parsed.append((name, int(slots) if slots else 1))
+    return parsed
+
+
+def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The horovodrun argv and the environment to run it with."""
+    if opts.np < 1:
+        raise LaunchError(f"--np must be at least 1, got {opts.np}")
+    if opts.hosts and opts.hostfile:
+        raise LaunchError("--hosts and --hostfile are exclusive")
+    if opts.controller not in ("gloo", "mpi"):
+        raise LaunchError(f"controller must be gloo or mpi, got {opts.controller!r}")
+    if opts.fusion_threshold_mb is not None and opts.fusion_threshold_mb < 0:
+        raise LaunchError(f"--fusion-threshold-mb must be >= 0, got {opts.fusion_threshold_mb}")
+
+    argv = [opts.horovodrun, "-np", str(opts.np), f"--{opts.controller}"]
+    if opts.hosts:
+        hosts = parse_hosts(opts.hosts)
+        slots = sum(n for _, n in hosts)
+        if slots < opts.np:
+            raise LaunchError(f"--hosts {opts.hosts!r} has {slots} slots for --np {opts.np}")
+        argv += ["-H", ",".join(f"{h}:{n}" for h, n in hosts)]
+    elif opts.hostfile:
+        argv += ["--hostfile", opts.hostfile]
+    else:
+        argv += ["-H", f"localhost:{opts.np}"]
+    if opts.timeline:
+        argv += ["--timeline-filename", opts.timeline]
+    if opts.autotune:
+        argv += ["--autotune"]
+    if opts.fusion_threshold_mb is not None:
+        argv += ["--fusion-threshold-mb", str(opts.fusion_threshold_mb)]
+
+    argv += [opts.python, "-m", "trainer.train", "--config", opts.config]
+    for item in opts.overrides:
+        argv += ["--set", item]
+
+    env = dict(base_env)
+    env.setdefault("PYTHONUNBUFFERED", "1")  # rank output interleaves line by line
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, once per rank
+    if opts.controller == "mpi":
+        # Open MPI refuses to start as root (containers, CI) without these.
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    return argv, env

@@ -1,0 +1,121 @@
+from pathlib import Path
+
+import pytest
+
+from trainer.config import (
+    ConfigError, ExperimentConfig, MODEL_NAMES, dump_yaml, load_config, parse_override, validate, validate_world,
+)
+
+
+def write(tmp_path, text):
+    p = tmp_path / "exp.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def synthetic_cfg(*overrides):
+    base = ["run_dir=/tmp/x", "data.synthetic=true", "model.image_size=32", "model.channels=3",
+            "model.num_classes=10", "train.steps_per_epoch=5"]
+    return load_config(None, base + list(overrides))
+
+
+def test_yaml_and_overrides_are_typed(tmp_path):
+    path = write(tmp_path, "run_dir: runs/a\ndata:\n  global_batch_size: 128\ntrain:\n  epochs: 3\n")
+    cfg = load_config(path, ["train.base_learning_rate=0.2", "allreduce.fp16_compression=true", "model.name=resnet20"])
+    assert cfg.run_dir == "runs/a"
+    assert cfg.data.global_batch_size == 128
+    assert cfg.train.epochs == 3
+    assert cfg.train.base_learning_rate == 0.2
+    assert cfg.allreduce.fp16_compression is True
+    assert cfg.model.name == "resnet20"
+    # An int given for a float field is accepted as a float.
+    assert load_config(None, ["train.base_learning_rate=1"]).train.base_learning_rate == 1.0
+    # A str field keeps its text even when YAML would read a number.
+    assert load_config(None, ["run_dir=2024"]).run_dir == "2024"
+
+
+def test_dumped_config_loads_back_identically(tmp_path):
+    cfg = synthetic_cfg("train.epochs=7", "data.seed=3")
+    again = load_config(write(tmp_path, dump_yaml(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochz=3", "unknown config key 'train.epochz'"),
+        ("bogus.x=1", "unknown config key 'bogus'"),
+        ("train.epochs=three", "train.epochs='three': expected int"),
+        ("train.epochs=2.5", "train.epochs=2.5: expected int"),
+        ("train.resume=1", "train.resume=1: expected bool"),
+        ("data=3", "data=3: expected a mapping"),
+        ("noequals", "override 'noequals' is not key=value"),
+    ],
+)
+def test_bad_keys_and_types_name_the_key_and_value(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.global_batch_size=0", "data.global_batch_size=0: must be > 0"),
+        ("data.global_batch_size=-8", "data.global_batch_size=-8: must be > 0"),
+        ("model.name=vgg", "model.name='vgg': must be one of " + ", ".join(MODEL_NAMES)),
+        ("train.epochs=0", "train.epochs=0: must be > 0"),
+        ("train.base_learning_rate=0", "train.base_learning_rate=0.0: must be > 0"),
+        ("train.optimizer=rmsprop", "train.optimizer='rmsprop': must be one of adam, sgd"),
+        ("model.channels=2", "model.channels=2: must be 1, 3 or 0 (from the data)"),
+        ("train.steps_per_epoch=0", "train.steps_per_epoch=0: must be set (> 0) with data.synthetic"),
+    ],
+)
+def test_bad_values_are_rejected_with_key_and_value(override, message):
+    with pytest.raises(ConfigError) as e:
+        validate(synthetic_cfg(override))
+    assert str(e.value) == message
+    assert "\n" not in str(e.value)
+
+
+def test_data_dir_checks(tmp_path):
+    missing = load_config(None, ["run_dir=r", f"data.dir={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="folder does not exist"):
+        validate(missing)
+    empty = load_config(None, ["run_dir=r", f"data.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="has no metadata.json"):
+        validate(empty)
+    (tmp_path / "metadata.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"has no train-\*.tfrecord shards"):
+        validate(empty)
+
+
+def test_global_batch_must_divide_by_world_size():
+    cfg = synthetic_cfg("data.global_batch_size=63")
+    validate_world(cfg, 1)
+    validate_world(cfg, 3)
+    with pytest.raises(ConfigError) as e:
+        validate_world(cfg, 2)
+    assert str(e.value) == "data.global_batch_size=63: is not divisible by the world size 2"
+
+
+def test_bad_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="No such file"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_parse_override_reads_yaml_scalars():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a.b=true") == ("a.b", True)
+    assert parse_override("a.b=x=y") == ("a.b", "x=y")
+    assert parse_override("a.b=") == ("a.b", "")
+
+
+def test_shipped_configs_load():
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"))
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.model.name == "simple_cnn"

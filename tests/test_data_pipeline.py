@@ -1,0 +1,139 @@
+import hashlib
+import json
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import run
+from data_pipeline.build_shards import build
+from data_pipeline.metadata import DataError, load_metadata, shard_files
+from data_pipeline.reader import make_dataset, shard_records
+from data_pipeline.records import parse_example
+
+COUNTS = {"cat": 7, "dog": 5, "eel": 9}
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Small RGB images of mixed sizes and formats, 3 classes of unequal size."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for name, n in COUNTS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            h, w = (6, 6) if i % 2 else (5, 7)
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            if i % 3 == 0:
+                (root / name / f"im{i}.jpg").write_bytes(tf.io.encode_jpeg(pixels).numpy())
+            else:
+                (root / name / f"im{i}.png").write_bytes(tf.io.encode_png(pixels).numpy())
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / ".hidden").mkdir()
+    return root
+
+
+def ids_of(files, num_shards, index):
+    return [parse_example(r)["image/id"].numpy().decode() for r in shard_records(files, num_shards, index)]
+
+
+def test_counts_split_and_metadata(images, tmp_path):
+    meta = build(str(images), str(tmp_path / "out"), num_shards=3, val_fraction=0.25, seed=1)
+    assert meta["class_names"] == ["cat", "dog", "eel"]
+    val = meta["splits"]["validation"]["per_class"]
+    train = meta["splits"]["train"]["per_class"]
+    # Stratified: round(n * 0.25) of each class in validation, the rest in train.
+    assert val == {"cat": 2, "dog": 1, "eel": 2}
+    assert train == {"cat": 5, "dog": 4, "eel": 7}
+    assert meta["splits"]["train"]["num_examples"] == 16
+    assert sum(s["num_examples"] for s in meta["splits"]["train"]["shards"]) == 16
+    assert meta["image_shape"] is None  # mixed sizes
+    assert meta["channels"] == 3
+    on_disk = load_metadata(str(tmp_path / "out"))
+    assert on_disk == json.loads(json.dumps(meta))
+    for shard in meta["splits"]["train"]["shards"]:
+        data = (tmp_path / "out" / shard["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard["sha256"]
+
+
+def test_same_input_gives_same_shards(images, tmp_path):
+    a = build(str(images), str(tmp_path / "a"), num_shards=2, val_fraction=0.2, seed=3)
+    b = build(str(images), str(tmp_path / "b"), num_shards=2, val_fraction=0.2, seed=3)
+    assert a == b
+    c = build(str(images), str(tmp_path / "c"), num_shards=2, val_fraction=0.2, seed=4)
+    assert [s["sha256"] for s in c["splits"]["train"]["shards"]] != [s["sha256"] for s in a["splits"]["train"]["shards"]]
+
+
+def test_existing_output_is_kept_unless_overwrite(images, tmp_path):
+    out = tmp_path / "out"
+    build(str(images), str(out), num_shards=2, val_fraction=0.2)
+    before = (out / "metadata.json").read_bytes()
+    with pytest.raises(DataError, match="already exists"):
+        build(str(images), str(out), num_shards=3, val_fraction=0.2)
+    assert (out / "metadata.json").read_bytes() == before
+    meta = build(str(images), str(out), num_shards=3, val_fraction=0.2, overwrite=True)
+    assert len(meta["splits"]["train"]["shards"]) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "out"]  # no temporary folders left
+
+
+def test_corrupt_image_names_the_file_and_writes_nothing(images, tmp_path):
+    bad = images / "dog" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(DataError, match=r"cannot decode image .*broken\.jpg"):
+        build(str(images), str(tmp_path / "out"), num_shards=2, val_fraction=0.2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def test_cli_errors_are_one_line_with_exit_2(tmp_path):
+    res = run([sys.executable, "-m", "data_pipeline.build_shards", "--images", tmp_path / "none", "--out", tmp_path / "o"])
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"build_shards: error: image folder '{tmp_path / 'none'}' does not exist"
+
+
+@pytest.mark.parametrize("num_files, ranks", [(4, 2), (3, 2), (3, 4), (5, 3)])
+def test_every_record_lands_in_exactly_one_rank(images, tmp_path, num_files, ranks):
+    meta = build(str(images), str(tmp_path / "out"), num_shards=num_files, val_fraction=0.0)
+    files = shard_files(str(tmp_path / "out"), meta, "train")
+    streams = [ids_of(files, ranks, r) for r in range(ranks)]
+    seen = [i for s in streams for i in s]
+    assert len(seen) == len(set(seen)) == sum(COUNTS.values())
+    assert all(streams), "a rank got no records"
+
+
+def test_training_stream_batches(images, tmp_path):
+    meta = build(str(images), str(tmp_path / "out"), num_shards=4, val_fraction=0.2)
+    files = shard_files(str(tmp_path / "out"), meta, "train")
+    for rank in range(2):
+        ds = make_dataset(files, 2, rank, per_replica_batch_size=4, image_size=8, channels=3, training=True, seed=5)
+        # Repeats forever: any number of steps is available on every rank,
+        # whatever its shards hold.
+        batches = list(ds.take(12))
+        assert len(batches) == 12
+        for x, y in batches:
+            assert x.shape == (4, 8, 8, 3) and x.dtype == tf.float32
+            assert y.dtype == tf.int32 and set(y.numpy()) <= {0, 1, 2}
+            assert 0.0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1.0
+
+
+def test_evaluation_stream_keeps_every_example_once(images, tmp_path):
+    meta = build(str(images), str(tmp_path / "out"), num_shards=2, val_fraction=0.4)
+    files = shard_files(str(tmp_path / "out"), meta, "validation")
+    ds = make_dataset(files, 1, 0, per_replica_batch_size=4, image_size=6, channels=3, training=False,
+                      drop_remainder=False)
+    labels = np.concatenate([y.numpy() for _, y in ds])
+    expected = meta["splits"]["validation"]["per_class"]
+    assert np.bincount(labels, minlength=3).tolist() == [expected[c] for c in meta["class_names"]]
+
+
+def test_pixels_survive_the_round_trip(tmp_path):
+    pixels = np.arange(4 * 4, dtype=np.uint8).reshape(4, 4, 1) * 15
+    (tmp_path / "img" / "a").mkdir(parents=True)
+    (tmp_path / "img" / "b").mkdir(parents=True)
+    for c in "ab":
+        (tmp_path / "img" / c / "x.png").write_bytes(tf.io.encode_png(pixels).numpy())
+    meta = build(str(tmp_path / "img"), str(tmp_path / "out"), num_shards=1, val_fraction=0.0)
+    assert meta["image_shape"] == [4, 4, 1]
+    files = shard_files(str(tmp_path / "out"), meta, "train")
+    x, _ = next(iter(make_dataset(files, 1, 0, 2, 4, 1, training=False)))
+    np.testing.assert_allclose(x.numpy()[0], pixels / 255.0, atol=1e-6)

@@ -1,0 +1,1 @@
+"""Data-parallel training of Keras 3 CNNs with Horovod: config, step, loop and outputs."""

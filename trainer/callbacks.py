@@ -1,0 +1,132 @@
+"""Keras callbacks, one job each.
+
+Those that run collectives (broadcast, state sync, metric averaging) are on
+every rank and must stay in the same order on all of them. Those that write
+files are given to rank 0 only, by trainer.outputs.
+"""
+
+import json
+import logging
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+
+class BroadcastInitialState(keras.callbacks.Callback):
+    """Starts every rank from rank 0's model and optimizer state.
+
+    Ranks initialise (or restore) their variables independently; without this,
+    identical gradient updates would be applied to different weights.
+    """
+
+    def __init__(self, ctx):
+        super().__init__()
+        self.ctx = ctx
+
+    def on_train_begin(self, logs=None):
+        optimizer = self.model.optimizer
+        if not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        self.ctx.broadcast_variables(self.model.variables, "init.model")
+        self.ctx.broadcast_variables(optimizer.variables, "init.optimizer")
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Adds epoch time, images/sec and the current learning rate to the epoch logs."""
+
+    def __init__(self, global_batch_size: int, steps_per_epoch: int):
+        super().__init__()
+        self.images_per_epoch = global_batch_size * steps_per_epoch
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        elapsed = time.perf_counter() - self._start
+        logs["epoch_time_sec"] = elapsed
+        logs["images_per_sec"] = self.images_per_epoch / elapsed
+        logs["learning_rate"] = float(np.asarray(self.model.optimizer.learning_rate))
+
+
+class SyncReplicaState(keras.callbacks.Callback):
+    """Averages non-trainable state (BatchNorm moving statistics) over ranks each epoch.
+
+    Gradients keep the trainable weights identical, but each rank updates its
+    moving statistics from its own batches. Averaging them makes every replica
+    the same model, and the checkpoint that rank 0 writes the average.
+    """
+
+    def __init__(self, ctx):
+        super().__init__()
+        self.ctx = ctx
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.model.non_trainable_variables:
+            self.ctx.average_variables(self.model.non_trainable_variables, "sync.non_trainable")
+
+
+class AverageMetrics(keras.callbacks.Callback):
+    """Replaces each epoch metric with its mean over ranks, so all ranks log the same numbers.
+
+    Must come before any callback that reads the epoch logs.
+    """
+
+    def __init__(self, ctx):
+        super().__init__()
+        self.ctx = ctx
+
+    def on_epoch_end(self, epoch, logs=None):
+        numeric = {k: float(v) for k, v in logs.items() if np.ndim(v) == 0}
+        logs.update(self.ctx.average_scalars(numeric, "metrics.epoch"))
+
+
+class EpochLog(keras.callbacks.Callback):
+    """One machine-readable log line per epoch: `epoch_metrics {json}`."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def on_epoch_end(self, epoch, logs=None):
+        record = {"epoch": epoch + 1, "rank": self.rank, **{k: float(v) for k, v in sorted(logs.items())}}
+        log.info("epoch_metrics %s", json.dumps(record))
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Writes a checkpoint at the end of every epoch."""
+
+    def __init__(self, manager, extra: dict):
+        super().__init__()
+        self.manager = manager
+        self.extra = extra
+
+    def on_epoch_end(self, epoch, logs=None):
+        path = self.manager.save(self.model, epoch + 1, self.extra)
+        log.info("checkpoint written: %s", path)
+
+
+class TensorBoardScalars(keras.callbacks.Callback):
+    """Epoch scalars (loss, accuracy, learning rate, images/sec, epoch time) for TensorBoard."""
+
+    def __init__(self, log_dir: str):
+        super().__init__()
+        self.log_dir = log_dir
+        self._writer = None
+
+    def on_train_begin(self, logs=None):
+        self._writer = tf.summary.create_file_writer(self.log_dir)
+
+    def on_epoch_end(self, epoch, logs=None):
+        with self._writer.as_default(step=epoch + 1):
+            for key, value in sorted(logs.items()):
+                if np.ndim(value) == 0:
+                    tf.summary.scalar(key, float(value))
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        self._writer.close()

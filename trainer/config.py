@@ -1,0 +1,288 @@
+"""Experiment configuration: typed dataclasses loaded from YAML, with overrides.
+
+    cfg = load_config("configs/digits.yaml", ["train.epochs=5"])
+    validate(cfg)                      # static checks, before any process starts
+    validate_world(cfg, world_size)    # checks that depend on the number of ranks
+
+Every problem raises ConfigError with one line that names the key and the
+value. This module imports neither TensorFlow nor Horovod, so the launcher can
+check a config before it starts any worker.
+"""
+
+import dataclasses
+import glob
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+MODEL_NAMES = ("simple_cnn", "resnet20", "resnet50")
+OPTIMIZERS = ("adam", "sgd")
+LR_DECAYS = ("cosine", "constant")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; str(e) is a one-line message."""
+
+
+@dataclass
+class DataConfig:
+    """Input data.
+
+    Attributes:
+      dir: folder written by `python -m data_pipeline.build_shards`
+        (train-*/validation-* shards and metadata.json).
+      global_batch_size: examples per optimizer step, summed over all ranks.
+        Each rank takes global_batch_size / world_size of them.
+      synthetic: feed one random batch of the model's input shape instead of
+        shards: measures training throughput without the input pipeline.
+        Needs model.image_size, model.channels, model.num_classes and
+        train.steps_per_epoch.
+      shuffle_buffer: serialized records held by each rank's shuffle buffer.
+      seed: data-order seed; all ranks share it.
+    """
+
+    dir: str = ""
+    global_batch_size: int = 64
+    synthetic: bool = False
+    shuffle_buffer: int = 2048
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """The shared CNN.
+
+    Attributes:
+      name: one of simple_cnn, resnet20 (CIFAR-style) or resnet50
+        (keras.applications, weights=None).
+      image_size: input height and width; 0 takes them from the shards'
+        metadata.json (when all images there have one size).
+      channels: input channels; 0 takes them from metadata.json.
+      num_classes: 0 takes the class count from metadata.json.
+    """
+
+    name: str = "simple_cnn"
+    image_size: int = 0
+    channels: int = 0
+    num_classes: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation.
+
+    Attributes:
+      epochs: total epochs of the run (a resumed run continues up to this).
+      base_learning_rate: learning rate at reference_batch_size; the peak
+        learning rate is base_learning_rate * global_batch_size /
+        reference_batch_size (the linear scaling rule, Goyal et al. 2017).
+      reference_batch_size: the batch size base_learning_rate is quoted for.
+      warmup_epochs: epochs of linear warmup from the single-rank learning rate
+        (peak / world_size) to the peak.
+      lr_decay: after warmup, `cosine` (to 0 at the last step) or `constant`.
+      optimizer: adam or sgd (with momentum, Nesterov).
+      momentum: SGD momentum.
+      steps_per_epoch: 0 derives it from the training set size:
+        examples // global_batch_size, identical on every rank.
+      resume: continue from the latest checkpoint in run_dir.
+      keep_checkpoints: how many of the latest epoch checkpoints to keep.
+      seed: model initialisation seed (rank 0's weights are broadcast).
+      export: write a TensorFlow SavedModel for serving at the end.
+    """
+
+    epochs: int = 10
+    base_learning_rate: float = 0.1
+    reference_batch_size: int = 256
+    warmup_epochs: float = 0.0
+    lr_decay: str = "cosine"
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    steps_per_epoch: int = 0
+    resume: bool = True
+    keep_checkpoints: int = 3
+    seed: int = 42
+    export: bool = True
+
+
+@dataclass
+class AllreduceConfig:
+    """Gradient exchange.
+
+    Attributes:
+      fp16_compression: cast gradients to float16 for the allreduce, halving
+        the bytes sent (Horovod's Compression.fp16).
+    """
+
+    fp16_compression: bool = False
+
+
+@dataclass
+class RuntimeConfig:
+    """Process settings.
+
+    Attributes:
+      intra_op_threads: TensorFlow threads per op; 0 divides the cores of this
+        machine between its local ranks, so ranks do not oversubscribe them.
+      inter_op_threads: ops run at once; 0 as above.
+      deterministic: enable TensorFlow op determinism (slower; exact reruns).
+      log_all_ranks: log INFO from every rank, not only from rank 0.
+    """
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    deterministic: bool = False
+    log_all_ranks: bool = False
+
+
+@dataclass
+class ExperimentConfig:
+    """One training run.
+
+    Attributes:
+      run_dir: where rank 0 writes checkpoints, TensorBoard events,
+        config.yaml and summary.json.
+    """
+
+    run_dir: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    allreduce: AllreduceConfig = field(default_factory=AllreduceConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def _coerce(key: str, raw, typ):
+    """Checks (and, for str fields, converts) one value against a field type."""
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+    elif typ is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+    elif typ is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+    elif typ is str:
+        if raw is None:
+            return ""
+        if not isinstance(raw, (dict, list)):
+            return str(raw)
+    raise ConfigError(f"{key}={raw!r}: expected {typ.__name__}")
+
+
+def _apply(obj, key: str, value) -> None:
+    """Sets dotted `key` on a nested dataclass, checking the key and the type."""
+    *parents, leaf = key.split(".")
+    target = obj
+    for i, part in enumerate(parents):
+        sub = getattr(target, part, None) if part in {f.name for f in dataclasses.fields(target)} else None
+        if not dataclasses.is_dataclass(sub):
+            raise ConfigError(f"unknown config key {'.'.join(parents[: i + 1])!r}")
+        target = sub
+    hints = typing.get_type_hints(type(target))
+    if leaf not in {f.name for f in dataclasses.fields(target)}:
+        raise ConfigError(f"unknown config key {key!r}")
+    typ = hints[leaf]
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        for k, v in value.items():
+            _apply(obj, f"{key}.{k}", v)
+        return
+    setattr(target, leaf, _coerce(key, value, typ))
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`a.b=value` to (key, value); the value is read as a YAML scalar."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | None, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
+    """Reads a YAML experiment file (or the defaults, for None) and applies overrides."""
+    cfg = ExperimentConfig()
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except OSError as e:
+            raise ConfigError(f"config file {path!r}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {path!r}{where}: not valid YAML") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r}: expected a mapping at the top level")
+        for key, value in data.items():
+            _apply(cfg, str(key), value)
+    for text in overrides:
+        _apply(cfg, *parse_override(text))
+    return cfg
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _check(ok: bool, key: str, value, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Static checks: everything that does not depend on the world size."""
+    _check(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must be set")
+    d, m, t, r = cfg.data, cfg.model, cfg.train, cfg.runtime
+    _check(d.global_batch_size > 0, "data.global_batch_size", d.global_batch_size, "must be > 0")
+    _check(d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer, "must be > 0")
+    _check(m.name in MODEL_NAMES, "model.name", m.name, f"must be one of {', '.join(MODEL_NAMES)}")
+    for key in ("image_size", "channels", "num_classes"):
+        _check(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0")
+    _check(m.channels in (0, 1, 3), "model.channels", m.channels, "must be 1, 3 or 0 (from the data)")
+    _check(t.epochs > 0, "train.epochs", t.epochs, "must be > 0")
+    _check(t.base_learning_rate > 0, "train.base_learning_rate", t.base_learning_rate, "must be > 0")
+    _check(t.reference_batch_size > 0, "train.reference_batch_size", t.reference_batch_size, "must be > 0")
+    _check(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "must be >= 0")
+    _check(t.lr_decay in LR_DECAYS, "train.lr_decay", t.lr_decay, f"must be one of {', '.join(LR_DECAYS)}")
+    _check(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
+    _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
+    _check(t.steps_per_epoch >= 0, "train.steps_per_epoch", t.steps_per_epoch, "must be >= 0")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    _check(r.intra_op_threads >= 0, "runtime.intra_op_threads", r.intra_op_threads, "must be >= 0")
+    _check(r.inter_op_threads >= 0, "runtime.inter_op_threads", r.inter_op_threads, "must be >= 0")
+    if d.synthetic:
+        for key in ("image_size", "channels", "num_classes"):
+            _check(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be set (> 0) with data.synthetic")
+        _check(t.steps_per_epoch > 0, "train.steps_per_epoch", t.steps_per_epoch, "must be set (> 0) with data.synthetic")
+        return
+    _check(bool(d.dir), "data.dir", d.dir, "must be set (or data.synthetic: true)")
+    _check(os.path.isdir(d.dir), "data.dir", d.dir, "folder does not exist")
+    _check(
+        os.path.isfile(os.path.join(d.dir, "metadata.json")), "data.dir", d.dir,
+        "has no metadata.json (build it with python -m data_pipeline.build_shards)",
+    )
+    _check(
+        bool(glob.glob(os.path.join(d.dir, "train-*-of-*.tfrecord"))), "data.dir", d.dir, "has no train-*.tfrecord shards"
+    )
+
+
+def validate_world(cfg: ExperimentConfig, world_size: int) -> None:
+    """Checks that depend on the number of ranks."""
+    gbs = cfg.data.global_batch_size
+    _check(
+        gbs % world_size == 0, "data.global_batch_size", gbs, f"is not divisible by the world size {world_size}"
+    )

@@ -1,0 +1,108 @@
+"""The distributed context: built once per process and passed down.
+
+The order follows Horovod's own examples: init, pin the device (GPU by local
+rank) or the thread pools (CPU), and only then let TensorFlow build anything.
+"""
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import horovod.tensorflow as hvd
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+
+def threads_per_rank(local_size: int, cpus: int | None = None) -> int:
+    """Cores of this machine divided between the ranks that run on it."""
+    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    return max(1, cpus // max(1, local_size))
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Rank, local rank, world size, and collectives on host values."""
+
+    rank: int
+    local_rank: int
+    size: int
+    local_size: int
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    gpu: str | None = None
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def initialize(cls, intra_op_threads: int = 0, inter_op_threads: int = 0) -> "DistContext":
+        """Initialises Horovod and pins this process's device or CPU threads.
+
+        Must run before TensorFlow creates its runtime: device visibility and
+        thread pools cannot be changed after that.
+        """
+        hvd.init()
+        gpus = tf.config.list_physical_devices("GPU")
+        gpu = None
+        if gpus:
+            # One GPU per process, chosen by local rank, as in Horovod's examples.
+            mine = gpus[hvd.local_rank() % len(gpus)]
+            tf.config.set_visible_devices(mine, "GPU")
+            tf.config.experimental.set_memory_growth(mine, True)
+            gpu = mine.name
+        else:
+            # N ranks on one host would each default to all its cores; give each its share.
+            share = threads_per_rank(hvd.local_size())
+            intra_op_threads = intra_op_threads or share
+            inter_op_threads = inter_op_threads or share
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+        return cls(
+            rank=hvd.rank(),
+            local_rank=hvd.local_rank(),
+            size=hvd.size(),
+            local_size=hvd.local_size(),
+            intra_op_threads=intra_op_threads,
+            inter_op_threads=inter_op_threads,
+            gpu=gpu,
+        )
+
+    # Collectives below are eager and walk their inputs in a fixed order: every
+    # rank must issue the same collectives, with the same names, in the same order.
+
+    def broadcast_variables(self, variables, name: str) -> None:
+        """Overwrites `variables` on every rank with rank 0's values."""
+        for i, v in enumerate(variables):
+            v.assign(hvd.broadcast(v.value, root_rank=0, name=f"{name}.{i}"))
+
+    def average_variables(self, variables, name: str) -> None:
+        """Replaces float `variables` with their mean over ranks."""
+        for i, v in enumerate(variables):
+            if v.dtype in ("float16", "bfloat16", "float32", "float64"):
+                v.assign(hvd.allreduce(v.value, op=hvd.Average, name=f"{name}.{i}"))
+
+    def average_scalars(self, values: dict[str, float], name: str) -> dict[str, float]:
+        """Mean over ranks of a dict of numbers; every rank must pass the same keys."""
+        keys = sorted(values)
+        local = tf.constant([float(values[k]) for k in keys], dtype=tf.float64)
+        mean = hvd.allreduce(local, op=hvd.Average, name=name).numpy()
+        return {k: float(x) for k, x in zip(keys, mean)}
+
+    def broadcast_object(self, obj, name: str):
+        """Rank 0's picklable `obj` on every rank (small values only)."""
+        return hvd.broadcast_object(obj, root_rank=0, name=name)
+
+    def allgather_object(self, obj, name: str) -> list:
+        return hvd.allgather_object(obj, name=name)
+
+
+def weights_digest(variables) -> str:
+    """A short hash of variable values, to compare replicas across ranks."""
+    h = hashlib.sha256()
+    for v in variables:
+        h.update(np.ascontiguousarray(np.asarray(v.numpy())).tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,77 @@
+"""The shared CNN definitions, chosen by `model.name`.
+
+Each builder returns a functional Keras model from images in [0, 1] of shape
+(image_size, image_size, channels) to class probabilities. The models know
+nothing of Horovod: trainer.step wraps them.
+"""
+
+import keras
+from keras import layers
+
+L2 = 1e-4  # weight decay of the ResNets, as in He et al. 2016
+
+
+def simple_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """Two conv layers, max pooling and a dense head: small, for digits-sized inputs."""
+    inputs = keras.Input(input_shape, name="image")
+    x = layers.Conv2D(32, 3, padding="same", activation="relu")(inputs)
+    x = layers.Conv2D(64, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Dropout(0.25)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(128, activation="relu")(x)
+    x = layers.Dropout(0.5)(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probs")(x)
+    return keras.Model(inputs, outputs, name="simple_cnn")
+
+
+def _conv_bn(x, filters: int, strides: int = 1, kernel_size: int = 3):
+    x = layers.Conv2D(
+        filters, kernel_size, strides=strides, padding="same", use_bias=False,
+        kernel_initializer="he_normal", kernel_regularizer=keras.regularizers.L2(L2),
+    )(x)
+    return layers.BatchNormalization()(x)
+
+
+def resnet20(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """CIFAR-style ResNet-20: 3 stages of 3 basic blocks, 16/32/64 filters (He et al. 2016)."""
+    inputs = keras.Input(input_shape, name="image")
+    x = layers.ReLU()(_conv_bn(inputs, 16))
+    for stage, filters in enumerate((16, 32, 64)):
+        for block in range(3):
+            strides = 2 if stage > 0 and block == 0 else 1
+            y = layers.ReLU()(_conv_bn(x, filters, strides))
+            y = _conv_bn(y, filters)
+            if strides != 1 or x.shape[-1] != filters:
+                x = _conv_bn(x, filters, strides, kernel_size=1)  # projection shortcut
+            x = layers.ReLU()(layers.Add()([x, y]))
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(
+        num_classes, activation="softmax", kernel_regularizer=keras.regularizers.L2(L2), name="probs"
+    )(x)
+    return keras.Model(inputs, outputs, name="resnet20")
+
+
+def resnet50(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """keras.applications ResNet-50, randomly initialised, for 224-pixel inputs.
+
+    keras.applications.ResNet50 expects caffe-style inputs (0-255, BGR, mean
+    subtracted); our inputs are in [0, 1], so they are rescaled to 0-255 and
+    centred per channel first.
+    """
+    inputs = keras.Input(input_shape, name="image")
+    x = layers.Rescaling(255.0, offset=-127.5)(inputs)
+    base = keras.applications.ResNet50(
+        weights=None, include_top=True, input_shape=input_shape, classes=num_classes
+    )
+    outputs = base(x)
+    return keras.Model(inputs, outputs, name="resnet50")
+
+
+BUILDERS = {"simple_cnn": simple_cnn, "resnet20": resnet20, "resnet50": resnet50}
+
+
+def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    if name not in BUILDERS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(BUILDERS)}")
+    return BUILDERS[name](tuple(input_shape), num_classes)

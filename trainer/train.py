@@ -1,0 +1,76 @@
+"""Per-worker entry point; horovodrun starts one of these per rank.
+
+    python -m trainer.train --config configs/digits.yaml [--set train.epochs=5 ...]
+
+Exit codes: 0 done, 2 bad config or data (one line on stderr), 1 anything else.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+from trainer.config import ConfigError, load_config, validate, validate_world
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m trainer.train", description="Train one Horovod worker.")
+    parser.add_argument("--config", required=True, help="YAML experiment file (see configs/)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=5 (repeatable)",
+    )
+    return parser.parse_args(argv)
+
+
+def setup_logging(rank: int, verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    # Imported only now: TensorFlow and Horovod take seconds to load, and a bad
+    # config should fail at once.
+    from trainer.distributed import DistContext
+    from trainer.runner import run
+
+    ctx = DistContext.initialize(cfg.runtime.intra_op_threads, cfg.runtime.inter_op_threads)
+    setup_logging(ctx.rank, ctx.is_chief or cfg.runtime.log_all_ranks)
+    log = logging.getLogger("trainer.train")
+    log.info("rank %d of %d (local %d of %d), pid %d, intra/inter-op threads %d/%d, gpu %s",
+             ctx.rank, ctx.size, ctx.local_rank, ctx.local_size, os.getpid(),
+             ctx.intra_op_threads, ctx.inter_op_threads, ctx.gpu)
+    try:
+        validate_world(cfg, ctx.size)
+        summary = run(cfg, ctx)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if summary is not None:
+        print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    rows = [(k, summary[k]) for k in sorted(summary)]
+    width = max(len(k) for k, _ in rows)
+    print("summary:")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
