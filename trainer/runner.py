@@ -1,6 +1,7 @@
 """Wires data, model, optimizer, callbacks and outputs into one training run."""
 
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ import keras
 import tensorflow as tf
 
 from data_pipeline import metadata as md
-from data_pipeline.reader import make_dataset, synthetic_dataset
+from data_pipeline.reader import make_dataset, shard_files_for, synthetic_dataset
 from trainer import callbacks as cb
 from trainer.config import ConfigError, ExperimentConfig
 from trainer.distributed import DistContext, weights_digest
@@ -30,6 +31,8 @@ class DataSpec:
     steps_per_epoch: int
     train_files: list[str]
     val_files: list[str]
+    num_train: int = 0
+    num_val: int = 0
 
 
 def resolve_data(cfg: ExperimentConfig) -> DataSpec:
@@ -58,6 +61,7 @@ def resolve_data(cfg: ExperimentConfig) -> DataSpec:
     return DataSpec(
         (image_size, image_size, channels), num_classes, steps,
         md.shard_files(cfg.data.dir, meta, "train"), md.shard_files(cfg.data.dir, meta, "validation"),
+        n_train, md.num_examples(meta, "validation"),
     )
 
 
@@ -70,7 +74,11 @@ def eval_dataset(cfg: ExperimentConfig, spec: DataSpec, batch_size: int) -> tf.d
     if not files:
         log.warning("no validation shards in %s: evaluating on the training shards", cfg.data.dir)
         files = spec.train_files
-    return make_dataset(files, 1, 0, batch_size, size, channels, training=False, drop_remainder=False)
+    ds = make_dataset(files, 1, 0, batch_size, size, channels, training=False, drop_remainder=False)
+    # The count is known from metadata.json: asserting it makes a shard that
+    # holds fewer or more records than recorded an error, not a silent change.
+    count = spec.num_val if spec.val_files else spec.num_train
+    return ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))
 
 
 def build_optimizer(cfg: ExperimentConfig, schedule) -> keras.optimizers.Optimizer:
@@ -99,6 +107,8 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
     if cfg.data.synthetic:
         train_ds = synthetic_dataset(per_replica, spec.input_shape[0], spec.input_shape[2], spec.num_classes, ctx.rank)
     else:
+        log.info("train shards read by this rank: %s",
+                 ",".join(os.path.basename(f) for f in shard_files_for(spec.train_files, ctx.size, ctx.rank) or []))
         train_ds = make_dataset(
             spec.train_files, ctx.size, ctx.rank, per_replica, spec.input_shape[0], spec.input_shape[2],
             training=True, seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -142,7 +152,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
         ]
         history = model.fit(
             train_ds, epochs=cfg.train.epochs, initial_epoch=initial_epoch, steps_per_epoch=spec.steps_per_epoch,
-            callbacks=callbacks, verbose=outputs.verbose,
+            callbacks=callbacks, verbose=outputs.verbose, shuffle=False,
         ).history
         check_replicas_agree(ctx, model)
 

@@ -21,7 +21,7 @@ class DataParallelModel(keras.Model):
     @classmethod
     def wrap(cls, net: keras.Model, fp16_allreduce: bool = False) -> "DataParallelModel":
         """The same layers and weights as `net`, with the distributed train_step."""
-        return cls(inputs=net.inputs, outputs=net.outputs, name=net.name, fp16_allreduce=fp16_allreduce)
+        return cls(inputs=net.input, outputs=net.output, name=net.name, fp16_allreduce=fp16_allreduce)
 
     def get_config(self):
         return {**super().get_config(), "fp16_allreduce": self.fp16_allreduce}
