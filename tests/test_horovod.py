@@ -129,14 +129,18 @@ def test_stopped_run_resumes_at_the_next_epoch(digits_shards, tmp_path):
     latest = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").iterdir() if "tmp" not in p.name)
     assert done and latest == done[-1] < 40
 
-    # Resume with the MPI controller this time: the checkpoint does not care.
-    res = run(launch_argv(run_dir, digits_shards, "--set", "train.epochs=40", "--mpi"), timeout=600)
+    # Resume with the MPI controller and fp16 gradient compression this time:
+    # the checkpoint does not depend on either, and the replicas must still agree.
+    res = run(launch_argv(run_dir, digits_shards, "--set", "train.epochs=40", "--mpi",
+                          "--set", "allreduce.fp16_compression=true"), timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     assert f"resumed from {run_dir}/checkpoints/epoch-{latest:05d}" in out
     records = epoch_records(out)
     assert [r["epoch"] for r in records[0]] == list(range(latest + 1, 41))
     assert [r["epoch"] for r in records[1]] == list(range(latest + 1, 41))
+    after = messages(out, "weights after training:")
+    assert after[0] == after[1]
     summary = json.loads((run_dir / "summary.json").read_text())
     state = json.loads((run_dir / "checkpoints" / "epoch-00040" / "state.json").read_text())
     assert state["global_step"] == 40 * summary["steps_per_epoch"]

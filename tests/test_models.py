@@ -12,8 +12,9 @@ def test_registry_matches_config_choices():
 def test_simple_cnn_on_digits_shape():
     model = build_model("simple_cnn", (8, 8, 1), 10)
     assert model.output_shape == (None, 10)
-    # conv 3x3x1x32 + conv 3x3x32x64 + dense 1024x128 + dense 128x10, with biases
-    assert model.count_params() == (9 * 32 + 32) + (9 * 32 * 64 + 64) + (4 * 4 * 64 * 128 + 128) + (128 * 10 + 10)
+    # conv 3x3x1x32 and 3x3x32x64 without bias, each with BatchNorm (4 per channel),
+    # then dense 1024x128 and 128x10 with biases
+    assert model.count_params() == (9 * 32 + 4 * 32) + (9 * 32 * 64 + 4 * 64) + (4 * 4 * 64 * 128 + 128) + (128 * 10 + 10)
     probs = model(np.random.default_rng(0).random((3, 8, 8, 1), dtype=np.float32)).numpy()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 

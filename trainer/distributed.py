@@ -22,6 +22,15 @@ def threads_per_rank(local_size: int, cpus: int | None = None) -> int:
     return max(1, cpus // max(1, local_size))
 
 
+def gpu_for_local_rank(gpus: list, local_rank: int):
+    """One GPU per process, chosen by local rank, as in Horovod's examples.
+
+    With more local ranks than GPUs (a misconfigured job) ranks share GPUs
+    round-robin rather than all landing on GPU 0.
+    """
+    return gpus[local_rank % len(gpus)]
+
+
 @dataclass(frozen=True)
 class DistContext:
     """Rank, local rank, world size, and collectives on host values."""
@@ -49,8 +58,7 @@ class DistContext:
         gpus = tf.config.list_physical_devices("GPU")
         gpu = None
         if gpus:
-            # One GPU per process, chosen by local rank, as in Horovod's examples.
-            mine = gpus[hvd.local_rank() % len(gpus)]
+            mine = gpu_for_local_rank(gpus, hvd.local_rank())
             tf.config.set_visible_devices(mine, "GPU")
             tf.config.experimental.set_memory_growth(mine, True)
             gpu = mine.name

@@ -90,8 +90,8 @@ def build_optimizer(cfg: ExperimentConfig, schedule) -> keras.optimizers.Optimiz
 def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
     """Trains (or resumes) to cfg.train.epochs; returns the summary on rank 0, None elsewhere."""
     started = time.time()
-    # A different seed per rank on purpose: the initial broadcast must be what
-    # makes the replicas equal, and dropout masks should differ between ranks.
+    # A different seed per rank on purpose: the initial broadcast, not luck,
+    # must be what makes the replicas equal (the tests check this).
     keras.utils.set_random_seed(cfg.train.seed + ctx.rank)
     if cfg.runtime.deterministic:
         tf.config.experimental.enable_op_determinism()

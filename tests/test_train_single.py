@@ -1,0 +1,23 @@
+"""The worker entry point in one process (Horovod at size 1), on synthetic data."""
+
+import json
+import sys
+
+from conftest import run
+
+
+def test_synthetic_resnet20_run_writes_summary(tmp_path):
+    res = run([sys.executable, "-m", "trainer.train", "--config", "configs/bench_resnet20.yaml",
+               "--set", f"run_dir={tmp_path}/run", "--set", "model.image_size=16",
+               "--set", "train.steps_per_epoch=3", "--set", "train.epochs=2", "--set", "data.global_batch_size=8",
+               "--set", "train.keep_checkpoints=1"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 1
+    assert summary["model"] == "resnet20"
+    assert summary["steps_per_epoch"] == 3
+    assert summary["epochs"] == 2
+    assert 0.0 <= summary["val_accuracy"] <= 1.0
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["epoch-00002"]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "epoch-00002" / "state.json").read_text())
+    assert state["global_step"] == 6
