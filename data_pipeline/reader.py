@@ -41,6 +41,43 @@ def shard_records(files: list[str], num_shards: int, shard_index: int) -> tf.dat
     return tf.data.TFRecordDataset(mine, num_parallel_reads=min(len(mine), 8))
 
 
+def training_passes(
+    records: tf.data.Dataset, shuffle_buffer: int, seed: int, skip: int = 0, per_pass: int = 0, count: int = 0
+) -> tf.data.Dataset:
+    """Passes over `records`, pass p shuffled with its own seed derived from (seed, p).
+
+    With `per_pass` (records in one pass) and `count` (records wanted) given,
+    the order is a function of the position alone: a resumed run that skips
+    `skip` records continues exactly where its checkpoint left off, skipping
+    whole passes for free and then at most one pass of undecoded records.
+    Without them, passes reshuffle from `seed` forever.
+
+    The shuffle works on the small serialized records, before decoding: its
+    buffer costs bytes per image, not height x width x channels floats.
+    """
+    if not (per_pass and count):
+        return records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    first, offset = divmod(skip, per_pass)
+    n_passes = -(-(offset + count) // per_pass)
+    # tf.data takes shuffle seeds as Python ints only, so each pass is its own
+    # dataset; choose_from_datasets strings them together without nesting.
+    passes = [
+        records.shuffle(shuffle_buffer, seed=seed * 1_000_003 + p, reshuffle_each_iteration=False)
+        for p in range(first, first + n_passes)
+    ]
+    order = tf.data.Dataset.range(n_passes).flat_map(lambda i: tf.data.Dataset.from_tensors(i).repeat(per_pass))
+    return tf.data.Dataset.choose_from_datasets(passes, order).skip(offset).take(count)
+
+
+def records_per_pass(shard_counts: list[int], num_shards: int, shard_index: int) -> int:
+    """How many records input pipeline `shard_index` reads in one pass (see shard_records)."""
+    mine = shard_files_for(list(range(len(shard_counts))), num_shards, shard_index)
+    if mine is None:  # element-level: every num_shards-th record of the concatenation
+        total = sum(shard_counts)
+        return max(0, (total - shard_index + num_shards - 1) // num_shards)
+    return sum(shard_counts[i] for i in mine)
+
+
 def decode_image(encoded: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
     """Encoded bytes to a float32 [image_size, image_size, channels] image in [0, 1]."""
     image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
@@ -61,6 +98,9 @@ def make_dataset(
     seed: int = 0,
     shuffle_buffer: int = 1024,
     drop_remainder: bool = True,
+    skip_records: int = 0,
+    records_per_pass: int = 0,
+    num_records: int = 0,
 ) -> tf.data.Dataset:
     """The stream of (image, label) batches of one rank.
 
@@ -75,12 +115,14 @@ def make_dataset(
       seed: shuffle seed; reshuffled every pass.
       shuffle_buffer: records held for shuffling.
       drop_remainder: keep every batch at the full per-replica size.
+      skip_records, records_per_pass, num_records: a training stream of
+        `num_records` records that starts after `skip_records` (a resumed run),
+        given that one pass over this pipeline's shards holds `records_per_pass`.
+        Without them the stream repeats forever.
     """
     ds = shard_records(files, num_shards, shard_index)
     if training:
-        # Shuffle the small serialized records before decoding, not the decoded
-        # images: the buffer then costs bytes per image, not height*width*3 floats.
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        ds = training_passes(ds, shuffle_buffer, seed, skip_records, records_per_pass, num_records)
 
     def parse(serialized):
         ex = parse_example(serialized)

@@ -2,7 +2,8 @@
 
     python -m launch --np 2 --config configs/digits.yaml [--set train.epochs=5]
         [--hosts h1:2,h2:2 | --hostfile FILE] [--gloo | --mpi]
-        [--timeline FILE] [--autotune] [--fusion-threshold-mb M] [--dry-run]
+        [--timeline FILE] [--autotune] [--fusion-threshold-mb M] [--cycle-time-ms T]
+        [--stall-warning-sec S] [--stall-shutdown-sec S] [--dry-run]
 
 Exits with horovodrun's exit code, or 2 for bad options or config.
 """
@@ -34,6 +35,11 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--timeline", help="write a Horovod timeline to this file")
     p.add_argument("--autotune", action="store_true", help="let Horovod autotune fusion and cycle time")
     p.add_argument("--fusion-threshold-mb", type=int, help="Horovod tensor fusion buffer, in MB")
+    p.add_argument("--cycle-time-ms", type=float, help="Horovod background cycle time (default 1 ms)")
+    p.add_argument("--stall-warning-sec", type=int, default=60,
+                   help="log ranks missing from a collective after this long (default 60)")
+    p.add_argument("--stall-shutdown-sec", type=int, default=600,
+                   help="end the job when a collective waits this long; 0 never (default 600)")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, run nothing")
     p.set_defaults(controller="gloo")
     return p.parse_args(argv)
@@ -45,7 +51,8 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
     return LaunchOptions(
         np=args.np, config=args.config, overrides=tuple(args.overrides), hosts=args.hosts,
         hostfile=args.hostfile, controller=args.controller, timeline=args.timeline, autotune=args.autotune,
-        fusion_threshold_mb=args.fusion_threshold_mb, python=sys.executable,
+        fusion_threshold_mb=args.fusion_threshold_mb, cycle_time_ms=args.cycle_time_ms, stall_warning_sec=args.stall_warning_sec,
+        stall_shutdown_sec=args.stall_shutdown_sec, python=sys.executable,
         horovodrun=horovodrun if os.path.exists(horovodrun) else (shutil.which("horovodrun") or "horovodrun"),
     )
 

@@ -25,10 +25,11 @@ def test_round_trip_restores_weights_and_optimizer_state(tmp_path):
     a = small_model(1)
     train_a_little(a, 5)
     mgr = CheckpointManager(str(tmp_path / "ckpt"), keep=2)
-    path = mgr.save(a, epoch=1, extra={"world_size": 2})
+    path = mgr.save(a, {"epoch": 1, "world_size": 2})
     b = small_model(2)
     b.optimizer.build(b.trainable_variables)
     state = mgr.restore(b, path)
+    assert path.endswith("step-000000005")
     assert state == {"epoch": 1, "global_step": 5, "world_size": 2}
     for va, vb in zip(a.variables, b.variables):
         np.testing.assert_array_equal(va.numpy(), vb.numpy())
@@ -45,21 +46,22 @@ def test_keeps_the_last_k_and_ignores_incomplete_folders(tmp_path):
     model = small_model(0)
     train_a_little(model, 1)
     mgr = CheckpointManager(str(tmp_path), keep=2)
-    for epoch in (1, 2, 3):
-        mgr.save(model, epoch)
-    assert sorted(os.listdir(tmp_path)) == ["epoch-00002", "epoch-00003"]
-    # A writer killed mid-save leaves a temporary folder, and one without state.json.
-    (tmp_path / "epoch-00004.tmp-123").mkdir()
-    (tmp_path / "epoch-00005").mkdir()
-    assert mgr.latest() == str(tmp_path / "epoch-00003")
+    for step in (1, 2, 3):
+        model.optimizer.iterations.assign(step)
+        mgr.save(model, {"epoch": step})
+    assert sorted(os.listdir(tmp_path)) == ["step-000000002", "step-000000003"]
+    # A writer killed mid-save leaves a temporary folder, or one without state.json.
+    (tmp_path / "step-000000004.tmp-123").mkdir()
+    (tmp_path / "step-000000005").mkdir()
+    assert mgr.latest() == str(tmp_path / "step-000000003")
 
 
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
     model = small_model(0)
     train_a_little(model, 1)
     mgr = CheckpointManager(str(tmp_path), keep=2)
-    path = mgr.save(model, 1)
+    path = mgr.save(model, {"epoch": 1})
     with open(os.path.join(path, "model.weights.h5"), "wb") as f:
         f.write(b"garbage")
-    with pytest.raises(CheckpointError, match=r"cannot restore checkpoint .*epoch-00001"):
+    with pytest.raises(CheckpointError, match=r"cannot restore checkpoint .*step-000000001"):
         mgr.restore(small_model(0), path)

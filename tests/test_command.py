@@ -15,6 +15,7 @@ def test_default_command_runs_local_gloo_workers():
     argv, env = build_command(opts(overrides=("train.epochs=3", "run_dir=runs/x")), {"PATH": "/bin"})
     assert argv == [
         "/venv/bin/horovodrun", "-np", "2", "--gloo", "-H", "localhost:2",
+        "--stall-check-warning-time-seconds", "60", "--stall-check-shutdown-time-seconds", "600",
         "/venv/bin/python", "-m", "trainer.train", "--config", "configs/digits.yaml",
         "--set", "train.epochs=3", "--set", "run_dir=runs/x",
     ]
@@ -25,14 +26,15 @@ def test_default_command_runs_local_gloo_workers():
 
 def test_mpi_hosts_and_horovod_tuning_flags():
     argv, env = build_command(
-        opts(np=4, controller="mpi", hosts="n1:2, n2:2", timeline="/tmp/tl.json", autotune=True, fusion_threshold_mb=32),
+        opts(np=4, controller="mpi", hosts="n1:2, n2:2", timeline="/tmp/tl.json", autotune=True, fusion_threshold_mb=32,
+             cycle_time_ms=2.5),
         {},
     )
     assert argv[:10] == [
         "/venv/bin/horovodrun", "-np", "4", "--mpi", "-H", "n1:2,n2:2",
         "--timeline-filename", "/tmp/tl.json", "--autotune", "--fusion-threshold-mb",
     ]
-    assert argv[10] == "32"
+    assert argv[10:13] == ["32", "--cycle-time-ms", "2.5"]
     assert env["OMPI_ALLOW_RUN_AS_ROOT"] == "1"
 
 
@@ -63,6 +65,9 @@ def test_build_command_does_not_mutate_its_input():
         (dict(np=5, hosts="a:2,b:2"), "--hosts 'a:2,b:2' has 4 slots for --np 5"),
         (dict(controller="nccl"), "controller must be gloo or mpi, got 'nccl'"),
         (dict(fusion_threshold_mb=-1), "--fusion-threshold-mb must be >= 0, got -1"),
+        (dict(cycle_time_ms=0), "--cycle-time-ms must be > 0, got 0"),
+        (dict(stall_warning_sec=0), "--stall-warning-sec must be >= 1, got 0"),
+        (dict(stall_warning_sec=60, stall_shutdown_sec=30), "--stall-shutdown-sec 30 must exceed --stall-warning-sec 60"),
     ],
 )
 def test_bad_options(kw, message):

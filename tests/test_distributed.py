@@ -30,3 +30,4 @@ def test_weights_digest_sees_any_change():
     assert weights_digest(a) == weights_digest(b)
     b[1].value[2] = np.float32(1e-30)
     assert weights_digest(a) != weights_digest(b)
+

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from conftest import ROOT, run
@@ -81,10 +82,16 @@ def test_only_rank0_writes_checkpoints_events_and_summary(trained):
         assert len(events) == 1, events
         # Event file names end in .<hostname>.<pid>.<n>.v2: the writer's pid.
         assert events[0].name.split(".")[-3] == str(pids[0])
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-00001", "epoch-00002", "epoch-00003"]
-    state = json.loads((run_dir / "checkpoints" / "epoch-00003" / "state.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert state == {"epoch": 3, "global_step": 3 * summary["steps_per_epoch"], "world_size": 2, "global_batch_size": 64}
+    spe = summary["steps_per_epoch"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step-{e * spe:09d}" for e in (1, 2, 3)]
+    state = json.loads((run_dir / "checkpoints" / f"step-{3 * spe:09d}" / "state.json").read_text())
+    assert state["epoch"] == 3 and state["global_step"] == 3 * spe and state["steps_per_epoch"] == spe
+    assert state["world_size"] == 2 and state["global_batch_size"] == 64 and state["data_seed"] == 0
+    assert state["model"] == {"name": "simple_cnn", "input_shape": [8, 8, 1], "num_classes": 10}
+    assert len(state["config_sha256"]) == 64
+    # Owner and group only: nothing in the run directory is readable by others.
+    assert all(p.stat().st_mode & 0o007 == 0 for p in [run_dir, *run_dir.rglob("*")])
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 64 and summary["epochs"] == 3
     assert summary["steps_per_epoch"] == 1437 // 64
     assert summary["images_per_sec"] > 0
@@ -114,20 +121,37 @@ def test_exported_model_serves_the_evaluated_accuracy(trained, digits_shards):
     assert correct / total == pytest.approx(summary["val_accuracy"], abs=1e-6)
 
 
-def test_stopped_run_resumes_at_the_next_epoch(digits_shards, tmp_path):
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").iterdir() if ".tmp-" not in p.name)
+
+
+def start_and_wait_for(argv, path: Path, timeout=300) -> subprocess.Popen:
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+    return proc
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits_shards, tmp_path):
     run_dir = tmp_path / "run"
     argv = launch_argv(run_dir, digits_shards, "--set", "train.epochs=40")
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoints" / "epoch-00002").exists():
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint for epoch 2"
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    proc = start_and_wait_for(argv, run_dir / "checkpoints" / "step-000000044")  # after epoch 2
+    time.sleep(0.2)  # land inside a later epoch
+    proc.send_signal(signal.SIGTERM)  # what Slurm sends before it kills a job; the launcher passes it on
     first = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0, "the run finished before it could be stopped"
-    done = [r["epoch"] for r in epoch_records(first)[0]]
-    latest = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").iterdir() if "tmp" not in p.name)
-    assert done and latest == done[-1] < 40
+    # horovodrun itself reports the workers' non-zero exit with a traceback of its own;
+    # the workers stop cleanly.
+    assert not re.search(r"\[\d\]<stderr>:Traceback", first), first[-3000:]
+    stopped = messages(first, "stopped at step")
+    # Both ranks stopped at the same step and exited with the documented code.
+    assert sorted(stopped) == [0, 1] and stopped[0] == stopped[1]
+    step = int(stopped[0][0].split()[0])
+    assert re.search(r"\[0\]<stderr>:.*exiting with 143", first) and re.search(r"\[1\]<stderr>:.*exiting with 143", first)
+    assert checkpoint_steps(run_dir)[-1] == step
 
     # Resume with the MPI controller and fp16 gradient compression this time:
     # the checkpoint does not depend on either, and the replicas must still agree.
@@ -135,15 +159,16 @@ def test_stopped_run_resumes_at_the_next_epoch(digits_shards, tmp_path):
                           "--set", "allreduce.fp16_compression=true"), timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    assert f"resumed from {run_dir}/checkpoints/epoch-{latest:05d}" in out
+    assert f"resumed from {run_dir}/checkpoints/step-{step:09d}" in out
+    spe = 22
     records = epoch_records(out)
-    assert [r["epoch"] for r in records[0]] == list(range(latest + 1, 41))
-    assert [r["epoch"] for r in records[1]] == list(range(latest + 1, 41))
+    first_epoch = step // spe + 1  # the interrupted epoch is finished first, then the rest
+    assert [r["epoch"] for r in records[0]] == [r["epoch"] for r in records[1]] == list(range(first_epoch, 41))
     after = messages(out, "weights after training:")
     assert after[0] == after[1]
+    assert checkpoint_steps(run_dir)[-1] == 40 * spe
     summary = json.loads((run_dir / "summary.json").read_text())
-    state = json.loads((run_dir / "checkpoints" / "epoch-00040" / "state.json").read_text())
-    assert state["global_step"] == 40 * summary["steps_per_epoch"]
+    assert summary["val_accuracy"] > 0.95
 
     # A third start finds the run finished, says so, and trains nothing.
     res = run(launch_argv(run_dir, digits_shards, "--set", "train.epochs=40"), timeout=600)
@@ -152,6 +177,83 @@ def test_stopped_run_resumes_at_the_next_epoch(digits_shards, tmp_path):
     assert "already finished at epoch 40" in out
     assert "epoch_metrics" not in out
     assert f"val_accuracy            {summary['val_accuracy']:.4f}" in out
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(digits_shards, tmp_path):
+    det = ("--set", "train.epochs=4", "--set", "runtime.deterministic=true", "--set", "train.export=false")
+    straight = run(launch_argv(tmp_path / "a", digits_shards, *det), timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    proc = start_and_wait_for(launch_argv(tmp_path / "b", digits_shards, *det),
+                              tmp_path / "b" / "checkpoints" / "step-000000044")
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0, "the run finished before it could be stopped"
+    stopped_at = checkpoint_steps(tmp_path / "b")[-1]
+    resumed = run(launch_argv(tmp_path / "b", digits_shards, *det), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"step-{stopped_at:09d}" in resumed.stdout + resumed.stderr
+    a = messages(straight.stdout + straight.stderr, "weights after training:")[0]
+    b = messages(resumed.stdout + resumed.stderr, "weights after training:")[0]
+    assert a == b, f"stopped at step {stopped_at}: straight {a}, resumed {b}"
+
+
+def test_kill_9_of_one_rank_ends_the_whole_job(digits_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_and_wait_for(launch_argv(run_dir, digits_shards, "--set", "train.epochs=200"),
+                              run_dir / "checkpoints" / "step-000000022")
+    victim = None
+    for p in psutil.process_iter(["pid", "cmdline", "environ"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "trainer.train" in cmd and f"run_dir={run_dir}" in cmd and (p.info["environ"] or {}).get("HOROVOD_RANK") == "1":
+            victim = p
+    assert victim is not None
+    before = sorted(checkpoint_steps(run_dir))
+    killed_at = time.time()
+    victim.kill()
+    out = proc.communicate(timeout=90)[0]
+    detected = time.time() - killed_at
+    assert proc.returncode != 0
+    assert detected < 60
+    assert re.search(r"first process to do so was:\s*Process name: 1\s*Exit code: 137", out), out[-2000:]
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if f"run_dir={run_dir}" in " ".join(p.info["cmdline"] or [])]
+    assert not leftovers, leftovers
+    # The checkpoints written before the kill are intact and loadable.
+    steps = checkpoint_steps(run_dir)
+    assert steps and steps[0] >= before[0]
+    res = run(launch_argv(run_dir, digits_shards, "--set", "train.epochs=1", "--set", "train.export=false"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "already finished" in res.stdout + res.stderr or "resumed from" in res.stdout + res.stderr
+    print(f"dead rank detected after {detected:.1f} s")
+
+
+def test_resume_at_another_world_size_and_refusal_of_another_model(digits_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    res = run(launch_argv(run_dir, digits_shards, "--set", "train.epochs=2", "--set", "train.export=false"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    # np=2 -> np=1, and a smaller global batch: more steps per epoch, a lower peak learning rate.
+    res = run([sys.executable, "-m", "launch", "--np", "1", "--config", "configs/digits.yaml",
+               "--set", f"run_dir={run_dir}", "--set", f"data.dir={digits_shards}", "--set", "train.epochs=3",
+               "--set", "data.global_batch_size=32", "--set", "train.export=false"])
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert re.search(r"checkpoint written at world size 2, resuming at 1: global batch 64 -> 32, "
+                     r"per-replica batch 32 -> 32, peak learning rate 0.002 -> 0.001", out), out[-3000:]
+    assert "steps per epoch 22 -> 44: continuing at the start of epoch 3 (step 88)" in out
+    assert [r["epoch"] for r in epoch_records(out)[0]] == [3]
+    assert checkpoint_steps(run_dir)[-1] == 3 * 44
+
+    # The same run directory with another network: refused, nothing overwritten.
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    res = run([sys.executable, "-m", "trainer.train", "--config", "configs/digits.yaml", "--set", f"run_dir={run_dir}",
+               "--set", f"data.dir={digits_shards}", "--set", "train.epochs=5", "--set", "model.name=resnet20"])
+    assert res.returncode == 2
+    last = res.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"checkpoint error: checkpoint '{run_dir}/checkpoints/step-{132:09d}' was written for model simple_cnn "
+        "with 10 classes and input 8x8x1; this run builds model resnet20 with 10 classes and input 8x8x1"
+    )
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
 @pytest.mark.parametrize(

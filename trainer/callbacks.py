@@ -36,38 +36,28 @@ class BroadcastInitialState(keras.callbacks.Callback):
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Adds epoch time, images/sec and the current learning rate to the epoch logs."""
+    """Adds epoch time, images/sec and the current learning rate to the epoch logs.
 
-    def __init__(self, global_batch_size: int, steps_per_epoch: int):
+    Counts the optimizer steps actually taken, so an epoch cut short by a stop
+    request is measured right too.
+    """
+
+    def __init__(self, global_batch_size: int):
         super().__init__()
-        self.images_per_epoch = global_batch_size * steps_per_epoch
+        self.global_batch_size = global_batch_size
         self._start = 0.0
+        self._start_step = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
+        self._start_step = int(self.model.optimizer.iterations.numpy())
 
     def on_epoch_end(self, epoch, logs=None):
         elapsed = time.perf_counter() - self._start
+        steps = int(self.model.optimizer.iterations.numpy()) - self._start_step
         logs["epoch_time_sec"] = elapsed
-        logs["images_per_sec"] = self.images_per_epoch / elapsed
+        logs["images_per_sec"] = steps * self.global_batch_size / elapsed
         logs["learning_rate"] = float(np.asarray(self.model.optimizer.learning_rate))
-
-
-class SyncReplicaState(keras.callbacks.Callback):
-    """Averages non-trainable state (BatchNorm moving statistics) over ranks each epoch.
-
-    Gradients keep the trainable weights identical, but each rank updates its
-    moving statistics from its own batches. Averaging them makes every replica
-    the same model, and the checkpoint that rank 0 writes the average.
-    """
-
-    def __init__(self, ctx):
-        super().__init__()
-        self.ctx = ctx
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.model.non_trainable_variables:
-            self.ctx.average_variables(self.model.non_trainable_variables, "sync.non_trainable")
 
 
 class AverageMetrics(keras.callbacks.Callback):
@@ -98,15 +88,25 @@ class EpochLog(keras.callbacks.Callback):
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Writes a checkpoint at the end of every epoch."""
+    """Writes a checkpoint at the end of every epoch, and of an epoch cut short by a stop.
 
-    def __init__(self, manager, extra: dict):
+    A failed write (disk full, permissions) is logged and training goes on: the
+    earlier checkpoints are intact, and the next epoch tries again.
+    """
+
+    def __init__(self, manager, state_fn):
         super().__init__()
         self.manager = manager
-        self.extra = extra
+        self.state_fn = state_fn
 
     def on_epoch_end(self, epoch, logs=None):
-        path = self.manager.save(self.model, epoch + 1, self.extra)
+        step = int(self.model.optimizer.iterations.numpy())
+        try:
+            path = self.manager.save(self.model, self.state_fn(step))
+        except OSError as e:
+            log.error("checkpoint at step %d failed: %s; training continues, last good checkpoint: %s",
+                      step, e, self.manager.latest())
+            return
         log.info("checkpoint written: %s", path)
 
 
@@ -122,6 +122,8 @@ class TensorBoardScalars(keras.callbacks.Callback):
         self._writer = tf.summary.create_file_writer(self.log_dir)
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.model.stop_training:
+            return  # an epoch cut short by a stop: logged when the resumed run completes it
         with self._writer.as_default(step=epoch + 1):
             for key, value in sorted(logs.items()):
                 if np.ndim(value) == 0:

@@ -1,11 +1,17 @@
-"""Epoch checkpoints: model weights, optimizer state and progress, written atomically.
+"""Checkpoints: model weights, optimizer state and progress, written atomically.
 
-A checkpoint is a folder `RUN_DIR/checkpoints/epoch-00003/` holding
-`model.weights.h5` (Keras weights), `optimizer.npz` (optimizer variables,
-including the step counter that drives the learning-rate schedule) and
-`state.json` (epoch, global step). It is written under a temporary name and
-renamed into place, so a crash mid-write leaves the previous checkpoints as
-they were; `latest()` only ever sees complete ones. Nothing is unpickled.
+A checkpoint is a folder `RUN_DIR/checkpoints/step-000000132/`, named by the
+global step, holding
+  model.weights.h5   Keras weights (BatchNorm statistics included),
+  optimizer.npz      optimizer variables, among them the step counter that
+                     positions the learning-rate schedule,
+  rng.npz            random-generator states (dropout masks),
+  state.json         epoch, global step, steps per epoch, world size, batch,
+                     data seed, a hash of the config, and the model signature
+                     (name, input shape, classes) that a resume must match.
+It is written under a temporary name and renamed into place, so a crash at any
+moment leaves the earlier checkpoints as they were; `latest()` only sees
+complete ones. Nothing is unpickled: HDF5, npz with allow_pickle=False and JSON.
 """
 
 import json
@@ -18,14 +24,30 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^epoch-(\d{5,})$")
+_NAME = re.compile(r"^step-(\d{9,})$")
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "model.weights.h5"
 OPTIMIZER_FILE = "optimizer.npz"
+RNG_FILE = "rng.npz"
+
+
+def rng_variables(model) -> list:
+    """Model state that save_weights leaves out: the seed generators of Dropout and the like.
+
+    Without them a resumed run would draw different dropout masks than an
+    uninterrupted one.
+    """
+    saved = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in saved]
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the model."""
+    """A checkpoint that cannot be read or does not fit this run; str(e) is one line."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 class CheckpointManager:
@@ -33,7 +55,7 @@ class CheckpointManager:
         self.directory = directory
         self.keep = keep
 
-    def _epochs(self) -> list[int]:
+    def _steps(self) -> list[int]:
         if not os.path.isdir(self.directory):
             return []
         found = []
@@ -43,51 +65,90 @@ class CheckpointManager:
                 found.append(int(m.group(1)))
         return sorted(found)
 
-    def path(self, epoch: int) -> str:
-        return os.path.join(self.directory, f"epoch-{epoch:05d}")
+    def path(self, global_step: int) -> str:
+        return os.path.join(self.directory, f"step-{global_step:09d}")
 
     def latest(self) -> str | None:
-        epochs = self._epochs()
-        return self.path(epochs[-1]) if epochs else None
+        steps = self._steps()
+        return self.path(steps[-1]) if steps else None
 
-    def save(self, model, epoch: int, extra: dict | None = None) -> str:
-        """Writes the checkpoint of `epoch` (epochs completed) and prunes old ones."""
+    def all(self) -> list[str]:
+        return [self.path(s) for s in self._steps()]
+
+    def save(self, model, state: dict) -> str:
+        """Writes a checkpoint at the optimizer's current step and prunes old ones.
+
+        `state` is stored in state.json beside the global step. Raises OSError
+        when the write fails; the earlier checkpoints are then untouched.
+        """
+        global_step = int(model.optimizer.iterations.numpy())
         os.makedirs(self.directory, mode=0o750, exist_ok=True)
-        final = self.path(epoch)
+        final = self.path(global_step)
         tmp = f"{final}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp, mode=0o750)
         try:
+            os.makedirs(tmp, mode=0o750)
             model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
             store: dict = {}
             model.optimizer.save_own_variables(store)
             np.savez(os.path.join(tmp, OPTIMIZER_FILE), **{k: np.asarray(v) for k, v in store.items()})
-            state = {"epoch": epoch, "global_step": int(model.optimizer.iterations.numpy()), **(extra or {})}
+            np.savez(os.path.join(tmp, RNG_FILE), *[v.numpy() for v in rng_variables(model)])
             # state.json last: its presence marks the folder complete.
             with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-                json.dump(state, f, indent=2, sort_keys=True)
+                json.dump({**state, "global_step": global_step}, f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        for old in self._epochs()[: -self.keep]:
+        for old in self._steps()[: -self.keep]:
             shutil.rmtree(self.path(old), ignore_errors=True)
         return final
 
-    def restore(self, model, path: str) -> dict:
-        """Loads weights and optimizer state from `path` into a built model; returns state.json."""
+    @staticmethod
+    def read_state(path: str) -> dict:
         try:
             with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-                state = json.load(f)
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read checkpoint {path!r}: {_first_line(e)}") from None
+
+    def restore(self, model, path: str, expect_model: dict | None = None) -> dict:
+        """Loads weights and optimizer state from `path` into a compiled model.
+
+        `expect_model` (name, input_shape, num_classes) must equal the
+        checkpoint's: restoring a different network is refused before any
+        weight is touched.
+        """
+        state = self.read_state(path)
+        if expect_model is not None and state.get("model") != expect_model:
+            raise CheckpointError(
+                f"checkpoint {path!r} was written for {describe(state.get('model'))}; "
+                f"this run builds {describe(expect_model)}"
+            )
+        try:
             model.load_weights(os.path.join(path, WEIGHTS_FILE))
             if not model.optimizer.built:
                 model.optimizer.build(model.trainable_variables)
             with np.load(os.path.join(path, OPTIMIZER_FILE), allow_pickle=False) as npz:
                 store = {k: npz[k] for k in npz.files}
             model.optimizer.load_own_variables(store)
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"cannot restore checkpoint {path!r}: {first}") from None
+            rng = rng_variables(model)
+            with np.load(os.path.join(path, RNG_FILE), allow_pickle=False) as npz:
+                if len(npz.files) != len(rng):
+                    raise ValueError(f"{len(npz.files)} random-generator states for {len(rng)} in the model")
+                for i, v in enumerate(rng):
+                    v.assign(npz[f"arr_{i}"])
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"cannot restore checkpoint {path!r}: {_first_line(e)}") from None
         return state
+
+
+def describe(signature: dict | None) -> str:
+    if not signature:
+        return "an unknown model"
+    shape = "x".join(str(d) for d in signature.get("input_shape", []))
+    return f"model {signature.get('name')} with {signature.get('num_classes')} classes and input {shape}"

@@ -87,12 +87,6 @@ class DistContext:
         for i, v in enumerate(variables):
             v.assign(hvd.broadcast(v.value, root_rank=0, name=f"{name}.{i}"))
 
-    def average_variables(self, variables, name: str) -> None:
-        """Replaces float `variables` with their mean over ranks."""
-        for i, v in enumerate(variables):
-            if v.dtype in ("float16", "bfloat16", "float32", "float64"):
-                v.assign(hvd.allreduce(v.value, op=hvd.Average, name=f"{name}.{i}"))
-
     def average_scalars(self, values: dict[str, float], name: str) -> dict[str, float]:
         """Mean over ranks of a dict of numbers; every rank must pass the same keys."""
         keys = sorted(values)

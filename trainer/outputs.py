@@ -50,10 +50,10 @@ class RunOutputs:
     def start(self) -> None:
         pass
 
-    def restore_latest(self, model) -> dict | None:
+    def restore_latest(self, model, expect_model: dict) -> dict | None:
         return None
 
-    def callbacks(self, extra_state: dict) -> list:
+    def callbacks(self, state_fn) -> list:
         return []
 
     def load_summary(self) -> dict | None:
@@ -75,17 +75,17 @@ class ChiefOutputs(RunOutputs):
         os.makedirs(self.run_dir, mode=0o750, exist_ok=True)
         _write_atomic(os.path.join(self.run_dir, "config.yaml"), dump_yaml(self.cfg))
 
-    def restore_latest(self, model) -> dict | None:
+    def restore_latest(self, model, expect_model: dict) -> dict | None:
         path = self.checkpoints.latest()
         if path is None:
             return None
-        state = self.checkpoints.restore(model, path)
+        state = self.checkpoints.restore(model, path, expect_model)
         log.info("resumed from %s (epoch %d, step %d)", path, state["epoch"], state["global_step"])
         return state
 
-    def callbacks(self, extra_state: dict) -> list:
+    def callbacks(self, state_fn) -> list:
         return [
-            cb.EpochCheckpoint(self.checkpoints, extra_state),
+            cb.EpochCheckpoint(self.checkpoints, state_fn),
             cb.TensorBoardScalars(os.path.join(self.run_dir, "tensorboard", "train")),
         ]
 

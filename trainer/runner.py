@@ -1,5 +1,6 @@
 """Wires data, model, optimizer, callbacks and outputs into one training run."""
 
+import hashlib
 import logging
 import os
 import statistics
@@ -10,12 +11,14 @@ import keras
 import tensorflow as tf
 
 from data_pipeline import metadata as md
-from data_pipeline.reader import make_dataset, shard_files_for, synthetic_dataset
+from data_pipeline.reader import make_dataset, records_per_pass, shard_files_for, synthetic_dataset
 from trainer import callbacks as cb
-from trainer.config import ConfigError, ExperimentConfig
+from trainer.checkpoint import CheckpointError
+from trainer.config import ConfigError, ExperimentConfig, dump_yaml
 from trainer.distributed import DistContext, weights_digest
 from trainer.models import build_model
 from trainer.outputs import make_outputs
+from trainer.preemption import StopOnRequest, StopRequest, Stopped
 from trainer.schedule import make_schedule
 from trainer.step import DataParallelModel
 
@@ -33,6 +36,7 @@ class DataSpec:
     val_files: list[str]
     num_train: int = 0
     num_val: int = 0
+    train_shard_counts: tuple[int, ...] = ()
 
 
 def resolve_data(cfg: ExperimentConfig) -> DataSpec:
@@ -62,6 +66,7 @@ def resolve_data(cfg: ExperimentConfig) -> DataSpec:
         (image_size, image_size, channels), num_classes, steps,
         md.shard_files(cfg.data.dir, meta, "train"), md.shard_files(cfg.data.dir, meta, "validation"),
         n_train, md.num_examples(meta, "validation"),
+        tuple(int(x["num_examples"]) for x in meta["splits"]["train"]["shards"]),
     )
 
 
@@ -104,16 +109,6 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
         ctx.size, gbs, per_replica, spec.steps_per_epoch, spec.input_shape, spec.num_classes,
     )
 
-    if cfg.data.synthetic:
-        train_ds = synthetic_dataset(per_replica, spec.input_shape[0], spec.input_shape[2], spec.num_classes, ctx.rank)
-    else:
-        log.info("train shards read by this rank: %s",
-                 ",".join(os.path.basename(f) for f in shard_files_for(spec.train_files, ctx.size, ctx.rank) or []))
-        train_ds = make_dataset(
-            spec.train_files, ctx.size, ctx.rank, per_replica, spec.input_shape[0], spec.input_shape[2],
-            training=True, seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-        )
-
     schedule = make_schedule(cfg.train, gbs, ctx.size, spec.steps_per_epoch)
     log.info("learning rate: peak %.6g (linear scaling), warmup from %.6g over %d steps, then %s",
              schedule.peak, schedule.initial, schedule.warmup_steps, schedule.decay)
@@ -131,29 +126,57 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
 
     outputs = make_outputs(ctx, cfg)
     outputs.start()
-    state = outputs.restore_latest(model) if cfg.train.resume else None
-    initial_epoch = ctx.broadcast_object(state["epoch"] if state else 0, "resume.epoch")
+    signature = {"name": cfg.model.name, "input_shape": list(spec.input_shape), "num_classes": spec.num_classes}
+    spe, epochs = spec.steps_per_epoch, cfg.train.epochs
+    start_step = resume_step(resume_state(ctx, cfg, outputs, model, signature), spe, gbs, ctx.size, schedule, model)
 
-    if initial_epoch >= cfg.train.epochs:
+    if start_step >= epochs * spe:
         summary = outputs.load_summary()
         if summary is not None or not ctx.is_chief:
-            log.info("run in %s already finished at epoch %d", cfg.run_dir, initial_epoch)
+            log.info("run in %s already finished at epoch %d", cfg.run_dir, start_step // spe)
             return summary
         history = {}  # training finished but the summary was never written: evaluate again
     else:
+        request = StopRequest()
+        request.install()
+        model.stop_request = request
+        config_sha = config_hash(cfg)
+
+        def checkpoint_state(step: int) -> dict:
+            return {
+                "epoch": step // spe, "steps_per_epoch": spe, "world_size": ctx.size, "global_batch_size": gbs,
+                "peak_learning_rate": schedule.peak, "data_seed": cfg.data.seed, "config_sha256": config_sha,
+                "model": signature,
+            }
+
         log.info("weights before broadcast: %s", weights_digest(model.variables))
         callbacks = [
             cb.BroadcastInitialState(ctx),
-            cb.EpochTimer(gbs, spec.steps_per_epoch),
-            cb.SyncReplicaState(ctx),
+            StopOnRequest(request),
+            cb.EpochTimer(gbs),
             cb.AverageMetrics(ctx),
             cb.EpochLog(ctx.rank),
-            *outputs.callbacks({"world_size": ctx.size, "global_batch_size": gbs}),
+            *outputs.callbacks(checkpoint_state),
         ]
-        history = model.fit(
-            train_ds, epochs=cfg.train.epochs, initial_epoch=initial_epoch, steps_per_epoch=spec.steps_per_epoch,
-            callbacks=callbacks, verbose=outputs.verbose, shuffle=False,
-        ).history
+        history = {}
+        for initial, end, steps in fit_phases(start_step, spe, epochs):
+            # The phase's first step, from the schedule of phases: not from the
+            # optimizer, whose step counter reaches ranks other than 0 only
+            # with the broadcast at the start of fit.
+            first_step = initial * spe + (spe - steps)
+            phase = model.fit(
+                train_dataset(cfg, spec, ctx, per_replica, first_step),
+                epochs=end, initial_epoch=initial, steps_per_epoch=steps,
+                callbacks=callbacks, verbose=outputs.verbose, shuffle=False,
+            ).history
+            for key, values in phase.items():
+                history.setdefault(key, []).extend(values)
+            if request.stopped:
+                # Rank 0 wrote its checkpoint in on_epoch_end; this collective
+                # keeps the other ranks alive until it has.
+                ctx.average_scalars({"stopped": 1.0}, "stop.barrier")
+                raise Stopped(f"stopped at step {int(model.optimizer.iterations.numpy())} "
+                              f"({request.signal_name or 'another rank was signalled'}); checkpoint written")
         check_replicas_agree(ctx, model)
 
     val = outputs.evaluate(model, lambda: eval_dataset(cfg, spec, per_replica))
@@ -178,6 +201,77 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
     }
     outputs.finish(model, summary)
     return summary
+
+
+def train_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_replica: int, start_step: int):
+    """This rank's training stream, starting where `start_step` steps left it."""
+    size, channels = spec.input_shape[0], spec.input_shape[2]
+    if cfg.data.synthetic:
+        return synthetic_dataset(per_replica, size, channels, spec.num_classes, ctx.rank)
+    mine = shard_files_for(spec.train_files, ctx.size, ctx.rank)
+    log.info("train shards read by this rank: %s", ",".join(os.path.basename(f) for f in mine or spec.train_files))
+    return make_dataset(
+        spec.train_files, ctx.size, ctx.rank, per_replica, size, channels, training=True, seed=cfg.data.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer, skip_records=start_step * per_replica,
+        records_per_pass=records_per_pass(list(spec.train_shard_counts), ctx.size, ctx.rank),
+        num_records=(cfg.train.epochs * spec.steps_per_epoch - start_step) * per_replica,
+    )
+
+
+def fit_phases(start_step: int, steps_per_epoch: int, epochs: int) -> list[tuple[int, int, int]]:
+    """(initial_epoch, epochs, steps_per_epoch) of the fit calls that continue from `start_step`.
+
+    Keras starts every epoch at its first step, so a run stopped mid-epoch
+    first finishes that epoch with a short fit, then runs the rest whole.
+    """
+    epoch, done = divmod(start_step, steps_per_epoch)
+    phases = []
+    if done:
+        phases.append((epoch, epoch + 1, steps_per_epoch - done))
+        epoch += 1
+    if epoch < epochs:
+        phases.append((epoch, epochs, steps_per_epoch))
+    return phases
+
+
+def resume_state(ctx: DistContext, cfg: ExperimentConfig, outputs, model, signature: dict) -> dict | None:
+    """Rank 0 restores the latest checkpoint; every rank gets its state.json (or its error)."""
+    result: dict = {"state": None}
+    if cfg.train.resume:
+        try:
+            result = {"state": outputs.restore_latest(model, signature)}
+        except CheckpointError as e:
+            result = {"error": str(e)}
+    result = ctx.broadcast_object(result, "resume.state")
+    if "error" in result:
+        raise CheckpointError(result["error"])
+    return result["state"]
+
+
+def resume_step(state: dict | None, spe: int, gbs: int, world_size: int, schedule, model) -> int:
+    """The global step to continue at, re-positioned when the batch or world size changed."""
+    if state is None:
+        return 0
+    step = int(state["global_step"])
+    if state.get("world_size") != world_size:
+        log.info(
+            "checkpoint written at world size %s, resuming at %d: global batch %s -> %d, per-replica batch "
+            "%s -> %d, peak learning rate %.6g -> %.6g",
+            state.get("world_size"), world_size, state.get("global_batch_size"), gbs,
+            (state.get("global_batch_size") or 0) // (state.get("world_size") or 1), gbs // world_size,
+            state.get("peak_learning_rate", float("nan")), schedule.peak,
+        )
+    if state.get("steps_per_epoch") != spe:
+        # The schedule is indexed by step: keep its position in epochs, not in steps.
+        step = int(state["epoch"]) * spe
+        log.info("steps per epoch %s -> %d: continuing at the start of epoch %d (step %d)",
+                 state.get("steps_per_epoch"), spe, int(state["epoch"]) + 1, step)
+        model.optimizer.iterations.assign(step)
+    return step
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    return hashlib.sha256(dump_yaml(cfg).encode()).hexdigest()
 
 
 def check_replicas_agree(ctx: DistContext, model) -> None:

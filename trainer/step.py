@@ -10,6 +10,9 @@ import keras
 import tensorflow as tf
 
 
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
 @keras.saving.register_keras_serializable(package="hvd_keras_cnn")
 class DataParallelModel(keras.Model):
     """A functional model whose training step averages gradients across all ranks."""
@@ -17,6 +20,7 @@ class DataParallelModel(keras.Model):
     def __init__(self, *args, fp16_allreduce: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.fp16_allreduce = fp16_allreduce
+        self.stop_request = None  # a trainer.preemption.StopRequest, set by the runner
 
     @classmethod
     def wrap(cls, net: keras.Model, fp16_allreduce: bool = False) -> "DataParallelModel":
@@ -35,9 +39,29 @@ class DataParallelModel(keras.Model):
         grads = tape.gradient(loss, variables)
         # Average, not sum: each rank's loss is a mean over its own per-replica
         # batch, so the mean over ranks is the gradient of the global-batch loss.
-        # One grouped call lets Horovod fuse all tensors into few allreduces.
-        compression = hvd.Compression.fp16 if self.fp16_allreduce else hvd.Compression.none
-        grads = hvd.grouped_allreduce(grads, op=hvd.Average, compression=compression)
+        #
+        # Float state outside the gradients (BatchNorm moving statistics) is
+        # averaged too, every step: each rank moved it towards its own batch,
+        # and the mean is the moving average of global-batch statistics. The
+        # replicas thus stay identical in every variable at every step, so a
+        # checkpoint taken at any step is the whole model. The stop flag of
+        # trainer.preemption rides along, so all ranks stop after the same step.
+        state = [v for v in self.non_trainable_variables if v.dtype in _FLOATS]
+        extra = [v.value for v in state]
+        if self.stop_request is not None:
+            extra.append(tf.convert_to_tensor(self.stop_request.local))
+        if self.fp16_allreduce:
+            # Only the gradients are compressed: fp16 would round the statistics.
+            grads = hvd.grouped_allreduce(grads, op=hvd.Average, compression=hvd.Compression.fp16)
+            extra = hvd.grouped_allreduce(extra, op=hvd.Average) if extra else []
+        else:
+            # One grouped call lets Horovod fuse everything into one allreduce.
+            reduced = hvd.grouped_allreduce([*grads, *extra], op=hvd.Average)
+            grads, extra = reduced[: len(grads)], reduced[len(grads):]
+        for v, mean in zip(state, extra):
+            v.assign(mean)
+        if self.stop_request is not None:
+            self.stop_request.agreed.assign(extra[-1])
         self.optimizer.apply(grads, variables)
         for metric in self.metrics:
             if metric.name == "loss":

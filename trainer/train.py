@@ -2,7 +2,10 @@
 
     python -m trainer.train --config configs/digits.yaml [--set train.epochs=5 ...]
 
-Exit codes: 0 done, 2 bad config or data (one line on stderr), 1 anything else.
+Exit codes: 0 done; 2 bad config, data or checkpoint (one line on stderr);
+143 stopped by SIGTERM/SIGINT after writing a checkpoint (resumable); 1 anything else.
+
+Files are created without permissions for others (umask 027).
 """
 
 import argparse
@@ -34,6 +37,7 @@ def setup_logging(rank: int, verbose: bool) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    os.umask(0o027)  # run directories and checkpoints: owner and group only
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg)
@@ -43,7 +47,9 @@ def main(argv=None) -> int:
 
     # Imported only now: TensorFlow and Horovod take seconds to load, and a bad
     # config should fail at once.
+    from trainer.checkpoint import CheckpointError
     from trainer.distributed import DistContext
+    from trainer.preemption import EXIT_STOPPED, Stopped
     from trainer.runner import run
 
     ctx = DistContext.initialize(cfg.runtime.intra_op_threads, cfg.runtime.inter_op_threads)
@@ -58,6 +64,12 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except Stopped as e:
+        log.warning("%s; exiting with %d, the next start resumes from it", e, EXIT_STOPPED)
+        return EXIT_STOPPED
     if summary is not None:
         print_summary(summary)
     return 0

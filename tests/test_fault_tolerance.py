@@ -1,0 +1,137 @@
+"""Checkpoint atomicity, compatibility, failed writes, and exact data positions on resume."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT
+from data_pipeline.reader import records_per_pass, shard_records, training_passes
+from trainer.callbacks import EpochCheckpoint
+from trainer.checkpoint import CheckpointError, CheckpointManager
+from trainer.runner import fit_phases
+
+SIGNATURE = {"name": "tiny", "input_shape": [4], "num_classes": 3}
+
+
+def tiny_model(seed=0, classes=3):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(classes, activation="softmax")(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy", jit_compile=False)
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+@pytest.mark.parametrize(
+    "start, phases",
+    [
+        (0, [(0, 4, 10)]),
+        (20, [(2, 4, 10)]),
+        (23, [(2, 3, 7), (3, 4, 10)]),
+        (37, [(3, 4, 3)]),
+        (40, []),
+    ],
+)
+def test_fit_phases_finish_an_interrupted_epoch_first(start, phases):
+    assert fit_phases(start, steps_per_epoch=10, epochs=4) == phases
+
+
+def test_records_per_pass_matches_what_the_reader_reads(tmp_path):
+    counts = [5, 3, 4]
+    files = []
+    for i, n in enumerate(counts):
+        path = str(tmp_path / f"s{i}.tfrecord")
+        with tf.io.TFRecordWriter(path) as w:
+            for j in range(n):
+                w.write(f"{i}-{j}".encode())
+        files.append(path)
+    for num_shards in (1, 2, 3, 4, 5):
+        for index in range(num_shards):
+            read = sum(1 for _ in shard_records(files, num_shards, index))
+            assert records_per_pass(counts, num_shards, index) == read
+
+
+def test_training_stream_resumes_exactly_where_it_stopped():
+    records = tf.data.Dataset.range(10)
+    full = [int(x) for x in training_passes(records, 4, seed=7, per_pass=10, count=35)]
+    assert len(full) == 35
+    # Each pass is a permutation of the records, and passes differ.
+    assert sorted(full[:10]) == sorted(full[10:20]) == list(range(10)) and full[:10] != full[10:20]
+    for skip in (0, 3, 10, 17, 30):
+        resumed = [int(x) for x in training_passes(records, 4, seed=7, skip=skip, per_pass=10, count=35 - skip)]
+        assert resumed == full[skip:]
+    # Without a position, the stream reshuffles forever.
+    endless = [int(x) for x in training_passes(records, 4, seed=7).take(30)]
+    assert sorted(endless[20:]) == list(range(10))
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    mgr = CheckpointManager(str(tmp_path))
+    path = mgr.save(tiny_model(), {"epoch": 0, "model": SIGNATURE})
+    other = {**SIGNATURE, "num_classes": 5}
+    with pytest.raises(CheckpointError) as e:
+        mgr.restore(tiny_model(classes=5), path, other)
+    assert str(e.value) == (
+        f"checkpoint {path!r} was written for model tiny with 3 classes and input 4; "
+        "this run builds model tiny with 5 classes and input 4"
+    )
+
+
+def test_failed_checkpoint_write_is_reported_and_training_goes_on(tmp_path, caplog):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the checkpoint folder should be")
+    model = tiny_model()
+    callback = EpochCheckpoint(CheckpointManager(str(blocker / "checkpoints")), lambda step: {"epoch": 0})
+    x, y = np.zeros((16, 4), np.float32), np.zeros(16, np.int64)
+    with caplog.at_level(logging.ERROR, logger="trainer.callbacks"):
+        history = model.fit(x, y, batch_size=8, epochs=3, callbacks=[callback], verbose=0)
+    assert len(history.history["loss"]) == 3
+    failures = [r.getMessage() for r in caplog.records if "checkpoint at step" in r.getMessage()]
+    assert len(failures) == 3 and "training continues" in failures[0]
+
+
+WRITER = """
+import sys, keras, numpy as np
+sys.path.insert(0, sys.argv[2])
+from trainer.checkpoint import CheckpointManager
+inputs = keras.Input((2048,))
+model = keras.Model(inputs, keras.layers.Dense(4096)(inputs))  # 32 MB of weights
+model.compile(optimizer=keras.optimizers.Adam(), loss="mse", jit_compile=False)
+model.optimizer.build(model.trainable_variables)
+mgr = CheckpointManager(sys.argv[1], keep=2)
+step = 0
+while True:
+    step += 1
+    model.optimizer.iterations.assign(step)
+    mgr.save(model, {"epoch": step})
+    if step == 1:
+        print("saved once", flush=True)
+"""
+
+
+def test_killing_the_writer_mid_save_leaves_a_loadable_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    for delay in (0.15, 0.4, 0.75):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(ckpt), str(ROOT)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "saved once"
+        time.sleep(delay)  # somewhere inside a later save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        latest = CheckpointManager(str(ckpt)).latest()
+        assert latest is not None
+        inputs = keras.Input((2048,))
+        model = keras.Model(inputs, keras.layers.Dense(4096)(inputs))
+        model.compile(optimizer=keras.optimizers.Adam(), loss="mse", jit_compile=False)
+        state = CheckpointManager(str(ckpt)).restore(model, latest)
+        assert state["global_step"] == state["epoch"] == int(model.optimizer.iterations.numpy())
+        # The interrupted write left at most a temporary folder, never a partial checkpoint.
+        partial = [p for p in os.listdir(ckpt) if not p.startswith("step-") or ".tmp-" in p]
+        assert all(".tmp-" in p for p in partial)

@@ -1,0 +1,61 @@
+"""Stopping on SIGTERM/SIGINT at a step boundary that every rank agrees on.
+
+Slurm sends SIGTERM before it kills a preempted or timed-out job, and
+horovodrun passes SIGTERM to every worker when it is interrupted. A rank that
+gets one only raises a flag; the flag travels with the next gradient allreduce
+(trainer.step), so all ranks learn of it at the same step and stop there
+together. Stopping at different steps would leave some ranks waiting forever in
+a collective that the others never join.
+
+The run then writes a checkpoint, waits for it on every rank, and exits with
+EXIT_STOPPED; the next start resumes from that checkpoint.
+"""
+
+import logging
+import signal
+
+import keras
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+EXIT_STOPPED = 143  # 128 + SIGTERM, whichever signal asked for the stop: resumable
+
+
+class StopRequest:
+    """A per-process stop flag, and the flag agreed by all ranks at the last step."""
+
+    def __init__(self):
+        self.local = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="stop_local")
+        self.agreed = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="stop_agreed")
+        self.signal_name: str | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            log.warning("received %s: stopping at the next step boundary", self.signal_name)
+        self.local.assign(1.0)
+
+    @property
+    def stopped(self) -> bool:
+        return float(self.agreed.numpy()) > 0
+
+
+class StopOnRequest(keras.callbacks.Callback):
+    """Ends `fit` after the step at which any rank asked to stop."""
+
+    def __init__(self, request: StopRequest):
+        super().__init__()
+        self.request = request
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.request.stopped:
+            self.model.stop_training = True
+
+
+class Stopped(Exception):
+    """Training stopped on request at an agreed step, after the checkpoint was written."""
