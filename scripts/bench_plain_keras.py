@@ -43,7 +43,7 @@ def main() -> int:
     )
     history = model.fit(
         synthetic_dataset(args.batch, 32, 3, 10), epochs=args.epochs, steps_per_epoch=args.steps,
-        callbacks=[EpochTimer(args.batch, args.steps)], verbose=0,
+        callbacks=[EpochTimer(args.batch)], verbose=0,
     ).history
     rates = history["images_per_sec"]
     print(json.dumps({"images_per_sec": statistics.median(rates[1:] or rates), "epoch_rates": rates}))

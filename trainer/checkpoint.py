@@ -130,9 +130,11 @@ class CheckpointManager:
                 f"this run builds {describe(expect_model)}"
             )
         try:
-            model.load_weights(os.path.join(path, WEIGHTS_FILE))
+            # Built first: the weights file holds the optimizer's variables too,
+            # and Keras skips them (with a warning) for an unbuilt optimizer.
             if not model.optimizer.built:
                 model.optimizer.build(model.trainable_variables)
+            model.load_weights(os.path.join(path, WEIGHTS_FILE))
             with np.load(os.path.join(path, OPTIMIZER_FILE), allow_pickle=False) as npz:
                 store = {k: npz[k] for k in npz.files}
             model.optimizer.load_own_variables(store)
