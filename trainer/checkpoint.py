@@ -72,9 +72,6 @@ class CheckpointManager:
         steps = self._steps()
         return self.path(steps[-1]) if steps else None
 
-    def all(self) -> list[str]:
-        return [self.path(s) for s in self._steps()]
-
     def save(self, model, state: dict) -> str:
         """Writes a checkpoint at the optimizer's current step and prunes old ones.
 
