@@ -110,9 +110,10 @@ def make_dataset(
       shard_index: this pipeline's index (the rank).
       per_replica_batch_size: examples per batch on this rank.
       image_size, channels: the model's input shape.
-      training: shuffle and repeat forever; the caller bounds each epoch with
-        steps_per_epoch, which is what keeps every rank at the same step count.
-      seed: shuffle seed; reshuffled every pass.
+      training: shuffle, and pass over the shards again and again (see
+        num_records); the caller bounds each epoch with steps_per_epoch, which
+        is what keeps every rank at the same step count.
+      seed: shuffle seed; every pass is shuffled differently.
       shuffle_buffer: records held for shuffling.
       drop_remainder: keep every batch at the full per-replica size.
       skip_records, records_per_pass, num_records: a training stream of

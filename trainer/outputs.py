@@ -6,7 +6,7 @@ rank and never asks for the rank itself.
 
 RUN_DIR/
   config.yaml            the resolved config of the latest start
-  checkpoints/epoch-N/   see trainer.checkpoint
+  checkpoints/step-N/    see trainer.checkpoint
   tensorboard/train/     epoch scalars
   tensorboard/validation/ final evaluation scalars
   summary.json           final metrics and throughput
