@@ -69,6 +69,16 @@ def test_timing_table_has_one_row_per_rank():
     ]
 
 
+def test_launcher_binds_tensorboard_to_loopback_unless_told():
+    from launch.command import LaunchError, tensorboard_command
+
+    assert tensorboard_command("py", "runs/x/tensorboard", 6006) == [
+        "py", "-m", "tensorboard.main", "--logdir", "runs/x/tensorboard", "--host", "127.0.0.1", "--port", "6006"]
+    assert tensorboard_command("py", "l", 7000, "0.0.0.0")[-4:] == ["--host", "0.0.0.0", "--port", "7000"]
+    with pytest.raises(LaunchError, match=r"^--tensorboard 0: not a TCP port \(1-65535\)$"):
+        tensorboard_command("py", "l", 0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -123,13 +133,18 @@ class Board:
 def board_run(digits_shards, tmp_path_factory, request):
     """A finished 2-rank run with every TensorBoard option on, and a server over its events."""
     run_dir = tmp_path_factory.mktemp("tb") / "run"
-    res = run([sys.executable, "-m", "launch", "--np", "2", "--config", "configs/digits.yaml",
+    job_board = free_port()
+    res = run([sys.executable, "-m", "launch", "--np", "2", "--config", "configs/digits.yaml", "--tensorboard", job_board,
                "--set", f"run_dir={run_dir}", "--set", f"data.dir={digits_shards}",
                "--set", f"train.epochs={EPOCHS}", "--set", "train.export=false",
                "--set", f"tensorboard.step_frequency={EVERY}", "--set", "tensorboard.histograms=true",
                "--set", "tensorboard.profile_steps=3,5", "--set", "tensorboard.sample_images=12"])
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
+    # The launcher's own TensorBoard ran on loopback during the job, and stopped with it.
+    assert f"http://127.0.0.1:{job_board}/" in out, out[-3000:]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", job_board), timeout=5)
     board = Board(run_dir / "tensorboard")
     request.addfinalizer(board.stop)
     board.wait_for("/data/plugin/scalars/tags",
