@@ -103,7 +103,7 @@ class Board:
     def get(self, route: str, **params):
         return json.loads(self.raw(f"{route}?{urllib.parse.urlencode(params)}"))
 
-    def wait_for(self, route: str, ready, timeout=90.0):
+    def wait_for(self, route: str, ready, timeout=300.0):
         """The route's answer once `ready(answer)` holds; the server loads events in the background."""
         deadline = time.time() + timeout
         while True:

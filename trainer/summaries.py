@@ -43,7 +43,7 @@ class GlobalStep(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
         self.value = 0
-        self.next = 1  # the step the current batch is
+        self.upcoming = 1  # the step the batch being run will complete
         self._epoch_start = 0
 
     def on_train_begin(self, logs=None):
@@ -53,7 +53,7 @@ class GlobalStep(keras.callbacks.Callback):
         self._epoch_start = self.value
 
     def on_train_batch_begin(self, batch, logs=None):
-        self.next = self._epoch_start + batch + 1
+        self.upcoming = self._epoch_start + batch + 1
 
     def on_train_batch_end(self, batch, logs=None):
         # `batch` is the last step of the execution (Keras' end_step).
@@ -63,10 +63,11 @@ class GlobalStep(keras.callbacks.Callback):
 class StepScalars(keras.callbacks.Callback):
     """Every `frequency` steps: each numeric batch log under `step/`, and the learning rate.
 
-    Keras has already turned the batch logs into Python numbers by then, so
-    writing them costs no device sync; only the learning rate is read from the
-    optimizer, on the steps written. loss and accuracy are Keras' running means
-    over the epoch so far, on rank 0's part of the batch.
+    Keras has already turned the batch logs into Python numbers by then, and
+    the learning rate is computed and written inside one compiled function,
+    so writing costs no device sync and few op dispatches (eager summary ops
+    would cost milliseconds per written step). loss and accuracy are Keras'
+    running means over the epoch so far, on rank 0's part of the batch.
     """
 
     def __init__(self, writer, global_step: GlobalStep, frequency: int):
@@ -75,6 +76,7 @@ class StepScalars(keras.callbacks.Callback):
         self.global_step = global_step
         self.frequency = frequency
         self._last = 0
+        self._write = tf.function(self._write_eager)
 
     def on_train_begin(self, logs=None):
         self._last = self.global_step.value
@@ -85,11 +87,16 @@ class StepScalars(keras.callbacks.Callback):
         if step // self.frequency == self._last // self.frequency:
             return
         self._last = step
+        items = sorted((k, float(v)) for k, v in (logs or {}).items() if np.ndim(v) == 0)
+        # The keys are part of the function's signature: it is traced again only when they change.
+        self._write(tf.constant(step, tf.int64), tf.constant([v for _, v in items], tf.float32),
+                    tuple(k for k, _ in items))
+
+    def _write_eager(self, step, values, keys):
         with self.writer.as_default(step=step):
-            for key, value in sorted((logs or {}).items()):
-                if np.ndim(value) == 0:
-                    tf.summary.scalar(f"step/{key}", float(value))
-            tf.summary.scalar("step/learning_rate", float(np.asarray(self.model.optimizer.learning_rate)))
+            for i, key in enumerate(keys):
+                tf.summary.scalar(f"step/{key}", values[i])
+            tf.summary.scalar("step/learning_rate", self.model.optimizer.learning_rate)
 
 
 class RankTiming(keras.callbacks.Callback):
@@ -154,7 +161,8 @@ class ProfileSteps(keras.callbacks.Callback):
     """Traces global steps first..last (inclusive) with the TensorFlow profiler.
 
     The trace goes to log_dir/plugins/profile/<time>/, where TensorBoard's
-    Profile tab looks for it.
+    Profile tab looks for it. A profiler that cannot start (one is already
+    running in this process) costs the trace, not the run.
     """
 
     def __init__(self, log_dir: str, global_step: GlobalStep, first: int, last: int):
@@ -163,12 +171,19 @@ class ProfileSteps(keras.callbacks.Callback):
         self.global_step = global_step
         self.first, self.last = first, last
         self._active = False
+        self._done = False  # one trace per start
 
     def on_train_batch_begin(self, batch, logs=None):
-        if not self._active and self.first <= self.global_step.next <= self.last:
+        if self._active or self._done or not self.first <= self.global_step.upcoming <= self.last:
+            return
+        self._done = True
+        try:
             tf.profiler.experimental.start(self.log_dir)
-            self._active = True
-            log.info("profiler: tracing from step %d", self.global_step.next)
+        except tf.errors.OpError as e:
+            log.warning("profiler: could not start, no trace: %s", e.message)
+            return
+        self._active = True
+        log.info("profiler: tracing from step %d", self.global_step.upcoming)
 
     def on_train_batch_end(self, batch, logs=None):
         if self._active and self.global_step.value >= self.last:
