@@ -106,7 +106,8 @@ def main(argv=None) -> int:
         validate_world(cfg, args.np)
         cmd, env = build_command(options_from_args(args), dict(os.environ))
         logdir = os.path.join(cfg.run_dir, "tensorboard")
-        board = tensorboard_command(sys.executable, logdir, 6006 if args.tensorboard is None else args.tensorboard, args.tensorboard_host)
+        port = 6006 if args.tensorboard is None else args.tensorboard
+        board = tensorboard_command(sys.executable, logdir, port, args.tensorboard_host)
     except (ConfigError, LaunchError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2

@@ -134,7 +134,8 @@ def board_run(digits_shards, tmp_path_factory, request):
     """A finished 2-rank run with every TensorBoard option on, and a server over its events."""
     run_dir = tmp_path_factory.mktemp("tb") / "run"
     job_board = free_port()
-    res = run([sys.executable, "-m", "launch", "--np", "2", "--config", "configs/digits.yaml", "--tensorboard", job_board,
+    res = run([sys.executable, "-m", "launch", "--np", "2", "--config", "configs/digits.yaml",
+               "--tensorboard", job_board,
                "--set", f"run_dir={run_dir}", "--set", f"data.dir={digits_shards}",
                "--set", f"train.epochs={EPOCHS}", "--set", "train.export=false",
                "--set", f"tensorboard.step_frequency={EVERY}", "--set", "tensorboard.histograms=true",
@@ -168,7 +169,8 @@ def test_served_epoch_scalars_match_summary_and_epoch_logs(board_run):
     assert board.scalars("train", "loss")[EPOCHS] == pytest.approx(summary["train_loss"], rel=1e-6)
     assert board.scalars("train", "accuracy")[EPOCHS] == pytest.approx(summary["train_accuracy"], rel=1e-6)
     rates = board.scalars("train", "images_per_sec")
-    assert statistics.median([rates[e] for e in range(2, EPOCHS + 1)]) == pytest.approx(summary["images_per_sec"], rel=1e-6)
+    median = statistics.median([rates[e] for e in range(2, EPOCHS + 1)])
+    assert median == pytest.approx(summary["images_per_sec"], rel=1e-6)
     assert board.scalars("validation", "accuracy") == {EPOCHS: pytest.approx(summary["val_accuracy"], rel=1e-6)}
     assert board.scalars("validation", "loss") == {EPOCHS: pytest.approx(summary["val_loss"], rel=1e-6)}
     # One writer per start: a single event file beside the profiler's folder.
@@ -232,6 +234,7 @@ def test_served_images_histograms_and_profile_trace(board_run):
     hist = board.get("/data/plugin/histograms/tags")["train"]
     kernels = [t for t in hist if t.endswith("/kernel")]
     assert kernels
-    assert sorted(s for _, s, _ in board.get("/data/plugin/histograms/histograms", run="train", tag=kernels[0])) == [1, 2]
+    served = board.get("/data/plugin/histograms/histograms", run="train", tag=kernels[0])
+    assert sorted(step for _, step, _ in served) == [1, 2]
     traces = list((run_dir / "tensorboard" / "train" / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 1000
