@@ -59,13 +59,13 @@ def test_image_grid_tiles_enlarged_images_row_by_row():
 def test_timing_table_has_one_row_per_rank():
     from trainer.summaries import timing_table
 
-    rows = [{"host": "a", "steps": 22, "step_time_mean_sec": 0.010, "step_time_max_sec": 0.5},
-            {"host": "b", "steps": 22, "step_time_mean_sec": 0.030, "step_time_max_sec": 0.7}]
+    rows = [{"host": "a", "steps": 22, "step_time_mean_sec": 0.010, "step_time_max_sec": 0.5, "input_wait_mean": 0.25},
+            {"host": "b", "steps": 22, "step_time_mean_sec": 0.030, "step_time_max_sec": 0.7, "input_wait_mean": 0.5}]
     assert timing_table(rows).splitlines() == [
-        "| rank | host | steps | step_time_mean_ms | step_time_max_ms |",
-        "|---|---|---|---|---|",
-        "| 0 | a | 22 | 10.00 | 500.00 |",
-        "| 1 | b | 22 | 30.00 | 700.00 |",
+        "| rank | host | steps | step_time_mean_ms | step_time_max_ms | input_wait_mean |",
+        "|---|---|---|---|---|---|",
+        "| 0 | a | 22 | 10.00 | 500.00 | 0.25 |",
+        "| 1 | b | 22 | 30.00 | 700.00 | 0.5 |",
     ]
 
 

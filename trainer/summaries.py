@@ -131,12 +131,13 @@ class RankTiming(keras.callbacks.Callback):
 
 
 def timing_table(rows: list[dict]) -> str:
-    """A Markdown table of per-rank figures (seconds shown as milliseconds)."""
+    """A Markdown table of per-rank figures (those in seconds shown in milliseconds)."""
     keys = [k for k in rows[0] if k not in ("host", "steps")]
     head = ["rank", "host", "steps", *(k.replace("_sec", "_ms") for k in keys)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rank, row in enumerate(rows):
-        cells = [str(rank), row["host"], str(row["steps"]), *(f"{1000 * row.get(k, float('nan')):.2f}" for k in keys)]
+        values = (row.get(k, float("nan")) * (1000 if "_sec" in k else 1) for k in keys)
+        cells = [str(rank), row["host"], str(row["steps"]), *(f"{v:.4g}" if v < 1 else f"{v:.2f}" for v in values)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
