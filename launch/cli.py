@@ -4,6 +4,7 @@
         [--hosts h1:2,h2:2 | --hostfile FILE] [--gloo | --mpi]
         [--timeline FILE] [--autotune] [--fusion-threshold-mb M] [--cycle-time-ms T]
         [--stall-warning-sec S] [--stall-shutdown-sec S] [--dry-run]
+        [--tensorboard PORT [--tensorboard-host HOST]]
 
 Exits with horovodrun's exit code, or 2 for bad options or config.
 """
@@ -16,7 +17,7 @@ import signal
 import subprocess
 import sys
 
-from launch.command import LaunchError, LaunchOptions, build_command
+from launch.command import LaunchError, LaunchOptions, build_command, tensorboard_command
 from trainer.config import ConfigError, load_config, validate, validate_world
 
 
@@ -41,6 +42,10 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--stall-shutdown-sec", type=int, default=600,
                    help="end the job when a collective waits this long; 0 never (default 600)")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, run nothing")
+    p.add_argument("--tensorboard", type=int, metavar="PORT",
+                   help="also run TensorBoard on this host over the run's events while the job runs")
+    p.add_argument("--tensorboard-host", default="127.0.0.1",
+                   help="address TensorBoard binds to (default 127.0.0.1: reach it through an SSH tunnel)")
     p.set_defaults(controller="gloo")
     return p.parse_args(argv)
 
@@ -57,8 +62,25 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
     )
 
 
-def execute(argv: list[str], env: dict[str, str]) -> int:
-    """Runs horovodrun, passing SIGINT/SIGTERM on to it, and returns its exit code."""
+def execute(argv: list[str], env: dict[str, str], board: list[str] | None = None) -> int:
+    """Runs horovodrun, passing SIGINT/SIGTERM on to it, and returns its exit code.
+
+    `board`, a TensorBoard command, runs alongside and is stopped when the job ends.
+    """
+    server = subprocess.Popen(board) if board else None
+    try:
+        return _run_job(argv, env)
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def _run_job(argv: list[str], env: dict[str, str]) -> int:
     proc = subprocess.Popen(argv, env=env)
 
     def forward(signum, _frame):
@@ -83,6 +105,9 @@ def main(argv=None) -> int:
         validate(cfg)
         validate_world(cfg, args.np)
         cmd, env = build_command(options_from_args(args), dict(os.environ))
+        logdir = os.path.join(cfg.run_dir, "tensorboard")
+        port = 6006 if args.tensorboard is None else args.tensorboard
+        board = tensorboard_command(sys.executable, logdir, port, args.tensorboard_host)
     except (ConfigError, LaunchError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2
@@ -91,6 +116,12 @@ def main(argv=None) -> int:
             if os.environ.get(key) != env[key]:
                 print(f"export {key}={shlex.quote(env[key])}")
         print(shlex.join(cmd))
+        if args.tensorboard is not None:
+            print(shlex.join(board))
         return 0
     print(f"launch: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    return execute(cmd, env)
+    if args.tensorboard is None:
+        print(f"launch: watch with: {shlex.join(['tensorboard', *board[3:]])}", file=sys.stderr, flush=True)
+        return execute(cmd, env)
+    print(f"launch: TensorBoard: {shlex.join(board)}", file=sys.stderr, flush=True)
+    return execute(cmd, env, board)

@@ -120,3 +120,14 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     return argv, env
+
+
+def tensorboard_command(python: str, logdir: str, port: int, host: str = "127.0.0.1") -> list[str]:
+    """TensorBoard over a run's events, bound to loopback unless `host` says otherwise.
+
+    Loopback keeps the server (which has no authentication) off the cluster
+    network; users reach it through an SSH tunnel.
+    """
+    if not 0 < port < 65536:
+        raise LaunchError(f"--tensorboard {port}: not a TCP port (1-65535)")
+    return [python, "-m", "tensorboard.main", "--logdir", logdir, "--host", host, "--port", str(port)]

@@ -7,11 +7,12 @@ files are given to rank 0 only, by trainer.outputs.
 
 import json
 import logging
+import socket
+import statistics
 import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,63 @@ class EpochTimer(keras.callbacks.Callback):
         logs["epoch_time_sec"] = elapsed
         logs["images_per_sec"] = steps * self.global_batch_size / elapsed
         logs["learning_rate"] = float(np.asarray(self.model.optimizer.learning_rate))
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Wall time of each step on this rank, and every rank's figures per epoch.
+
+    A step lasts from the end of the previous one (or the start of the epoch)
+    to the end of this one: compute, allreduce, input wait and callbacks, which
+    is what a slow rank costs all the others. With steps_per_execution > 1,
+    Keras reports once per execution, and the time is split evenly over its
+    steps. Host clock only: no device reads.
+
+    Adds `step_time_sec` and `images_per_sec` of the last step to the batch
+    logs (for callbacks after it), and this rank's mean `step_time_sec` to the
+    epoch logs (AverageMetrics must come after it). At each epoch's end every
+    rank's figures, with the epoch means of batch-log keys starting with
+    `input_wait`, are gathered into `per_rank` (a list ordered by rank).
+    """
+
+    def __init__(self, ctx, global_batch_size: int):
+        super().__init__()
+        self.ctx = ctx
+        self.global_batch_size = global_batch_size
+        self.per_rank: list[dict] = []
+        self._times: list[float] = []
+        self._waits: dict[str, list[float]] = {}
+        self._last_end = 0.0
+        self._last_batch = -1
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._times, self._waits = [], {}
+        self._last_end, self._last_batch = time.perf_counter(), -1
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        steps = max(batch - self._last_batch, 1)
+        per_step = (now - self._last_end) / steps
+        self._last_end, self._last_batch = now, batch
+        self._times.extend([per_step] * steps)
+        if logs is None:
+            return
+        logs["step_time_sec"] = per_step
+        logs["images_per_sec"] = self.global_batch_size / per_step
+        for key, value in logs.items():
+            if key.startswith("input_wait") and np.ndim(value) == 0:
+                self._waits.setdefault(key, []).append(float(value))
+
+    def on_epoch_end(self, epoch, logs=None):
+        times = self._times or [0.0]
+        mine = {
+            "host": socket.gethostname(), "steps": len(self._times), "step_time_mean_sec": statistics.fmean(times),
+            "step_time_median_sec": statistics.median(times), "step_time_max_sec": max(times),
+            **{f"{k}_mean": statistics.fmean(v) for k, v in sorted(self._waits.items())},
+        }
+        # Every rank joins this gather at every epoch end, stopped early or not.
+        self.per_rank = self.ctx.allgather_object(mine, "timing.epoch")
+        if logs is not None:
+            logs["step_time_sec"] = mine["step_time_mean_sec"]
 
 
 class AverageMetrics(keras.callbacks.Callback):
@@ -108,27 +166,3 @@ class EpochCheckpoint(keras.callbacks.Callback):
                       step, e, self.manager.latest())
             return
         log.info("checkpoint written: %s", path)
-
-
-class TensorBoardScalars(keras.callbacks.Callback):
-    """Epoch scalars (loss, accuracy, learning rate, images/sec, epoch time) for TensorBoard."""
-
-    def __init__(self, log_dir: str):
-        super().__init__()
-        self.log_dir = log_dir
-        self._writer = None
-
-    def on_train_begin(self, logs=None):
-        self._writer = tf.summary.create_file_writer(self.log_dir)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.model.stop_training:
-            return  # an epoch cut short by a stop: logged when the resumed run completes it
-        with self._writer.as_default(step=epoch + 1):
-            for key, value in sorted(logs.items()):
-                if np.ndim(value) == 0:
-                    tf.summary.scalar(key, float(value))
-        self._writer.flush()
-
-    def on_train_end(self, logs=None):
-        self._writer.close()

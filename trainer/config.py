@@ -137,6 +137,29 @@ class RuntimeConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    """What rank 0 writes under run_dir/tensorboard (see trainer.summaries).
+
+    Attributes:
+      step_frequency: every this many optimizer steps, write every numeric key
+        of Keras' batch logs (rank 0's running loss and accuracy, step time,
+        images/sec, and any key another callback adds), plus the learning
+        rate, against the global step; 0 writes epoch scalars only.
+      sample_images: images in the grid written from rank 0's first training
+        batch of each start, as fed to the model; 0 writes none.
+      histograms: write a histogram of every weight at the end of each epoch.
+      profile_steps: `first,last` global steps (1-based, inclusive) to trace
+        with the TensorFlow profiler on rank 0, for TensorBoard's Profile tab
+        (needs the tensorboard-plugin-profile package); empty for none.
+    """
+
+    step_frequency: int = 20
+    sample_images: int = 16
+    histograms: bool = False
+    profile_steps: str = ""
+
+
+@dataclass
 class ExperimentConfig:
     """One training run.
 
@@ -151,6 +174,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     allreduce: AllreduceConfig = field(default_factory=AllreduceConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
 
 
 def _coerce(key: str, raw, typ):
@@ -243,6 +267,19 @@ def _check(ok: bool, key: str, value, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
+def profile_range(text: str) -> tuple[int, int] | None:
+    """`tensorboard.profile_steps` as (first, last) global steps, or None when empty."""
+    if not text.strip():
+        return None
+    parts = text.split(",")
+    try:
+        first, last = (int(x) for x in parts)
+    except ValueError:
+        first = last = 0
+    _check(1 <= first <= last, "tensorboard.profile_steps", text, "must be 'first,last' steps with 1 <= first <= last")
+    return first, last
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Static checks: everything that does not depend on the world size."""
     _check(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must be set")
@@ -264,6 +301,10 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
     _check(r.intra_op_threads >= 0, "runtime.intra_op_threads", r.intra_op_threads, "must be >= 0")
     _check(r.inter_op_threads >= 0, "runtime.inter_op_threads", r.inter_op_threads, "must be >= 0")
+    tb = cfg.tensorboard
+    _check(tb.step_frequency >= 0, "tensorboard.step_frequency", tb.step_frequency, "must be >= 0")
+    _check(tb.sample_images >= 0, "tensorboard.sample_images", tb.sample_images, "must be >= 0")
+    profile_range(tb.profile_steps)
     if d.synthetic:
         for key in ("image_size", "channels", "num_classes"):
             _check(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be set (> 0) with data.synthetic")

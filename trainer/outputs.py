@@ -7,7 +7,8 @@ rank and never asks for the rank itself.
 RUN_DIR/
   config.yaml            the resolved config of the latest start
   checkpoints/step-N/    see trainer.checkpoint
-  tensorboard/train/     epoch scalars
+  tensorboard/train/     epoch and step scalars, rank timing, input images,
+                         histograms, profiler traces (see trainer.summaries)
   tensorboard/validation/ final evaluation scalars
   summary.json           final metrics and throughput
   export/                TensorFlow SavedModel for serving
@@ -22,8 +23,9 @@ import sys
 import tensorflow as tf
 
 from trainer import callbacks as cb
+from trainer import summaries
 from trainer.checkpoint import CheckpointManager
-from trainer.config import ExperimentConfig, dump_yaml
+from trainer.config import ExperimentConfig, dump_yaml, profile_range
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,11 @@ class RunOutputs:
     def restore_latest(self, model, expect_model: dict) -> dict | None:
         return None
 
-    def callbacks(self, state_fn) -> list:
+    def callbacks(self, state_fn, timer=None) -> list:
         return []
+
+    def write_input_sample(self, dataset, step: int) -> None:
+        pass
 
     def load_summary(self) -> dict | None:
         return None
@@ -70,6 +75,7 @@ class ChiefOutputs(RunOutputs):
     """Rank 0: checkpoints, TensorBoard, config, evaluation, summary, export, progress bar."""
 
     verbose = 1 if sys.stdout.isatty() else 2
+    _writer = None  # tensorboard/train, see train_writer
 
     def start(self) -> None:
         os.makedirs(self.run_dir, mode=0o750, exist_ok=True)
@@ -83,11 +89,36 @@ class ChiefOutputs(RunOutputs):
         log.info("resumed from %s (epoch %d, step %d)", path, state["epoch"], state["global_step"])
         return state
 
-    def callbacks(self, state_fn) -> list:
+    @property
+    def train_writer(self):
+        """One writer per start for tensorboard/train, opened at first use."""
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard", "train"))
+        return self._writer
+
+    def callbacks(self, state_fn, timer=None) -> list:
+        """`timer` is the cb.StepTimer of every rank, whose gathered figures rank 0 writes."""
+        tb = self.cfg.tensorboard
+        step = summaries.GlobalStep()
+        extra = [step]
+        if tb.step_frequency:
+            extra.append(summaries.StepScalars(self.train_writer, step, tb.step_frequency))
+        if timer is not None:
+            extra.append(summaries.RankTiming(self.train_writer, timer))
+        if tb.histograms:
+            extra.append(summaries.WeightHistograms(self.train_writer))
+        profile = profile_range(tb.profile_steps)
+        if profile:
+            extra.append(summaries.ProfileSteps(os.path.join(self.run_dir, "tensorboard", "train"), step, *profile))
         return [
             cb.EpochCheckpoint(self.checkpoints, state_fn),
-            cb.TensorBoardScalars(os.path.join(self.run_dir, "tensorboard", "train")),
+            summaries.EpochScalars(self.train_writer),
+            *extra,
         ]
+
+    def write_input_sample(self, dataset, step: int) -> None:
+        if self.cfg.tensorboard.sample_images:
+            summaries.write_input_sample(self.train_writer, dataset, self.cfg.tensorboard.sample_images, step)
 
     def load_summary(self) -> dict | None:
         path = os.path.join(self.run_dir, SUMMARY_FILE)
@@ -106,6 +137,8 @@ class ChiefOutputs(RunOutputs):
             tf.summary.scalar("loss", summary["val_loss"])
             tf.summary.scalar("accuracy", summary["val_accuracy"])
         writer.close()
+        if self._writer is not None:
+            self._writer.close()
         if self.cfg.train.export:
             summary["export_dir"] = self._export(model)
         _write_atomic(os.path.join(self.run_dir, SUMMARY_FILE), json.dumps(summary, indent=2, sort_keys=True) + "\n")

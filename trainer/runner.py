@@ -150,13 +150,15 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
             }
 
         log.info("weights before broadcast: %s", weights_digest(model.variables))
+        timer = cb.StepTimer(ctx, gbs)
         callbacks = [
             cb.BroadcastInitialState(ctx),
             StopOnRequest(request),
             cb.EpochTimer(gbs),
+            timer,
             cb.AverageMetrics(ctx),
             cb.EpochLog(ctx.rank),
-            *outputs.callbacks(checkpoint_state),
+            *outputs.callbacks(checkpoint_state, timer),
         ]
         history = {}
         for initial, end, steps in fit_phases(start_step, spe, epochs):
@@ -164,8 +166,11 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
             # optimizer, whose step counter reaches ranks other than 0 only
             # with the broadcast at the start of fit.
             first_step = initial * spe + (spe - steps)
+            dataset = train_dataset(cfg, spec, ctx, per_replica, first_step)
+            if first_step == start_step:
+                outputs.write_input_sample(dataset, first_step + 1)
             phase = model.fit(
-                train_dataset(cfg, spec, ctx, per_replica, first_step),
+                dataset,
                 epochs=end, initial_epoch=initial, steps_per_epoch=steps,
                 callbacks=callbacks, verbose=outputs.verbose, shuffle=False,
             ).history
