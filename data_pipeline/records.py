@@ -11,6 +11,9 @@ FEATURES = {
     "image/class/label": tf.io.FixedLenFeature([], tf.int64),
     "image/class/name": tf.io.FixedLenFeature([], tf.string),
     "image/id": tf.io.FixedLenFeature([], tf.string),
+    # The source file's size before any --max-side resize (0 in older shards).
+    "image/original_height": tf.io.FixedLenFeature([], tf.int64, default_value=0),
+    "image/original_width": tf.io.FixedLenFeature([], tf.int64, default_value=0),
 }
 
 
@@ -29,9 +32,11 @@ def encode_example(
     label: int,
     class_name: str,
     example_id: str,
+    original_size: tuple[int, int] | None = None,
 ) -> bytes:
-    """Serialises one image record: encoded bytes, label and shape."""
+    """Serialises one image record: encoded bytes, label, shape and the source's size."""
     height, width, channels = shape
+    original_height, original_width = original_size or (height, width)
     features = {
         "image/encoded": _bytes(encoded),
         "image/format": _bytes(image_format.encode()),
@@ -41,8 +46,12 @@ def encode_example(
         "image/class/label": _int(label),
         "image/class/name": _bytes(class_name.encode()),
         "image/id": _bytes(example_id.encode()),
+        "image/original_height": _int(original_height),
+        "image/original_width": _int(original_width),
     }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    # deterministic: map fields in key order, so every process writes the same bytes.
+    example = tf.train.Example(features=tf.train.Features(feature=features))
+    return example.SerializeToString(deterministic=True)
 
 
 def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
