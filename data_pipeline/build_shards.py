@@ -203,9 +203,12 @@ def build(
         return inv, tasks
 
     inv, tasks = _collective(group, scan_and_plan)
+    mine = tasks[group.rank::group.size]
+    if group.size > 1:
+        log.info("rank %d of %d: %d of %d shards", group.rank, group.size, len(mine), len(tasks))
     error = None
     try:
-        run_tasks(tasks[group.rank::group.size], work_dir, opts, strict, workers, show_progress=group.is_main)
+        run_tasks(mine, work_dir, opts, strict, workers, show_progress=group.is_main)
     except DataError as e:
         error = str(e)
     except OSError as e:  # disk full, permissions: reported like bad input, so no rank waits forever

@@ -109,6 +109,9 @@ def normalise(data: bytes, extension: str, opts: ImageOptions) -> Normalised:
         out = _resized(_to_mode(img, opts.channels), opts.max_side)
     except BrokenImage:
         raise
+    except Image.UnidentifiedImageError:
+        # Pillow's own message names a memory address: not stable across runs.
+        raise BrokenImage("not an image Pillow can identify") from None
     except _DECODE_ERRORS as e:
         raise BrokenImage(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
     channels = 1 if out.mode == "L" else 3

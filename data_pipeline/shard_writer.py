@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 from data_pipeline.images import BrokenImage, ImageOptions, normalise
 from data_pipeline.metadata import FORMAT_VERSION, DataError, shard_name
+from data_pipeline.record_writer import TFRecordFile, encode_example
 from data_pipeline.sources import Source
 
 log = logging.getLogger(__name__)
@@ -77,16 +78,12 @@ def _read(src: Source, opts: ImageOptions):
 
 def write_shard(task: ShardTask, work_dir: str, opts: ImageOptions, strict: bool, progress=None) -> dict:
     """Writes one shard, one image in memory at a time; returns its done-record."""
-    import tensorflow as tf
-
-    from data_pipeline.records import encode_example
-
     shard = os.path.join(work_dir, task.name)
     tmp = shard + ".tmp"
     per_class = [0] * len(task.class_names)
     skipped, shape, uniform = [], None, True
     try:
-        with tf.io.TFRecordWriter(tmp) as writer:
+        with TFRecordFile(tmp) as writer:
             for src in task.sources:
                 try:
                     img = _read(src, opts)
@@ -172,7 +169,7 @@ def run_tasks(
             bar.update(counter.value)
         bar.update(counter.value, final=True)
         return reused
-    # forkserver: workers must not inherit MPI or TensorFlow state from this
+    # forkserver: workers must not inherit MPI or thread state from this
     # process; the server imports this module once and forks every worker from it.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
