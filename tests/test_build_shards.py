@@ -215,6 +215,12 @@ def test_existing_train_validation_layout(tmp_path):
     assert meta["splits"]["validation"]["per_class"] == {"x": 2, "y": 2}
     assert all(i.startswith("validation/") for i in records(tmp_path / "out", meta, "validation"))
 
+    # A target shard size instead of a count, estimated from the source files.
+    train_bytes = sum(p.stat().st_size for p in (root / "train").rglob("*.png"))
+    meta = build(str(root), str(tmp_path / "sized"), shard_size_mb=train_bytes / 3.5 / 2**20)
+    assert len(meta["splits"]["train"]["shards"]) == 4
+    assert len(meta["splits"]["validation"]["shards"]) == 2
+
 
 @pytest.mark.mpi
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI's mpirun")
