@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 from dataclasses import asdict
 
@@ -285,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM (scancel, a job's time limit) unwinds like Ctrl-C: the worker pool is
+    # stopped and the completed shards are kept for a resume.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     group = None
     try:
         group = make_group(args.mpi)
