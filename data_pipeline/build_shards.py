@@ -161,6 +161,8 @@ def _collective(group: Group, fn, *args):
             result = ("ok", fn(*args))
         except DataError as e:
             result = ("error", str(e))
+        except OSError as e:  # an unreadable folder or a full disk: one line, and no rank left waiting
+            result = ("error", f"{e.strerror or type(e).__name__}: {e.filename!r}" if e.filename else str(e))
     status, value = group.bcast(result)
     if status == "error":
         raise DataError(value)
