@@ -225,11 +225,12 @@ def test_existing_train_validation_layout(tmp_path):
 @pytest.mark.mpi
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI's mpirun")
 def test_mpirun_two_ranks_match_one_process(messy, tmp_path):
+    """Two ranks with two worker processes each write the same bytes as one process."""
     single = build(str(messy), str(tmp_path / "one"), num_shards=3, val_fraction=0.25, seed=2)
     env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     res = run(["mpirun", "-np", "2", "--oversubscribe", sys.executable, "-m", "data_pipeline.build_shards",
                "--images", messy, "--out", tmp_path / "two", "--num-shards", "3", "--val-fraction", "0.25",
-               "--seed", "2", "--workers", "1"], env=env, timeout=300)
+               "--seed", "2", "--workers", "2"], env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     meta = load_metadata(str(tmp_path / "two"))
     assert digests(tmp_path / "two", meta) == digests(tmp_path / "one", single)
