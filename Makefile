@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q -m "not horovod" $(ARGS)
+	$(PY) -m pytest -q -m "not horovod and not mpi" $(ARGS)
 
 ## Throughput benchmark (not a test): writes bench/results.json.
 bench: $(STAMP)

@@ -1,211 +1,244 @@
-"""Converts a class-per-subfolder image folder into TFRecord shards.
+"""Converts an image folder (or a CSV of `path,label`) into TFRecord shards.
 
     python -m data_pipeline.build_shards --images DIR --out DIR \
-        --num-shards 8 --val-fraction 0.2
+        --num-shards 8 --val-fraction 0.2 [--workers N] [--max-side 512]
+    mpirun -np 4 python -m data_pipeline.build_shards --images DIR --out DIR ...
 
-The output folder holds `train-0000i-of-0000N.tfrecord` and
-`validation-...` shards plus `metadata.json` (class names, counts per split and
-class, per-shard counts and checksums, image shape, and the options used).
+The output folder holds `train-0000i-of-0000N.tfrecord` and `validation-...`
+shards plus `metadata.json` (class names, counts per split and class, per-shard
+counts and checksums, skipped files, and the options used).
 
-The split is stratified and fixed by `--seed`: the same folder and options give
-the same shards. The output is written to a temporary sibling folder and renamed
-into place when complete, so an interrupted run never leaves a half-written
-output, and an existing output is only replaced with `--overwrite`.
+The split and the record order are fixed by `--seed`: the same input and
+options give byte-identical shards, whatever the number of workers or MPI
+ranks. Work happens in `<out>.partial`, which is renamed to `<out>` when
+complete; an interrupted run leaves it there, and the same command resumes it
+without rewriting completed shards. An existing output is only replaced with
+`--overwrite`.
 """
 
 import argparse
-import hashlib
 import json
 import logging
+import math
 import os
 import shutil
+import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict
 
 import numpy as np
 
-from data_pipeline.metadata import FORMAT_VERSION, METADATA_FILE, DataError, shard_name
+from data_pipeline.cluster import Group, local_size, make_group
+from data_pipeline.images import ENCODINGS, ImageOptions
+from data_pipeline.metadata import FORMAT_VERSION, METADATA_FILE, DataError
+from data_pipeline.shard_writer import DONE_SUFFIX, ShardTask, run_tasks
+from data_pipeline.sources import Inventory, Source, scan_csv, scan_folder, stratified_split
 
 log = logging.getLogger("data_pipeline.build_shards")
 
-# Formats tf.io.decode_image reads; the value is the record's `image/format`.
-IMAGE_EXTENSIONS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".gif": "gif", ".bmp": "bmp"}
+PLAN_FILE = "plan.json"
+SKIPPED_SHOWN = 20
 
 
-@dataclass(frozen=True)
-class Source:
-    path: str
-    example_id: str  # path relative to the image folder: stable across machines
-    label: int
+def _shard_count(items: list[Source], requested: int, shard_size_mb: float) -> int:
+    if shard_size_mb:
+        # Estimated from the source files: re-encoding and --max-side change the real size.
+        requested = math.ceil(sum(max(s.size, 0) for s in items) / (shard_size_mb * 2**20))
+    return max(1, min(requested, len(items)))
 
 
-def scan_folder(images_dir: str) -> tuple[list[str], list[Source]]:
-    """Lists classes (sorted subfolder names) and their image files, in a fixed order."""
-    if not os.path.isdir(images_dir):
-        raise DataError(f"image folder {images_dir!r} does not exist")
-    class_names = sorted(
-        d for d in os.listdir(images_dir) if not d.startswith(".") and os.path.isdir(os.path.join(images_dir, d))
-    )
-    if not class_names:
-        raise DataError(f"image folder {images_dir!r} has no class subfolders")
-    sources = []
-    for label, name in enumerate(class_names):
-        found = []
-        for dirpath, dirnames, filenames in os.walk(os.path.join(images_dir, name)):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fname in filenames:
-                if fname.startswith(".") or os.path.splitext(fname)[1].lower() not in IMAGE_EXTENSIONS:
-                    continue
-                path = os.path.join(dirpath, fname)
-                found.append(Source(path, os.path.relpath(path, images_dir), label))
-        if not found:
-            raise DataError(f"class folder {name!r} in {images_dir!r} has no images")
-        sources.extend(sorted(found, key=lambda s: s.example_id))
-    return class_names, sources
+def plan(inv: Inventory, num_shards: int, num_val_shards: int, val_fraction: float, seed: int,
+         shard_size_mb: float) -> list[ShardTask]:
+    """Which image goes into which shard, in which order: record i of a seeded
+    permutation of the split goes to shard i % shards."""
+    if "validation" in inv.splits:
+        train, val = inv.splits["train"], inv.splits["validation"]
+    else:
+        train, val = stratified_split(inv.splits["train"], val_fraction, seed)
+    if not train:
+        raise DataError("no training images found")
+    if not shard_size_mb and len(train) < num_shards:
+        raise DataError(f"--num-shards {num_shards} is more than the {len(train)} training images")
+    if not num_val_shards:
+        num_val_shards = max(1, round(num_shards * len(val) / len(train)))
+    counts = {"train": _shard_count(train, num_shards, shard_size_mb),
+              "validation": _shard_count(val, num_val_shards, shard_size_mb)}
+    tasks = []
+    for split, items in (("train", train), ("validation", val)):
+        if not items:
+            continue
+        n = counts[split]
+        order = np.random.default_rng([seed, len(split)]).permutation(len(items))
+        for k in range(n):
+            chosen = tuple(items[i] for i in order[k::n])
+            tasks.append(ShardTask(split, k, n, chosen, tuple(inv.class_names)))
+    return tasks
 
 
-def stratified_split(sources: list[Source], val_fraction: float, seed: int) -> tuple[list[Source], list[Source]]:
-    """Puts round(n * val_fraction) images of each class into validation, chosen by `seed`."""
-    by_class: dict[int, list[Source]] = {}
-    for s in sources:
-        by_class.setdefault(s.label, []).append(s)
-    train, val = [], []
-    for label in sorted(by_class):
-        items = by_class[label]
-        order = np.random.default_rng([seed, label]).permutation(len(items))
-        n_val = int(round(len(items) * val_fraction))
-        if val_fraction > 0 and len(items) >= 2:
-            n_val = min(max(n_val, 1), len(items) - 1)  # every class on both sides of the split
-        val.extend(items[i] for i in order[:n_val])
-        train.extend(items[i] for i in order[n_val:])
-    return train, val
+def _plan_fingerprint(tasks: list[ShardTask], opts: ImageOptions) -> list[str]:
+    return [t.key(opts) for t in tasks]
 
 
-def _read_image(src: Source) -> tuple[bytes, str, tuple[int, int, int]]:
-    import tensorflow as tf
+def _prepare_work_dir(work_dir: str, fingerprint: list[str], overwrite: bool) -> None:
+    """Creates the work folder, or checks that an interrupted one was doing the same conversion."""
+    plan_path = os.path.join(work_dir, PLAN_FILE)
+    if os.path.isdir(work_dir):
+        try:
+            with open(plan_path, encoding="utf-8") as f:
+                same = json.load(f) == fingerprint
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if same:
+            return
+        if not overwrite:
+            raise DataError(
+                f"{work_dir!r} holds an interrupted conversion of other files or options: rerun it with "
+                "the same input and options to resume, or pass --overwrite to start over"
+            )
+        shutil.rmtree(work_dir)
+    os.makedirs(os.path.dirname(work_dir), exist_ok=True)
+    os.makedirs(work_dir, mode=0o750)
+    with open(plan_path, "w", encoding="utf-8") as f:
+        json.dump(fingerprint, f)
 
-    with open(src.path, "rb") as f:
-        data = f.read()
-    try:
-        shape = tuple(int(d) for d in tf.io.decode_image(data, expand_animations=False).shape)
-    except (tf.errors.InvalidArgumentError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"cannot decode image {src.path!r}: {reason}") from None
-    return data, IMAGE_EXTENSIONS[os.path.splitext(src.path)[1].lower()], shape
 
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_split(
-    sources: list[Source], out_dir: str, split: str, num_shards: int, class_names: list[str], seed: int
-) -> tuple[dict, set]:
-    """Writes one split, record i of a seeded permutation going to shard i % num_shards.
-
-    Streams one image at a time, so memory does not grow with the data set.
-    Returns the split's metadata and the set of image shapes seen.
-    """
-    import tensorflow as tf
-
-    from data_pipeline.records import encode_example
-
-    order = np.random.default_rng([seed, len(split)]).permutation(len(sources))
-    names = [shard_name(split, i, num_shards) for i in range(num_shards)]
-    counts = [0] * num_shards
-    per_class = [0] * len(class_names)
-    shapes = set()
-    writers = [tf.io.TFRecordWriter(os.path.join(out_dir, n)) for n in names]
-    try:
-        for i, idx in enumerate(order):
-            src = sources[idx]
-            data, fmt, shape = _read_image(src)
-            shapes.add(shape)
-            record = encode_example(data, fmt, shape, src.label, class_names[src.label], src.example_id)
-            writers[i % num_shards].write(record)
-            counts[i % num_shards] += 1
-            per_class[src.label] += 1
-    finally:
-        for w in writers:
-            w.close()
-    shards = [
-        {"file": n, "num_examples": c, "sha256": _sha256(os.path.join(out_dir, n))} for n, c in zip(names, counts)
-    ]
-    meta = {
-        "num_examples": len(sources),
-        "per_class": dict(zip(class_names, per_class)),
-        "shards": shards,
+def _metadata(tasks: list[ShardTask], inv: Inventory, work_dir: str, opts: ImageOptions, options: dict) -> dict:
+    """metadata.json from the shards' done-records (which survive a resume)."""
+    splits, skipped, shapes = {}, [], []
+    for t in tasks:
+        with open(os.path.join(work_dir, t.name + DONE_SUFFIX), encoding="utf-8") as f:
+            done = json.load(f)
+        s = splits.setdefault(t.split, {"num_examples": 0, "per_class": [0] * len(inv.class_names),
+                                        "num_skipped": 0, "shards": []})
+        s["num_examples"] += done["num_examples"]
+        s["num_skipped"] += len(done["skipped"])
+        s["per_class"] = [a + b for a, b in zip(s["per_class"], done["per_class"])]
+        s["shards"].append({"file": t.name, "num_examples": done["num_examples"], "sha256": done["sha256"]})
+        skipped.extend(done["skipped"])
+        if done["num_examples"]:
+            shapes.append(tuple(done["shape"]) if done["shape"] else None)
+    for s in splits.values():
+        s["per_class"] = dict(zip(inv.class_names, s["per_class"]))
+    shape = shapes[0] if shapes and None not in shapes and len(set(shapes)) == 1 else None
+    return {
+        "format_version": FORMAT_VERSION,
+        "class_names": inv.class_names,
+        "num_classes": len(inv.class_names),
+        # [h, w, c] when every image has the same size; otherwise null and the
+        # model's input size must be set in the config.
+        "image_shape": list(shape) if shape else None,
+        "channels": opts.channels,
+        "splits": splits,
+        "skipped": sorted(skipped, key=lambda x: x["path"]),
+        "ignored": inv.ignored,
+        "empty_classes": inv.empty_classes,
+        "options": {**options, **asdict(opts)},
     }
-    return meta, shapes
+
+
+def _check(num_shards, val_fraction, num_val_shards, shard_size_mb, workers, opts: ImageOptions) -> None:
+    checks = [
+        (num_shards >= 1, f"--num-shards must be at least 1, got {num_shards}"),
+        (0 <= val_fraction < 1, f"--val-fraction must be in [0, 1), got {val_fraction}"),
+        (num_val_shards >= 0, f"--num-val-shards must be at least 0, got {num_val_shards}"),
+        (shard_size_mb >= 0, f"--shard-size-mb must be at least 0, got {shard_size_mb}"),
+        (workers >= 1, f"--workers must be at least 1, got {workers}"),
+        (opts.channels in (1, 3), f"--channels must be 1 or 3, got {opts.channels}"),
+        (opts.encoding in ENCODINGS, f"--encoding must be one of {', '.join(ENCODINGS)}, got {opts.encoding!r}"),
+        (1 <= opts.jpeg_quality <= 100, f"--jpeg-quality must be in [1, 100], got {opts.jpeg_quality}"),
+        (opts.max_side >= 0, f"--max-side must be at least 0, got {opts.max_side}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DataError(message)
+
+
+def _collective(group: Group, fn, *args):
+    """Runs fn on rank 0 and gives every rank its result, or the same DataError."""
+    result = None
+    if group.is_main:
+        try:
+            result = ("ok", fn(*args))
+        except DataError as e:
+            result = ("error", str(e))
+        except OSError as e:  # an unreadable folder or a full disk: one line, and no rank left waiting
+            result = ("error", f"{e.strerror or type(e).__name__}: {e.filename!r}" if e.filename else str(e))
+    status, value = group.bcast(result)
+    if status == "error":
+        raise DataError(value)
+    return value
 
 
 def build(
-    images_dir: str,
+    images_dir: str | None,
     out_dir: str,
-    num_shards: int,
-    val_fraction: float,
+    num_shards: int = 8,
+    val_fraction: float = 0.1,
     num_val_shards: int = 0,
     seed: int = 0,
     overwrite: bool = False,
+    *,
+    csv_path: str | None = None,
+    image_options: ImageOptions = ImageOptions(),
+    shard_size_mb: float = 0,
+    keep_empty_classes: bool = False,
+    strict: bool = False,
+    workers: int = 1,
+    group: Group | None = None,
 ) -> dict:
-    """Converts `images_dir` into shards under `out_dir`; returns the metadata written."""
-    if num_shards < 1:
-        raise DataError(f"--num-shards must be at least 1, got {num_shards}")
-    if not 0 <= val_fraction < 1:
-        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if num_val_shards < 0:
-        raise DataError(f"--num-val-shards must be at least 0, got {num_val_shards}")
+    """Converts `images_dir` (or the files listed in `csv_path`) into shards under
+    `out_dir`; returns the metadata written. Under MPI every rank calls it with
+    the same arguments; rank 0 scans, plans and writes metadata.json."""
+    group = group or Group()
+    opts = image_options
+    _check(num_shards, val_fraction, num_val_shards, shard_size_mb, workers, opts)
+    if (images_dir is None) == (csv_path is None):
+        raise DataError("give either --images or --csv")
     out_dir = os.path.abspath(out_dir)
+    work_dir = f"{out_dir}.partial"
     if os.path.exists(out_dir) and not overwrite:
         raise DataError(f"output folder {out_dir!r} already exists (pass --overwrite to replace it)")
 
-    class_names, sources = scan_folder(images_dir)
-    train, val = stratified_split(sources, val_fraction, seed)
-    if len(train) < num_shards:
-        raise DataError(f"--num-shards {num_shards} is more than the {len(train)} training images")
-    if not num_val_shards:
-        num_val_shards = max(1, round(num_shards * val_fraction / (1 - val_fraction)))
-    num_val_shards = min(num_val_shards, max(1, len(val)))
+    def scan_and_plan():
+        inv = scan_csv(csv_path) if csv_path else scan_folder(images_dir, keep_empty_classes)
+        tasks = plan(inv, num_shards, num_val_shards, val_fraction, seed, shard_size_mb)
+        _prepare_work_dir(work_dir, _plan_fingerprint(tasks, opts), overwrite)
+        return inv, tasks
 
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp_dir = f"{out_dir}.partial-{os.getpid()}"
-    os.makedirs(tmp_dir, mode=0o750)
+    inv, tasks = _collective(group, scan_and_plan)
+    mine = tasks[group.rank::group.size]
+    if group.size > 1:
+        log.info("rank %d of %d: %d of %d shards", group.rank, group.size, len(mine), len(tasks))
+    error = None
     try:
-        splits, shapes = {}, set()
-        for split, items, n in (("train", train, num_shards), ("validation", val, num_val_shards)):
-            if items:
-                splits[split], seen = write_split(items, tmp_dir, split, n, class_names, seed)
-                shapes |= seen
-        channels = 1 if all(c in (1, 2) for _, _, c in shapes) else 3
-        shape = next(iter(shapes)) if len(shapes) == 1 else None
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "class_names": class_names,
-            "num_classes": len(class_names),
-            # [h, w, c] when every image has the same size; otherwise null and the
-            # model's input size must be set in the config.
-            "image_shape": [shape[0], shape[1], channels] if shape else None,
-            "channels": channels,
-            "splits": splits,
-            "options": {
-                "images": os.path.abspath(images_dir),
-                "num_shards": num_shards,
-                "num_val_shards": num_val_shards,
-                "val_fraction": val_fraction,
-                "seed": seed,
-            },
-        }
-        with open(os.path.join(tmp_dir, METADATA_FILE), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-        _replace_dir(tmp_dir, out_dir)
+        run_tasks(mine, work_dir, opts, strict, workers, show_progress=group.is_main)
+    except DataError as e:
+        error = str(e)
+    except OSError as e:  # disk full, permissions: reported like bad input, so no rank waits forever
+        error = f"rank {group.rank}: {e}"
     except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        log.warning("interrupted: the completed shards in %s are kept; rerun the same command to resume", work_dir)
         raise
-    return meta
+    errors = group.gather(error)
+
+    def finish():
+        first = next((e for e in errors if e), None)
+        if first:
+            raise DataError(first)
+        options = {"images": images_dir and os.path.abspath(images_dir), "csv": csv_path and os.path.abspath(csv_path),
+                   "num_shards": num_shards, "num_val_shards": num_val_shards, "val_fraction": val_fraction,
+                   "seed": seed, "shard_size_mb": shard_size_mb, "keep_empty_classes": keep_empty_classes,
+                   "strict": strict}
+        meta = _metadata(tasks, inv, work_dir, opts, options)
+        for t in tasks:
+            os.remove(os.path.join(work_dir, t.name + DONE_SUFFIX))
+        os.remove(os.path.join(work_dir, PLAN_FILE))
+        with open(os.path.join(work_dir, METADATA_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        _replace_dir(work_dir, out_dir)
+        return meta
+
+    return _collective(group, finish)
 
 
 def _replace_dir(new: str, target: str) -> None:
@@ -219,26 +252,59 @@ def _replace_dir(new: str, target: str) -> None:
         shutil.rmtree(old)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.build_shards", description=__doc__.split("\n")[0])
-    parser.add_argument("--images", required=True, help="folder with one subfolder of images per class")
-    parser.add_argument("--out", required=True, help="output folder for shards and metadata.json")
-    parser.add_argument("--num-shards", type=int, default=8, help="number of training shards")
-    parser.add_argument("--num-val-shards", type=int, default=0, help="validation shards (0: in proportion)")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of each class kept for validation")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split and of the record order")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        meta = build(
-            args.images, args.out, args.num_shards, args.val_fraction, args.num_val_shards, args.seed, args.overwrite
-        )
-    except DataError as e:
-        print(f"build_shards: error: {e}", file=sys.stderr)
-        return 2
+def report(meta: dict, out: str) -> None:
     counts = ", ".join(f"{s}={m['num_examples']}" for s, m in meta["splits"].items())
-    log.info("wrote %s: %d classes, %s, image shape %s", args.out, meta["num_classes"], counts, meta["image_shape"])
+    log.info("wrote %s: %d classes, %s, image shape %s", out, meta["num_classes"], counts, meta["image_shape"])
+    ignored = meta["ignored"]
+    if any(ignored.values()):
+        log.info("ignored %d hidden and %d non-image files", ignored["hidden"], ignored["not_image"])
+    if meta["skipped"]:
+        log.warning("skipped %d broken files (all listed under 'skipped' in %s):", len(meta["skipped"]),
+                    os.path.join(out, METADATA_FILE))
+        for s in meta["skipped"][:SKIPPED_SHOWN]:
+            log.warning("  %s: %s", s["path"], s["reason"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_pipeline.build_shards", description=__doc__.split("\n")[0])
+    p.add_argument("--images", help="folder with one subfolder per class (or train/ and validation/ of those)")
+    p.add_argument("--csv", help="CSV of path,label rows instead of --images; paths relative to the CSV")
+    p.add_argument("--out", required=True, help="output folder for shards and metadata.json")
+    p.add_argument("--num-shards", type=int, default=8, help="number of training shards")
+    p.add_argument("--num-val-shards", type=int, default=0, help="validation shards (0: in proportion)")
+    p.add_argument("--shard-size-mb", type=float, default=0,
+                   help="target shard size instead of shard counts, estimated from the source files")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of each class kept for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of the record order")
+    p.add_argument("--channels", type=int, default=3, help="3: RGB records, 1: grayscale")
+    p.add_argument("--encoding", default="auto", help="auto (keep JPEGs that need no change), jpeg or png")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEGs")
+    p.add_argument("--max-side", type=int, default=0, help="resize so that the longer side is at most this")
+    p.add_argument("--keep-empty-classes", action="store_true", help="keep class folders without images")
+    p.add_argument("--strict", action="store_true", help="stop at the first broken file instead of skipping it")
+    p.add_argument("--workers", type=int, default=0, help="worker processes per host (0: one per core)")
+    p.add_argument("--mpi", choices=("auto", "yes", "no"), default="auto",
+                   help="split the work across MPI ranks (auto: when started by mpirun or srun)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM (scancel, a job's time limit) unwinds like Ctrl-C: the worker pool is
+    # stopped and the completed shards are kept for a resume.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    group = None
+    try:
+        group = make_group(args.mpi)
+        workers = args.workers or max(1, (os.cpu_count() or 1) // local_size())
+        opts = ImageOptions(args.channels, args.encoding, args.jpeg_quality, args.max_side)
+        meta = build(args.images, args.out, args.num_shards, args.val_fraction, args.num_val_shards, args.seed,
+                     args.overwrite, csv_path=args.csv, image_options=opts, shard_size_mb=args.shard_size_mb,
+                     keep_empty_classes=args.keep_empty_classes, strict=args.strict, workers=workers, group=group)
+    except DataError as e:
+        if group is None or group.is_main:
+            print(f"build_shards: error: {e}", file=sys.stderr)
+        return 2
+    if group.is_main:
+        report(meta, args.out)
     return 0
 
 

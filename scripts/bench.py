@@ -16,7 +16,10 @@ measurement covers >= 20 s of steady-state steps after a warm-up epoch, and the
 ratios are taken per repetition (side by side) and reported as median, min and
 max. Results are merged into bench/results.json.
 
-    python scripts/bench.py [--repeats 3] [--epoch-seconds 11]
+    python scripts/bench.py [--repeats 3] [--epoch-seconds 11] [--only all|training|conversion]
+
+`--only conversion` runs only scripts/bench_conversion.py (build_shards
+throughput and peak memory), which `all` runs first.
 """
 
 import argparse
@@ -79,7 +82,15 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epoch-seconds", type=float, default=11.0, help="target length of one timed epoch")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results.json"))
+    p.add_argument("--only", choices=("all", "training", "conversion"), default="all")
+    p.add_argument("--conversion-images", type=int, default=1000, help="images in the conversion's 1x set")
     args = p.parse_args()
+    if args.only != "training":
+        import bench_conversion  # scripts/ is on sys.path: this script's folder
+
+        bench_conversion.main(["--out", args.out, "--images", str(args.conversion_images)])
+        if args.only == "conversion":
+            return 0
 
     # Calibrate steps per epoch so that one epoch of (a) takes about --epoch-seconds.
     probe = plain_rate(plain(1, 5))

@@ -29,7 +29,7 @@ def main(extra: list[str]) -> int:
         step([sys.executable, "scripts/export_digits.py", IMAGES])
     if not os.path.isfile(os.path.join(SHARDS, "metadata.json")):
         step([sys.executable, "-m", "data_pipeline.build_shards", "--images", IMAGES, "--out", SHARDS,
-              "--num-shards", "8", "--val-fraction", "0.2", "--seed", "0"])
+              "--num-shards", "8", "--val-fraction", "0.2", "--seed", "0", "--channels", "1"])
     return subprocess.call([sys.executable, "-m", "launch", "--np", "2", "--config", "configs/digits.yaml", *extra])
 
 

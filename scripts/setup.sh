@@ -55,7 +55,8 @@ log "installing Python packages"
 "${PIP[@]}" install -q --upgrade pip setuptools wheel
 # TensorFlow first: Horovod compiles against the TensorFlow in the venv.
 "${PIP[@]}" install -q "tensorflow-cpu~=2.21.0" "keras~=3.15" "tensorboard~=2.21" "pyyaml~=6.0" \
-  "numpy>=1.26,<3" "scikit-learn~=1.9" "pytest~=9.2" cloudpickle psutil packaging cffi
+  "numpy>=1.26,<3" "scikit-learn~=1.9" "pytest~=9.2" cloudpickle psutil packaging cffi \
+  "pillow>=10" "google-crc32c~=1.9"
 # mpi4py from source, so that it links against the same Open MPI as Horovod.
 "$PY" -c "import mpi4py" 2>/dev/null || "${PIP[@]}" install -q --no-binary mpi4py "mpi4py~=4.1"
 

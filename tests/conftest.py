@@ -31,7 +31,9 @@ def digits_images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_shards(digits_images, tmp_path_factory) -> Path:
     from data_pipeline.build_shards import build
+    from data_pipeline.images import ImageOptions
 
     out = tmp_path_factory.mktemp("digits-shards") / "shards"
-    build(str(digits_images), str(out), num_shards=4, val_fraction=0.2, seed=0)
+    # Grayscale records, as `make run` builds them (scripts/run_digits.py).
+    build(str(digits_images), str(out), num_shards=4, val_fraction=0.2, seed=0, image_options=ImageOptions(channels=1))
     return out

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from conftest import run
 from data_pipeline.build_shards import build
+from data_pipeline.images import ImageOptions
 from data_pipeline.metadata import DataError, load_metadata, shard_files
 from data_pipeline.reader import make_dataset, shard_records
 from data_pipeline.records import parse_example
@@ -77,12 +78,12 @@ def test_existing_output_is_kept_unless_overwrite(images, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "out"]  # no temporary folders left
 
 
-def test_corrupt_image_names_the_file_and_writes_nothing(images, tmp_path):
+def test_strict_stops_at_a_corrupt_image_and_writes_no_output(images, tmp_path):
     bad = images / "dog" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    with pytest.raises(DataError, match=r"cannot decode image .*broken\.jpg"):
-        build(str(images), str(tmp_path / "out"), num_shards=2, val_fraction=0.2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+    with pytest.raises(DataError, match=r"cannot use image .*broken\.jpg"):
+        build(str(images), str(tmp_path / "out"), num_shards=2, val_fraction=0.2, strict=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_errors_are_one_line_with_exit_2(tmp_path):
@@ -132,7 +133,8 @@ def test_pixels_survive_the_round_trip(tmp_path):
     (tmp_path / "img" / "b").mkdir(parents=True)
     for c in "ab":
         (tmp_path / "img" / c / "x.png").write_bytes(tf.io.encode_png(pixels).numpy())
-    meta = build(str(tmp_path / "img"), str(tmp_path / "out"), num_shards=1, val_fraction=0.0)
+    opts = ImageOptions(channels=1)
+    meta = build(str(tmp_path / "img"), str(tmp_path / "out"), num_shards=1, val_fraction=0.0, image_options=opts)
     assert meta["image_shape"] == [4, 4, 1]
     files = shard_files(str(tmp_path / "out"), meta, "train")
     x, _ = next(iter(make_dataset(files, 1, 0, 2, 4, 1, training=False)))

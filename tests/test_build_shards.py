@@ -1,0 +1,262 @@
+"""The converter on messy input: mixed formats and modes, broken files, CSV and
+train/validation layouts, resume, strict mode, and MPI ranks."""
+
+import hashlib
+import io
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from conftest import run
+from data_pipeline import shard_writer
+from data_pipeline.build_shards import build
+from data_pipeline.images import ImageOptions
+from data_pipeline.metadata import DataError, load_metadata, shard_files
+from data_pipeline.records import parse_example
+
+GOOD = {"ant": 5, "bee": 4, "cow": 3}
+BROKEN = {"bee/broken.jpg", "bee/trunc.png", "cow/liar.jpg"}
+
+
+def _encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def _noise(w: int, h: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def make_messy_folder(root) -> None:
+    """3 usable classes of mixed formats, sizes and modes, 3 broken files, an empty
+    class, a nested folder, a non-image and a hidden file."""
+    files = {
+        "ant/a.jpg": _encode(_noise(20, 14, 1), "JPEG"),
+        "ant/b.png": _encode(Image.new("L", (9, 9), 77), "PNG"),
+        "ant/sub/deeper/c.gif": _encode(_noise(6, 5, 2).convert("P"), "GIF"),
+        "ant/d.bmp": _encode(_noise(7, 3, 3), "BMP"),
+        "ant/e.png": _encode(Image.new("RGBA", (4, 4), (255, 0, 0, 0)), "PNG"),  # fully transparent
+        "bee/cmyk.jpg": _encode(Image.new("CMYK", (8, 6), (0, 255, 255, 0)), "JPEG"),  # red in CMYK
+        "bee/deep.png": _encode(Image.fromarray(np.full((5, 5), 0x8000, np.uint16)), "PNG"),  # 16-bit gray
+        "bee/f.jpg": _encode(_noise(12, 12, 4), "JPEG"),
+        "bee/g.png": _encode(_noise(10, 4, 5), "PNG"),
+        "bee/broken.jpg": b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)) * 4,
+        "bee/trunc.png": _encode(_noise(30, 30, 6), "PNG")[:400],
+        "cow/h.jpg": _encode(_noise(16, 9, 7), "JPEG"),
+        "cow/i.jpg": _encode(_noise(9, 16, 8), "JPEG"),
+        "cow/k.bmp": _encode(Image.new("L", (5, 5), 200), "BMP"),
+        "cow/liar.jpg": _encode(_noise(5, 5, 9), "PNG"),  # PNG bytes behind a .jpg name
+        "cow/notes.txt": b"not an image",
+        "cow/.hidden.jpg": _encode(_noise(5, 5, 10), "JPEG"),
+    }
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    (root / "empty").mkdir()
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("messy") / "images"
+    make_messy_folder(root)
+    return root
+
+
+def records(out, meta, split="train") -> dict[str, dict]:
+    """Every record of a split by example id, decoded."""
+    found = {}
+    for serialized in tf.data.TFRecordDataset(shard_files(str(out), meta, split)):
+        ex = {k: v.numpy() for k, v in parse_example(serialized).items()}
+        ex["pixels"] = tf.io.decode_image(ex["image/encoded"], expand_animations=False).numpy()
+        found[ex["image/id"].decode()] = ex
+    return found
+
+
+def digests(out, meta) -> list[str]:
+    return [hashlib.sha256((out / s["file"]).read_bytes()).hexdigest()
+            for split in ("train", "validation") for s in meta["splits"].get(split, {}).get("shards", [])]
+
+
+def test_mixed_folder_counts_skip_report_and_rgb_records(messy, tmp_path):
+    out = tmp_path / "out"
+    meta = build(str(messy), str(out), num_shards=2, val_fraction=0.0)
+    assert meta["class_names"] == ["ant", "bee", "cow"]  # the empty class is left out
+    assert meta["empty_classes"] == ["empty"]
+    assert meta["splits"]["train"]["per_class"] == GOOD
+    assert meta["splits"]["train"]["num_skipped"] == 3
+    assert {os.path.relpath(s["path"], messy) for s in meta["skipped"]} == BROKEN
+    reasons = {os.path.relpath(s["path"], messy): s["reason"] for s in meta["skipped"]}
+    assert reasons["cow/liar.jpg"] == "content is PNG, not the JPEG its extension says"
+    assert meta["ignored"] == {"hidden": 1, "not_image": 1}
+    assert load_metadata(str(out))["skipped"] == meta["skipped"]
+
+    recs = records(out, meta)
+    assert sorted(recs) == sorted(
+        ["ant/a.jpg", "ant/b.png", "ant/sub/deeper/c.gif", "ant/d.bmp", "ant/e.png", "bee/cmyk.jpg",
+         "bee/deep.png", "bee/f.jpg", "bee/g.png", "cow/h.jpg", "cow/i.jpg", "cow/k.bmp"])
+    for rid, ex in recs.items():
+        h, w = ex["image/height"], ex["image/width"]
+        assert ex["pixels"].shape == (h, w, 3) == (ex["image/original_height"], ex["image/original_width"], 3), rid
+        assert ex["image/channels"] == 3
+        assert ex["image/class/name"].decode() == rid.split("/")[0]
+        assert meta["class_names"][ex["image/class/label"]] == rid.split("/")[0]
+    # A plain RGB JPEG is stored byte for byte; other sources are re-encoded.
+    assert recs["ant/a.jpg"]["image/encoded"] == (messy / "ant" / "a.jpg").read_bytes()
+    assert recs["ant/b.png"]["image/format"] == b"png" and recs["bee/cmyk.jpg"]["image/format"] == b"jpeg"
+    assert (recs["ant/b.png"]["pixels"] == 77).all()
+    assert (recs["bee/deep.png"]["pixels"] == 128).all()  # 0x8000 of 16 bits
+    assert (recs["ant/e.png"]["pixels"] == 255).all()  # transparent on white
+    red = recs["bee/cmyk.jpg"]["pixels"].reshape(-1, 3).mean(0)
+    assert red[0] > 200 and red[1] < 60 and red[2] < 60, red
+    assert (recs["ant/sub/deeper/c.gif"]["pixels"].shape, recs["ant/d.bmp"]["pixels"].shape) == ((5, 6, 3), (3, 7, 3))
+
+
+def test_options_gray_resize_png_and_empty_class_kept(messy, tmp_path):
+    opts = ImageOptions(channels=1, encoding="png", max_side=8)
+    meta = build(str(messy), str(tmp_path / "out"), num_shards=1, val_fraction=0.0, image_options=opts,
+                 keep_empty_classes=True)
+    assert meta["class_names"] == ["ant", "bee", "cow", "empty"]
+    assert meta["splits"]["train"]["per_class"] == {**GOOD, "empty": 0}
+    assert meta["channels"] == 1 and meta["options"]["max_side"] == 8
+    recs = records(tmp_path / "out", meta)
+    a = recs["ant/a.jpg"]
+    assert a["image/format"] == b"png" and a["pixels"].shape == (6, 8, 1)  # 20x14 -> longer side 8
+    assert (a["image/original_height"], a["image/original_width"]) == (14, 20)
+    assert all(max(r["pixels"].shape[:2]) <= 8 for r in recs.values())
+
+
+def test_same_input_gives_byte_identical_shards(messy, tmp_path):
+    a = build(str(messy), str(tmp_path / "a"), num_shards=3, val_fraction=0.3, seed=7)
+    b = build(str(messy), str(tmp_path / "b"), num_shards=3, val_fraction=0.3, seed=7)
+    assert digests(tmp_path / "a", a) == digests(tmp_path / "b", b)
+    assert [s["sha256"] for s in a["splits"]["train"]["shards"]] == digests(tmp_path / "a", a)[:3]
+    # Stratified: round(n * 0.3) of the listed files of each class, before broken ones are skipped.
+    val = a["splits"]["validation"]
+    assert val["num_examples"] + val["num_skipped"] == 2 + 2 + 1
+
+
+def test_interrupted_conversion_resumes_without_rewriting_complete_shards(messy, tmp_path, monkeypatch):
+    ref = build(str(messy), str(tmp_path / "ref"), num_shards=4, val_fraction=0.0)
+    out = tmp_path / "out"
+    real_write, calls = shard_writer.write_shard, []
+
+    def interrupted_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(args[0].name)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(shard_writer, "write_shard", interrupted_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build(str(messy), str(out), num_shards=4, val_fraction=0.0)
+    monkeypatch.undo()
+    work = tmp_path / "out.partial"
+    assert not out.exists() and sorted(p.name for p in work.glob("*.tfrecord")) == sorted(calls)
+    kept, tampered = (work / calls[0]), (work / calls[1])
+    before = (kept.stat().st_ino, kept.stat().st_mtime_ns)
+    tampered.write_bytes(tampered.read_bytes() + b"x")  # fails its checksum: must be rewritten
+
+    with pytest.raises(DataError, match="interrupted conversion of other files or options"):
+        build(str(messy), str(out), num_shards=3, val_fraction=0.0)
+    meta = build(str(messy), str(out), num_shards=4, val_fraction=0.0)
+    assert (os.stat(out / calls[0]).st_ino, os.stat(out / calls[0]).st_mtime_ns) == before
+    assert digests(out, meta) == digests(tmp_path / "ref", ref)
+    assert meta["skipped"] == ref["skipped"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([s["file"] for s in meta["splits"]["train"]["shards"]]
+                                                           + ["metadata.json"])
+
+
+def test_strict_cli_stops_at_the_first_broken_file(messy, tmp_path):
+    res = run([sys.executable, "-m", "data_pipeline.build_shards", "--images", messy, "--out", tmp_path / "out",
+               "--num-shards", "3", "--strict", "--workers", "2"])
+    assert res.returncode == 2, res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("build_shards: error: cannot use image ")
+    assert any(str(messy / b) in line for b in BROKEN), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_csv_listing(messy, tmp_path):
+    listing = tmp_path / "list.csv"
+    rel = os.path.relpath(messy, tmp_path)
+    rows = ["path,label", f"{rel}/ant/a.jpg,2", f"{rel}/ant/b.png,2", f"{rel}/bee/f.jpg,10",
+            f"{rel}/cow/h.jpg,10", f"{rel}/cow/gone.jpg,10", f"{rel}/cow/notes.txt,10", f"{rel}/bee/trunc.png,2"]
+    listing.write_text("\n".join(rows) + "\n")
+    meta = build(None, str(tmp_path / "out"), num_shards=1, val_fraction=0.0, csv_path=str(listing))
+    assert meta["class_names"] == ["2", "10"]  # integer labels in numeric order
+    assert meta["splits"]["train"]["per_class"] == {"2": 2, "10": 2}
+    assert {os.path.basename(s["path"]) for s in meta["skipped"]} == {"gone.jpg", "trunc.png"}
+    assert meta["ignored"]["not_image"] == 1
+    ids = sorted(records(tmp_path / "out", meta))
+    assert ids[0] == os.path.normpath(f"{rel}/ant/a.jpg")
+
+    listing.write_text("path,label\nonly-a-path.jpg\n")
+    with pytest.raises(DataError, match="line 2: expected 'path,label'"):
+        build(None, str(tmp_path / "bad"), num_shards=1, csv_path=str(listing))
+
+
+def test_existing_train_validation_layout(tmp_path):
+    root = tmp_path / "images"
+    for split, n in (("train", 4), ("validation", 2)):
+        for c, cls in enumerate(("x", "y")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                (root / split / cls / f"{i}.png").write_bytes(_encode(_noise(4, 4, 10 * c + i), "PNG"))
+    meta = build(str(root), str(tmp_path / "out"), num_shards=2, val_fraction=0.5)
+    assert meta["class_names"] == ["x", "y"]
+    assert meta["splits"]["train"]["per_class"] == {"x": 4, "y": 4}
+    assert meta["splits"]["validation"]["per_class"] == {"x": 2, "y": 2}
+    assert all(i.startswith("validation/") for i in records(tmp_path / "out", meta, "validation"))
+
+    # A target shard size instead of a count, estimated from the source files.
+    train_bytes = sum(p.stat().st_size for p in (root / "train").rglob("*.png"))
+    meta = build(str(root), str(tmp_path / "sized"), shard_size_mb=train_bytes / 3.5 / 2**20)
+    assert len(meta["splits"]["train"]["shards"]) == 4
+    assert len(meta["splits"]["validation"]["shards"]) == 2
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI's mpirun")
+def test_mpirun_two_ranks_match_one_process(messy, tmp_path):
+    """Two ranks with two worker processes each write the same bytes as one process."""
+    single = build(str(messy), str(tmp_path / "one"), num_shards=3, val_fraction=0.25, seed=2)
+    env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    res = run(["mpirun", "-np", "2", "--oversubscribe", sys.executable, "-m", "data_pipeline.build_shards",
+               "--images", messy, "--out", tmp_path / "two", "--num-shards", "3", "--val-fraction", "0.25",
+               "--seed", "2", "--workers", "2"], env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = load_metadata(str(tmp_path / "two"))
+    assert digests(tmp_path / "two", meta) == digests(tmp_path / "one", single)
+    assert meta["splits"] == single["splits"] and meta["skipped"] == single["skipped"]
+    total = len(digests(tmp_path / "two", meta))
+    assert total == 4
+    assert "rank 0 of 2: 2 of 4 shards" in res.stderr and "rank 1 of 2: 2 of 4 shards" in res.stderr
+    assert res.stderr.count("wrote ") == 1  # one report, from rank 0
+
+
+def test_record_writer_matches_tensorflow(tmp_path):
+    from data_pipeline.record_writer import TFRecordFile, encode_example
+
+    records_in = [encode_example(b"\x00\xffbytes", "png", (3, 300, 1), label, "naïve", f"id/{label}", (600, 7))
+                  for label in (0, 1, 200, 2**40, -5)]
+    for rec, label in zip(records_in, (0, 1, 200, 2**40, -5)):
+        f = {k: tf.train.Feature(int64_list=tf.train.Int64List(value=[v])) if isinstance(v, int)
+             else tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+             for k, v in {"image/encoded": b"\x00\xffbytes", "image/format": b"png", "image/height": 3,
+                          "image/width": 300, "image/channels": 1, "image/class/label": label,
+                          "image/class/name": "naïve".encode(), "image/id": f"id/{label}".encode(),
+                          "image/original_height": 600, "image/original_width": 7}.items()}
+        expected = tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString(deterministic=True)
+        assert rec == expected
+    with TFRecordFile(str(tmp_path / "r.tfrecord")) as w:
+        for rec in records_in:
+            w.write(rec)
+    # TensorFlow's reader checks both CRCs of every record.
+    assert [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "r.tfrecord"))] == records_in
