@@ -101,8 +101,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())
+        state = self.state_fn(step)
+        validation = {k: float(v) for k, v in (logs or {}).items() if k.startswith("val_")}
+        if validation:  # this epoch was validated: what picks the best checkpoint
+            state["validation"] = validation
         try:
-            path = self.manager.save(self.model, self.state_fn(step))
+            path = self.manager.save(self.model, state)
         except OSError as e:
             log.error("checkpoint at step %d failed: %s; training continues, last good checkpoint: %s",
                       step, e, self.manager.latest())
@@ -111,12 +115,18 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
 
 class TensorBoardScalars(keras.callbacks.Callback):
-    """Epoch scalars (loss, accuracy, learning rate, images/sec, epoch time) for TensorBoard."""
+    """Epoch scalars (loss, accuracy, learning rate, images/sec, epoch time) for TensorBoard.
 
-    def __init__(self, log_dir: str):
+    `val_x` goes to `val_log_dir` as `x`, so TensorBoard draws training and
+    validation curves of one metric in one chart (as keras.callbacks.TensorBoard does).
+    """
+
+    def __init__(self, log_dir: str, val_log_dir: str | None = None):
         super().__init__()
         self.log_dir = log_dir
+        self.val_log_dir = val_log_dir
         self._writer = None
+        self._val_writer = None
 
     def on_train_begin(self, logs=None):
         self._writer = tf.summary.create_file_writer(self.log_dir)
@@ -124,11 +134,20 @@ class TensorBoardScalars(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.model.stop_training:
             return  # an epoch cut short by a stop: logged when the resumed run completes it
-        with self._writer.as_default(step=epoch + 1):
-            for key, value in sorted(logs.items()):
-                if np.ndim(value) == 0:
-                    tf.summary.scalar(key, float(value))
-        self._writer.flush()
+        scalars = {k: float(v) for k, v in logs.items() if np.ndim(v) == 0}
+        val = {k[4:]: v for k, v in scalars.items() if k.startswith("val_")} if self.val_log_dir else {}
+        if val and self._val_writer is None:
+            self._val_writer = tf.summary.create_file_writer(self.val_log_dir)
+        train = {k: v for k, v in scalars.items() if not (val and k.startswith("val_"))}
+        for writer, values in ((self._writer, train), (self._val_writer, val)):
+            if values:
+                with writer.as_default(step=epoch + 1):
+                    for key, value in sorted(values.items()):
+                        tf.summary.scalar(key, value)
+                writer.flush()
 
     def on_train_end(self, logs=None):
-        self._writer.close()
+        for writer in (self._writer, self._val_writer):
+            if writer is not None:
+                writer.close()
+        self._val_writer = None

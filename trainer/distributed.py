@@ -94,6 +94,13 @@ class DistContext:
         mean = hvd.allreduce(local, op=hvd.Average, name=name).numpy()
         return {k: float(x) for k, x in zip(keys, mean)}
 
+    def sum_scalars(self, values: dict[str, float], name: str) -> dict[str, float]:
+        """Sum over ranks of a dict of numbers (float64: counts stay exact); same keys on every rank."""
+        keys = sorted(values)
+        local = tf.constant([float(values[k]) for k in keys], dtype=tf.float64)
+        total = hvd.allreduce(local, op=hvd.Sum, name=name).numpy()
+        return {k: float(x) for k, x in zip(keys, total)}
+
     def broadcast_object(self, obj, name: str):
         """Rank 0's picklable `obj` on every rank (small values only)."""
         return hvd.broadcast_object(obj, root_rank=0, name=name)
