@@ -154,6 +154,10 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits
     step = int(stopped[0][0].split()[0])
     assert re.search(r"\[0\]<stderr>:.*exiting with 143", first) and re.search(r"\[1\]<stderr>:.*exiting with 143", first)
     assert checkpoint_steps(run_dir)[-1] == step
+    # The epoch cut short was not validated: its weights are mid-epoch.
+    interrupted = epoch_records(first)[0][-1]
+    assert interrupted["epoch"] == step // 22 + 1 and "val_loss" not in interrupted
+    assert "validation" not in json.loads((run_dir / "checkpoints" / f"step-{step:09d}" / "state.json").read_text())
 
     # Resume with the MPI controller and fp16 gradient compression this time:
     # the checkpoint does not depend on either, and the replicas must still agree.
@@ -166,6 +170,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits
     records = epoch_records(out)
     first_epoch = step // spe + 1  # the interrupted epoch is finished first, then the rest
     assert [r["epoch"] for r in records[0]] == [r["epoch"] for r in records[1]] == list(range(first_epoch, 41))
+    assert all("val_accuracy" in r for r in records[0])  # the completed interrupted epoch too
     after = messages(out, "weights after training:")
     assert after[0] == after[1]
     assert checkpoint_steps(run_dir)[-1] == 40 * spe

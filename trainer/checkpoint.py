@@ -104,10 +104,19 @@ class CheckpointManager:
         found = self._best_step()
         return self.path(found[0]) if found else None
 
+    def recorded_best(self) -> str | None:
+        """The checkpoint best.json names (the metric of the run that wrote it), else best()."""
+        try:
+            with open(os.path.join(self.directory, BEST_FILE), encoding="utf-8") as f:
+                name = json.load(f)["checkpoint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return self.best()
+        return os.path.join(self.directory, name) if _NAME.match(str(name)) else self.best()
+
     def resolve(self, which: str) -> str:
-        """`latest`, `best` or a checkpoint folder, as a path; CheckpointError if there is none."""
+        """`latest`, `best` (as recorded) or a checkpoint folder, as a path; CheckpointError if there is none."""
         named = os.path.join(self.directory, which)  # a folder name such as step-000000044
-        path = {"latest": self.latest, "best": self.best}.get(
+        path = {"latest": self.latest, "best": self.recorded_best}.get(
             which, lambda: named if _NAME.match(which) and os.path.isdir(named) else which)()
         if path is None or not os.path.isfile(os.path.join(path, STATE_FILE)):
             what = f"no {which} checkpoint" if which in ("latest", "best") else f"{which!r} is not a checkpoint"
