@@ -79,6 +79,15 @@ def test_two_rank_validation_equals_one_process_and_the_best_checkpoint_survives
     assert summary["val_examples"] == n_val and summary["val_loss"] == records[0][-1]["val_loss"]
     assert summary["best_checkpoint"] == str(run_dir / "checkpoints" / best["checkpoint"])
 
+    # TensorBoard: one validation curve point per epoch, beside the training curves.
+    (events,) = (run_dir / "tensorboard" / "validation").iterdir()
+    curves: dict[str, list] = {}
+    for event in tf.compat.v1.train.summary_iterator(str(events)):
+        for v in event.summary.value:
+            curves.setdefault(v.tag, []).append((event.step, float(tf.make_ndarray(v.tensor))))
+    assert curves["accuracy"] == [(r["epoch"], pytest.approx(r["val_accuracy"])) for r in records[0]]
+    assert sorted(curves) == ["accuracy", "loss", "top5_accuracy"]
+
     # The same weights in one process, the whole split on one rank.
     res = run([sys.executable, "-m", "trainer.evaluate", "--config", "configs/digits.yaml", "--set", f"run_dir={run_dir}",
                "--set", f"data.dir={three_val_files}", "--checkpoint", "best"], timeout=300)

@@ -4,10 +4,11 @@ Each rank evaluates its own disjoint part of the validation split (whole files,
 or every N-th record when there are fewer files than ranks; see
 data_pipeline.reader.shard_records), keeping its last, partial batch, so every
 example counts exactly once. The parts may differ in size, and so may the
-number of batches per rank: the ranks therefore meet once, after their local
-loops, in one allreduce of sums (loss, correct predictions, examples). Ratios
-of the global sums equal a single-process evaluation up to float rounding;
-a mean of per-rank means would not, when the parts differ.
+number of batches per rank: the ranks therefore meet only after their local
+loops, in one allreduce of sums (loss, correct predictions, examples) and one
+of the time taken (max). Ratios of the global sums equal a single-process
+evaluation up to float rounding; a mean of per-rank means would not, when the
+parts differ.
 """
 
 import logging
@@ -81,8 +82,10 @@ class Evaluator:
         local = np.zeros(len(names), np.float64)
         for x, y in self._dataset:
             local += self._step(x, y).numpy()
-        # The only collective: after the loop, whatever the number of local batches.
+        # The collectives come after the loop, whatever the number of local batches.
         total = self.ctx.sum_scalars(dict(zip(names, local)), "eval.sums")
+        # The slowest rank's time, so that every rank logs the same number.
+        elapsed = self.ctx.max_scalars({"sec": time.perf_counter() - started}, "eval.time")["sec"]
         n = int(total["examples"])
         if (self.expected and n != self.expected) or n == 0:
             raise ConfigError(f"{self.source}: the evaluation read {n} records, metadata.json lists {self.expected}")
@@ -91,7 +94,7 @@ class Evaluator:
         if self.top_k:
             result[f"top{self.top_k}_accuracy"] = total["top_k_correct"] / n
         result["examples"] = n
-        result["time_sec"] = time.perf_counter() - started
+        result["time_sec"] = elapsed
         log.info("evaluated %d examples (%d on this rank) in %.2f s: loss %.6f, accuracy %.6f",
                  n, int(local[2]), result["time_sec"], result["loss"], result["accuracy"])
         return result
