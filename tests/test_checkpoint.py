@@ -1,3 +1,4 @@
+import json
 import os
 
 import keras
@@ -65,3 +66,51 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
         f.write(b"garbage")
     with pytest.raises(CheckpointError, match=r"cannot restore checkpoint .*step-000000001"):
         mgr.restore(small_model(0), path)
+
+
+def save_validated(mgr, model, step, validation):
+    model.optimizer.iterations.assign(step)
+    return mgr.save(model, {"epoch": step, **({"validation": validation} if validation else {})})
+
+
+def test_the_best_checkpoint_survives_the_rotation_and_is_named_in_best_json(tmp_path):
+    model = small_model(0)
+    train_a_little(model, 1)
+    mgr = CheckpointManager(str(tmp_path), keep=2, best_metric="val_accuracy", best_mode="max")
+    accuracies = {1: 0.5, 2: 0.9, 3: None, 4: 0.8, 5: 0.9, 6: 0.85}  # 3: not validated; 5 only equals 2
+    for step, acc in accuracies.items():
+        save_validated(mgr, model, step, {"val_accuracy": acc, "val_loss": 1 - acc} if acc else None)
+    assert sorted(os.listdir(tmp_path)) == ["best.json", "step-000000002", "step-000000005", "step-000000006"]
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best == {"checkpoint": "step-000000002", "global_step": 2, "epoch": 2, "metric": "val_accuracy",
+                    "mode": "max", "value": 0.9, "validation": {"val_accuracy": 0.9, "val_loss": pytest.approx(0.1)}}
+    assert mgr.best() == mgr.resolve("best") == str(tmp_path / "step-000000002")
+    assert mgr.latest() == mgr.resolve("latest") == mgr.resolve("step-000000006") == str(tmp_path / "step-000000006")
+    # A better one takes over, and the old best goes once it is outside the last two.
+    save_validated(mgr, model, 7, {"val_accuracy": 0.95, "val_loss": 0.05})
+    assert sorted(os.listdir(tmp_path)) == ["best.json", "step-000000006", "step-000000007"]
+    assert json.loads((tmp_path / "best.json").read_text())["checkpoint"] == "step-000000007"
+    # A manager that ranks by the lowest loss (a resumed run with another metric) re-reads the states.
+    by_loss = CheckpointManager(str(tmp_path), keep=1, best_metric="val_loss", best_mode="min")
+    save_validated(by_loss, model, 8, {"val_accuracy": 0.9, "val_loss": 0.03})
+    assert sorted(os.listdir(tmp_path)) == ["best.json", "step-000000008"]
+    assert json.loads((tmp_path / "best.json").read_text())["metric"] == "val_loss"
+    # `best` for a reader is what best.json records, whatever metric the reader was built with.
+    assert CheckpointManager(str(tmp_path)).resolve("best") == str(tmp_path / "step-000000008")
+
+
+def test_without_a_best_metric_only_the_latest_are_kept(tmp_path):
+    model = small_model(0)
+    train_a_little(model, 1)
+    mgr = CheckpointManager(str(tmp_path), keep=1, best_metric="val_accuracy")
+    save_validated(mgr, model, 1, {"val_accuracy": 0.9})
+    save_validated(mgr, model, 2, {"val_accuracy": 0.1})
+    assert sorted(os.listdir(tmp_path)) == ["best.json", "step-000000001", "step-000000002"]
+    plain = CheckpointManager(str(tmp_path), keep=1)
+    save_validated(plain, model, 3, {"val_accuracy": 0.5})
+    assert sorted(os.listdir(tmp_path)) == ["step-000000003"]  # the stale pointer goes too
+    assert plain.best() is None
+    with pytest.raises(CheckpointError, match=r"^no best checkpoint in '.*'$"):
+        plain.resolve("best")
+    with pytest.raises(CheckpointError, match=r"^'step-000000001' is not a checkpoint$"):
+        plain.resolve("step-000000001")

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from trainer.config import (
-    ConfigError, ExperimentConfig, MODEL_NAMES, dump_yaml, load_config, parse_override, validate, validate_world,
+    ConfigError, ExperimentConfig, MODEL_NAMES, best_mode, dump_yaml, load_config, parse_override, validate,
+    validate_world,
 )
 
 
@@ -69,6 +70,10 @@ def test_bad_keys_and_types_name_the_key_and_value(override, message):
         ("train.optimizer=rmsprop", "train.optimizer='rmsprop': must be one of adam, sgd"),
         ("model.channels=2", "model.channels=2: must be 1, 3 or 0 (from the data)"),
         ("train.steps_per_epoch=0", "train.steps_per_epoch=0: must be set (> 0) with data.synthetic"),
+        ("train.validate_every_epochs=-1", "train.validate_every_epochs=-1: must be >= 0"),
+        ("train.best_metric=accuracy",
+         "train.best_metric='accuracy': must be one of val_accuracy, val_loss, val_top5_accuracy or empty"),
+        ("train.best_mode=lowest", "train.best_mode='lowest': must be one of auto, max, min"),
     ],
 )
 def test_bad_values_are_rejected_with_key_and_value(override, message):
@@ -119,3 +124,9 @@ def test_shipped_configs_load():
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"))
     assert isinstance(cfg, ExperimentConfig)
     assert cfg.model.name == "simple_cnn"
+
+
+def test_best_mode_auto_minimises_losses_and_maximises_the_rest():
+    assert best_mode(synthetic_cfg().train) == "max"  # val_accuracy, the default
+    assert best_mode(synthetic_cfg("train.best_metric=val_loss").train) == "min"
+    assert best_mode(synthetic_cfg("train.best_metric=val_loss", "train.best_mode=max").train) == "max"

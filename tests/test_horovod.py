@@ -84,7 +84,8 @@ def test_only_rank0_writes_checkpoints_events_and_summary(trained):
         assert events[0].name.split(".")[-3] == str(pids[0])
     summary = json.loads((run_dir / "summary.json").read_text())
     spe = summary["steps_per_epoch"]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step-{e * spe:09d}" for e in (1, 2, 3)]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "best.json", *(f"step-{e * spe:09d}" for e in (1, 2, 3))]
     state = json.loads((run_dir / "checkpoints" / f"step-{3 * spe:09d}" / "state.json").read_text())
     assert state["epoch"] == 3 and state["global_step"] == 3 * spe and state["steps_per_epoch"] == spe
     assert state["world_size"] == 2 and state["global_batch_size"] == 64 and state["data_seed"] == 0
@@ -117,12 +118,13 @@ def test_exported_model_serves_the_evaluated_accuracy(trained, digits_shards):
         pred = np.argmax(served.serve(x).numpy(), axis=1)
         correct += int((pred == y.numpy()).sum())
         total += len(y)
-    assert total == meta["splits"]["validation"]["num_examples"]
+    assert total == meta["splits"]["validation"]["num_examples"] == summary["val_examples"]
+    # The summary comes from the 2-rank evaluation (by record: one validation file); this one ran in one process.
     assert correct / total == pytest.approx(summary["val_accuracy"], abs=1e-6)
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").iterdir() if ".tmp-" not in p.name)
+    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*") if ".tmp-" not in p.name)
 
 
 def start_and_wait_for(argv, path: Path, timeout=300) -> subprocess.Popen:
@@ -152,6 +154,10 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits
     step = int(stopped[0][0].split()[0])
     assert re.search(r"\[0\]<stderr>:.*exiting with 143", first) and re.search(r"\[1\]<stderr>:.*exiting with 143", first)
     assert checkpoint_steps(run_dir)[-1] == step
+    # The epoch cut short was not validated: its weights are mid-epoch.
+    interrupted = epoch_records(first)[0][-1]
+    assert interrupted["epoch"] == step // 22 + 1 and "val_loss" not in interrupted
+    assert "validation" not in json.loads((run_dir / "checkpoints" / f"step-{step:09d}" / "state.json").read_text())
 
     # Resume with the MPI controller and fp16 gradient compression this time:
     # the checkpoint does not depend on either, and the replicas must still agree.
@@ -164,6 +170,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits
     records = epoch_records(out)
     first_epoch = step // spe + 1  # the interrupted epoch is finished first, then the rest
     assert [r["epoch"] for r in records[0]] == [r["epoch"] for r in records[1]] == list(range(first_epoch, 41))
+    assert all("val_accuracy" in r for r in records[0])  # the completed interrupted epoch too
     after = messages(out, "weights after training:")
     assert after[0] == after[1]
     assert checkpoint_steps(run_dir)[-1] == 40 * spe

@@ -18,6 +18,6 @@ def test_synthetic_resnet20_run_writes_summary(tmp_path):
     assert summary["steps_per_epoch"] == 3
     assert summary["epochs"] == 2
     assert 0.0 <= summary["val_accuracy"] <= 1.0
-    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000000006"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best.json", "step-000000006"]
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-000000006" / "state.json").read_text())
     assert state["global_step"] == 6 and state["epoch"] == 2

@@ -159,8 +159,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())
+        state = self.state_fn(step)
+        validation = {k: float(v) for k, v in (logs or {}).items() if k.startswith("val_")}
+        if validation:  # this epoch was validated: what picks the best checkpoint
+            state["validation"] = validation
         try:
-            path = self.manager.save(self.model, self.state_fn(step))
+            path = self.manager.save(self.model, state)
         except OSError as e:
             log.error("checkpoint at step %d failed: %s; training continues, last good checkpoint: %s",
                       step, e, self.manager.latest())

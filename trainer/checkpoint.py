@@ -12,6 +12,12 @@ global step, holding
 It is written under a temporary name and renamed into place, so a crash at any
 moment leaves the earlier checkpoints as they were; `latest()` only sees
 complete ones. Nothing is unpickled: HDF5, npz with allow_pickle=False and JSON.
+
+The last `keep` checkpoints are kept, and with a `best_metric` also the one
+whose state.json holds the best value of it (under "validation"), however
+old; `checkpoints/best.json` names it. The best is found from the state.json
+files themselves, so a crash between a save and the pointer update loses
+nothing: the pointer is rewritten at the next save.
 """
 
 import json
@@ -26,6 +32,7 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{9,})$")
 STATE_FILE = "state.json"
+BEST_FILE = "best.json"
 WEIGHTS_FILE = "model.weights.h5"
 OPTIMIZER_FILE = "optimizer.npz"
 RNG_FILE = "rng.npz"
@@ -51,9 +58,11 @@ def _first_line(e: BaseException) -> str:
 
 
 class CheckpointManager:
-    def __init__(self, directory: str, keep: int = 3):
+    def __init__(self, directory: str, keep: int = 3, best_metric: str = "", best_mode: str = "max"):
         self.directory = directory
         self.keep = keep
+        self.best_metric = best_metric
+        self.best_mode = best_mode
 
     def _steps(self) -> list[int]:
         if not os.path.isdir(self.directory):
@@ -71,6 +80,65 @@ class CheckpointManager:
     def latest(self) -> str | None:
         steps = self._steps()
         return self.path(steps[-1]) if steps else None
+
+    def _best_step(self) -> tuple[int, dict] | None:
+        """(step, state) of the checkpoint with the best best_metric; the earliest of equals."""
+        if not self.best_metric:
+            return None
+        best = None
+        for step in self._steps():
+            try:
+                state = self.read_state(self.path(step))
+            except CheckpointError as e:
+                log.warning("%s; not a candidate for the best checkpoint", e)
+                continue
+            value = (state.get("validation") or {}).get(self.best_metric)
+            if value is None:
+                continue
+            if best is None or (value > best[2] if self.best_mode == "max" else value < best[2]):
+                best = (step, state, value)
+        return best[:2] if best else None
+
+    def best(self) -> str | None:
+        """The best checkpoint by best_metric, or None (no metric, or nothing validated yet)."""
+        found = self._best_step()
+        return self.path(found[0]) if found else None
+
+    def recorded_best(self) -> str | None:
+        """The checkpoint best.json names (the metric of the run that wrote it), else best()."""
+        try:
+            with open(os.path.join(self.directory, BEST_FILE), encoding="utf-8") as f:
+                name = json.load(f)["checkpoint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return self.best()
+        return os.path.join(self.directory, name) if _NAME.match(str(name)) else self.best()
+
+    def resolve(self, which: str) -> str:
+        """`latest`, `best` (as recorded) or a checkpoint folder, as a path; CheckpointError if there is none."""
+        named = os.path.join(self.directory, which)  # a folder name such as step-000000044
+        path = {"latest": self.latest, "best": self.recorded_best}.get(
+            which, lambda: named if _NAME.match(which) and os.path.isdir(named) else which)()
+        if path is None or not os.path.isfile(os.path.join(path, STATE_FILE)):
+            what = f"no {which} checkpoint" if which in ("latest", "best") else f"{which!r} is not a checkpoint"
+            raise CheckpointError(f"{what} in {self.directory!r}" if path is None else what)
+        return path
+
+    def _write_best_pointer(self, found: tuple[int, dict] | None) -> None:
+        pointer = os.path.join(self.directory, BEST_FILE)
+        if found is None:
+            if os.path.exists(pointer):
+                os.remove(pointer)
+            return
+        step, state = found
+        info = {
+            "checkpoint": os.path.basename(self.path(step)), "global_step": step, "epoch": state.get("epoch"),
+            "metric": self.best_metric, "mode": self.best_mode, "value": state["validation"][self.best_metric],
+            "validation": state["validation"],
+        }
+        tmp = f"{pointer}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2, sort_keys=True)
+        os.replace(tmp, pointer)
 
     def save(self, model, state: dict) -> str:
         """Writes a checkpoint at the optimizer's current step and prunes old ones.
@@ -101,8 +169,11 @@ class CheckpointManager:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        best = self._best_step()
+        self._write_best_pointer(best)
         for old in self._steps()[: -self.keep]:
-            shutil.rmtree(self.path(old), ignore_errors=True)
+            if best is None or old != best[0]:
+                shutil.rmtree(self.path(old), ignore_errors=True)
         return final
 
     @staticmethod

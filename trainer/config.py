@@ -20,6 +20,8 @@ import yaml
 MODEL_NAMES = ("simple_cnn", "resnet20", "resnet50")
 OPTIMIZERS = ("adam", "sgd")
 LR_DECAYS = ("cosine", "constant")
+BEST_METRICS = ("val_accuracy", "val_loss", "val_top5_accuracy")
+BEST_MODES = ("auto", "max", "min")
 
 
 class ConfigError(ValueError):
@@ -88,6 +90,14 @@ class TrainConfig:
         examples // global_batch_size, identical on every rank.
       resume: continue from the latest checkpoint in run_dir.
       keep_checkpoints: how many of the latest epoch checkpoints to keep.
+      validate_every_epochs: evaluate on the whole validation split every N
+        epochs, on all ranks at once; 0 evaluates only after the last epoch
+        (which is always evaluated).
+      best_metric: validation metric that picks the best checkpoint, kept
+        besides the latest ones (val_accuracy, val_loss, val_top5_accuracy;
+        empty: keep only the latest).
+      best_mode: `max` or `min` for best_metric; `auto` is min for losses,
+        max otherwise.
       seed: model initialisation seed (rank 0's weights are broadcast).
       export: write a TensorFlow SavedModel for serving at the end.
     """
@@ -102,6 +112,9 @@ class TrainConfig:
     steps_per_epoch: int = 0
     resume: bool = True
     keep_checkpoints: int = 3
+    validate_every_epochs: int = 1
+    best_metric: str = "val_accuracy"
+    best_mode: str = "auto"
     seed: int = 42
     export: bool = True
 
@@ -299,6 +312,10 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
     _check(t.steps_per_epoch >= 0, "train.steps_per_epoch", t.steps_per_epoch, "must be >= 0")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    _check(t.validate_every_epochs >= 0, "train.validate_every_epochs", t.validate_every_epochs, "must be >= 0")
+    _check(t.best_metric in ("", *BEST_METRICS), "train.best_metric", t.best_metric,
+           f"must be one of {', '.join(BEST_METRICS)} or empty")
+    _check(t.best_mode in BEST_MODES, "train.best_mode", t.best_mode, f"must be one of {', '.join(BEST_MODES)}")
     _check(r.intra_op_threads >= 0, "runtime.intra_op_threads", r.intra_op_threads, "must be >= 0")
     _check(r.inter_op_threads >= 0, "runtime.inter_op_threads", r.inter_op_threads, "must be >= 0")
     tb = cfg.tensorboard
@@ -319,6 +336,13 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(
         bool(glob.glob(os.path.join(d.dir, "train-*-of-*.tfrecord"))), "data.dir", d.dir, "has no train-*.tfrecord shards"
     )
+
+
+def best_mode(t: TrainConfig) -> str:
+    """`max` or `min`: the direction in which train.best_metric improves."""
+    if t.best_mode != "auto":
+        return t.best_mode
+    return "min" if t.best_metric.endswith("loss") else "max"
 
 
 def validate_world(cfg: ExperimentConfig, world_size: int) -> None:

@@ -94,6 +94,21 @@ class DistContext:
         mean = hvd.allreduce(local, op=hvd.Average, name=name).numpy()
         return {k: float(x) for k, x in zip(keys, mean)}
 
+    def sum_scalars(self, values: dict[str, float], name: str) -> dict[str, float]:
+        """Sum over ranks of a dict of numbers (float64: counts stay exact); same keys on every rank."""
+        return self._reduce_scalars(values, name, hvd.Sum)
+
+    def max_scalars(self, values: dict[str, float], name: str) -> dict[str, float]:
+        """Maximum over ranks of a dict of numbers; same keys on every rank."""
+        return self._reduce_scalars(values, name, hvd.Max)
+
+    @staticmethod
+    def _reduce_scalars(values: dict[str, float], name: str, op) -> dict[str, float]:
+        keys = sorted(values)
+        local = tf.constant([float(values[k]) for k in keys], dtype=tf.float64)
+        reduced = hvd.allreduce(local, op=op, name=name).numpy()
+        return {k: float(x) for k, x in zip(keys, reduced)}
+
     def broadcast_object(self, obj, name: str):
         """Rank 0's picklable `obj` on every rank (small values only)."""
         return hvd.broadcast_object(obj, root_rank=0, name=name)

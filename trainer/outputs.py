@@ -7,9 +7,10 @@ rank and never asks for the rank itself.
 RUN_DIR/
   config.yaml            the resolved config of the latest start
   checkpoints/step-N/    see trainer.checkpoint
+  checkpoints/best.json  which checkpoint is the best by train.best_metric
   tensorboard/train/     epoch and step scalars, rank timing, input images,
                          histograms, profiler traces (see trainer.summaries)
-  tensorboard/validation/ final evaluation scalars
+  tensorboard/validation/ validation scalars of the evaluated epochs
   summary.json           final metrics and throughput
   export/                TensorFlow SavedModel for serving
 """
@@ -25,7 +26,7 @@ import tensorflow as tf
 from trainer import callbacks as cb
 from trainer import summaries
 from trainer.checkpoint import CheckpointManager
-from trainer.config import ExperimentConfig, dump_yaml, profile_range
+from trainer.config import ExperimentConfig, best_mode, dump_yaml, profile_range
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,18 @@ class RunOutputs:
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
         self.run_dir = cfg.run_dir
-        self.checkpoints = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_checkpoints)
+        self.checkpoints = CheckpointManager(
+            os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_checkpoints,
+            cfg.train.best_metric, best_mode(cfg.train),
+        )
 
     def start(self) -> None:
         pass
 
     def restore_latest(self, model, expect_model: dict) -> dict | None:
+        return None
+
+    def restore(self, model, which: str, expect_model: dict) -> dict | None:
         return None
 
     def callbacks(self, state_fn, timer=None) -> list:
@@ -64,10 +71,10 @@ class RunOutputs:
     def load_summary(self) -> dict | None:
         return None
 
-    def evaluate(self, model, make_dataset) -> dict | None:
+    def finish(self, model, summary: dict, log_validation: bool = False) -> dict | None:
         return None
 
-    def finish(self, model, summary: dict) -> None:
+    def report_evaluation(self, model, result: dict, export_dir: str = "") -> None:
         pass
 
 
@@ -88,6 +95,13 @@ class ChiefOutputs(RunOutputs):
         state = self.checkpoints.restore(model, path, expect_model)
         log.info("resumed from %s (epoch %d, step %d)", path, state["epoch"], state["global_step"])
         return state
+
+    def restore(self, model, which: str, expect_model: dict) -> dict:
+        """Loads the `latest`, the `best` or a named checkpoint; returns its state with its path."""
+        path = self.checkpoints.resolve(which)
+        state = self.checkpoints.restore(model, path, expect_model)
+        log.info("loaded %s (epoch %s, step %s)", path, state.get("epoch"), state.get("global_step"))
+        return {**state, "path": path}
 
     @property
     def train_writer(self):
@@ -112,7 +126,7 @@ class ChiefOutputs(RunOutputs):
             extra.append(summaries.ProfileSteps(os.path.join(self.run_dir, "tensorboard", "train"), step, *profile))
         return [
             cb.EpochCheckpoint(self.checkpoints, state_fn),
-            summaries.EpochScalars(self.train_writer),
+            summaries.EpochScalars(self.train_writer, os.path.join(self.run_dir, "tensorboard", "validation")),
             *extra,
         ]
 
@@ -127,25 +141,32 @@ class ChiefOutputs(RunOutputs):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
 
-    def evaluate(self, model, make_dataset) -> dict:
-        results = model.evaluate(make_dataset(), verbose=0, return_dict=True)
-        return {k: float(v) for k, v in results.items()}
-
-    def finish(self, model, summary: dict) -> None:
-        writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard", "validation"))
-        with writer.as_default(step=summary["epochs"]):
-            tf.summary.scalar("loss", summary["val_loss"])
-            tf.summary.scalar("accuracy", summary["val_accuracy"])
-        writer.close()
+    def finish(self, model, summary: dict, log_validation: bool = False) -> dict:
+        """Writes summary.json (and the export); `log_validation` when no epoch callback logged the final one."""
+        if log_validation:
+            writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard", "validation"))
+            with writer.as_default(step=summary["epochs"]):
+                for key in sorted(k for k in summary if k.startswith("val_") and k != "val_examples"):
+                    tf.summary.scalar(key[4:], summary[key])
+            writer.close()
         if self._writer is not None:
             self._writer.close()
+        best = self.checkpoints.best()
+        if best:
+            summary["best_checkpoint"] = best
         if self.cfg.train.export:
-            summary["export_dir"] = self._export(model)
+            summary["export_dir"] = self._export(model, os.path.join(self.run_dir, "export"))
         _write_atomic(os.path.join(self.run_dir, SUMMARY_FILE), json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        return summary
 
-    def _export(self, model) -> str:
+    def report_evaluation(self, model, result: dict, export_dir: str = "") -> None:
+        """Prints an evaluation as one JSON line on stdout, and exports the model if asked."""
+        if export_dir:
+            result["export_dir"] = self._export(model, export_dir)
+        print("evaluation " + json.dumps(result, sort_keys=True), flush=True)
+
+    def _export(self, model, final: str) -> str:
         """A SavedModel with a `serve` endpoint, replaced only once the new one is complete."""
-        final = os.path.join(self.run_dir, "export")
         tmp = f"{final}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         model.export(tmp, format="tf_saved_model", verbose=False)

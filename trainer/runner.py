@@ -16,6 +16,7 @@ from trainer import callbacks as cb
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, ExperimentConfig, dump_yaml
 from trainer.distributed import DistContext, weights_digest
+from trainer.evaluation import Evaluator, PeriodicValidation, validation_logs
 from trainer.models import build_model
 from trainer.outputs import make_outputs
 from trainer.preemption import StopOnRequest, StopRequest, Stopped
@@ -70,20 +71,26 @@ def resolve_data(cfg: ExperimentConfig) -> DataSpec:
     )
 
 
-def eval_dataset(cfg: ExperimentConfig, spec: DataSpec, batch_size: int) -> tf.data.Dataset:
-    """Every validation example once, in order, including the last partial batch."""
+def eval_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, batch_size: int) -> tf.data.Dataset:
+    """This rank's disjoint part of the validation split, one pass, with its last partial batch."""
     size, channels = spec.input_shape[0], spec.input_shape[2]
     if cfg.data.synthetic:
-        return synthetic_dataset(batch_size, size, channels, spec.num_classes).take(1)
+        return synthetic_dataset(batch_size, size, channels, spec.num_classes, 1000 + ctx.rank).take(1)
     files = spec.val_files
     if not files:
         log.warning("no validation shards in %s: evaluating on the training shards", cfg.data.dir)
         files = spec.train_files
-    ds = make_dataset(files, 1, 0, batch_size, size, channels, training=False, drop_remainder=False)
-    # The count is known from metadata.json: asserting it makes a shard that
+    return make_dataset(files, ctx.size, ctx.rank, batch_size, size, channels, training=False, drop_remainder=False)
+
+
+def make_evaluator(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, batch_size: int) -> Evaluator:
+    # The count is known from metadata.json: checking it makes a shard that
     # holds fewer or more records than recorded an error, not a silent change.
-    count = spec.num_val if spec.val_files else spec.num_train
-    return ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))
+    expected = 0 if cfg.data.synthetic else (spec.num_val if spec.val_files else spec.num_train)
+    if cfg.train.best_metric == "val_top5_accuracy" and spec.num_classes <= 5:
+        raise ConfigError(f"train.best_metric='val_top5_accuracy': the data has {spec.num_classes} classes")
+    return Evaluator(ctx, lambda: eval_dataset(cfg, spec, ctx, batch_size), spec.num_classes, expected,
+                     f"data.dir={cfg.data.dir!r}")
 
 
 def build_optimizer(cfg: ExperimentConfig, schedule) -> keras.optimizers.Optimizer:
@@ -112,30 +119,24 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
     schedule = make_schedule(cfg.train, gbs, ctx.size, spec.steps_per_epoch)
     log.info("learning rate: peak %.6g (linear scaling), warmup from %.6g over %d steps, then %s",
              schedule.peak, schedule.initial, schedule.warmup_steps, schedule.decay)
-    model = DataParallelModel.wrap(
-        build_model(cfg.model.name, spec.input_shape, spec.num_classes), cfg.allreduce.fp16_compression
-    )
-    model.compile(
-        optimizer=build_optimizer(cfg, schedule),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        # Horovod's ops have no XLA kernels on CPU builds.
-        jit_compile=False,
-    )
-    model.optimizer.build(model.trainable_variables)
+    model = build_compiled_model(cfg, spec, schedule)
+    evaluator = make_evaluator(cfg, spec, ctx, per_replica)
 
     outputs = make_outputs(ctx, cfg)
     outputs.start()
-    signature = {"name": cfg.model.name, "input_shape": list(spec.input_shape), "num_classes": spec.num_classes}
+    signature = model_signature(cfg, spec)
     spe, epochs = spec.steps_per_epoch, cfg.train.epochs
     start_step = resume_step(resume_state(ctx, cfg, outputs, model, signature), spe, gbs, ctx.size, schedule, model)
 
+    validated: dict[int, dict] = {}
     if start_step >= epochs * spe:
-        summary = outputs.load_summary()
-        if summary is not None or not ctx.is_chief:
+        if ctx.broadcast_object(outputs.load_summary() is not None, "resume.finished"):
             log.info("run in %s already finished at epoch %d", cfg.run_dir, start_step // spe)
-            return summary
-        history = {}  # training finished but the summary was never written: evaluate again
+            return outputs.load_summary()
+        # Training finished but the summary was never written: evaluate again,
+        # on every rank, from rank 0's restored weights.
+        ctx.broadcast_variables(model.variables, "eval.model")
+        history = {}
     else:
         request = StopRequest()
         request.install()
@@ -151,12 +152,14 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
 
         log.info("weights before broadcast: %s", weights_digest(model.variables))
         timer = cb.StepTimer(ctx, gbs)
+        validation = PeriodicValidation(evaluator, cfg.train.validate_every_epochs, epochs)
         callbacks = [
             cb.BroadcastInitialState(ctx),
             StopOnRequest(request),
             cb.EpochTimer(gbs),
             timer,
             cb.AverageMetrics(ctx),
+            validation,
             cb.EpochLog(ctx.rank),
             *outputs.callbacks(checkpoint_state, timer),
         ]
@@ -183,14 +186,14 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
                 raise Stopped(f"stopped at step {int(model.optimizer.iterations.numpy())} "
                               f"({request.signal_name or 'another rank was signalled'}); checkpoint written")
         check_replicas_agree(ctx, model)
+        validated = validation.results
 
-    val = outputs.evaluate(model, lambda: eval_dataset(cfg, spec, per_replica))
-    if val is None:
-        return None
+    # The last epoch is always validated in fit, unless a stop ended it.
+    val = validated.get(epochs) or evaluator.evaluate(model)
     rates = history.get("images_per_sec", [])
     summary = {
-        "val_accuracy": val["accuracy"],
-        "val_loss": val["loss"],
+        **{k: v for k, v in validation_logs(val).items() if k.startswith("val_")},
+        "val_examples": val["examples"],
         "epochs": cfg.train.epochs,
         "epochs_this_start": len(rates),
         "world_size": ctx.size,
@@ -204,8 +207,27 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
         "model": cfg.model.name,
         "wall_time_sec": round(time.time() - started, 2),
     }
-    outputs.finish(model, summary)
-    return summary
+    return outputs.finish(model, summary, log_validation=epochs not in validated)
+
+
+def model_signature(cfg: ExperimentConfig, spec: DataSpec) -> dict:
+    """What a checkpoint must match to be restored into this run's model."""
+    return {"name": cfg.model.name, "input_shape": list(spec.input_shape), "num_classes": spec.num_classes}
+
+
+def build_compiled_model(cfg: ExperimentConfig, spec: DataSpec, schedule) -> DataParallelModel:
+    model = DataParallelModel.wrap(
+        build_model(cfg.model.name, spec.input_shape, spec.num_classes), cfg.allreduce.fp16_compression
+    )
+    model.compile(
+        optimizer=build_optimizer(cfg, schedule),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        # Horovod's ops have no XLA kernels on CPU builds.
+        jit_compile=False,
+    )
+    model.optimizer.build(model.trainable_variables)
+    return model
 
 
 def train_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_replica: int, start_step: int):
@@ -241,12 +263,15 @@ def fit_phases(start_step: int, steps_per_epoch: int, epochs: int) -> list[tuple
 
 def resume_state(ctx: DistContext, cfg: ExperimentConfig, outputs, model, signature: dict) -> dict | None:
     """Rank 0 restores the latest checkpoint; every rank gets its state.json (or its error)."""
-    result: dict = {"state": None}
-    if cfg.train.resume:
-        try:
-            result = {"state": outputs.restore_latest(model, signature)}
-        except CheckpointError as e:
-            result = {"error": str(e)}
+    return broadcast_restore(ctx, lambda: outputs.restore_latest(model, signature) if cfg.train.resume else None)
+
+
+def broadcast_restore(ctx: DistContext, restore) -> dict | None:
+    """Runs `restore` (which loads a checkpoint on rank 0 only); every rank gets its state or its error."""
+    try:
+        result = {"state": restore()}
+    except CheckpointError as e:
+        result = {"error": str(e)}
     result = ctx.broadcast_object(result, "resume.state")
     if "error" in result:
         raise CheckpointError(result["error"])

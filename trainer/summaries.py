@@ -16,20 +16,37 @@ log = logging.getLogger(__name__)
 
 
 class EpochScalars(keras.callbacks.Callback):
-    """Every numeric epoch log (loss, accuracy, learning rate, images/sec, step and epoch time)."""
+    """Every numeric epoch log (loss, accuracy, learning rate, images/sec, step and epoch time).
 
-    def __init__(self, writer):
+    `val_x` goes to `val_log_dir` as `x`, so TensorBoard draws the training and
+    validation curves of one metric in one chart (as keras.callbacks.TensorBoard does).
+    """
+
+    def __init__(self, writer, val_log_dir: str):
         super().__init__()
         self.writer = writer
+        self.val_log_dir = val_log_dir
+        self._val_writer = None
 
     def on_epoch_end(self, epoch, logs=None):
         if self.model.stop_training:
             return  # an epoch cut short by a stop: logged when the resumed run completes it
-        with self.writer.as_default(step=epoch + 1):
-            for key, value in sorted(logs.items()):
-                if np.ndim(value) == 0:
-                    tf.summary.scalar(key, float(value))
-        self.writer.flush()
+        scalars = {k: float(v) for k, v in logs.items() if np.ndim(v) == 0}
+        val = {k[4:]: v for k, v in scalars.items() if k.startswith("val_")}
+        if val and self._val_writer is None:
+            self._val_writer = tf.summary.create_file_writer(self.val_log_dir)
+        train = {k: v for k, v in scalars.items() if not k.startswith("val_")}
+        for writer, values in ((self.writer, train), (self._val_writer, val)):
+            if values:
+                with writer.as_default(step=epoch + 1):
+                    for key, value in sorted(values.items()):
+                        tf.summary.scalar(key, value)
+                writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._val_writer is not None:
+            self._val_writer.close()
+            self._val_writer = None
 
 
 class GlobalStep(keras.callbacks.Callback):

@@ -1,0 +1,89 @@
+"""Evaluates a checkpoint on the validation split, on one or more ranks, and can export it.
+
+    python -m trainer.evaluate --config configs/digits.yaml --checkpoint best [--export DIR]
+    horovodrun -np 2 python -m trainer.evaluate --config configs/digits.yaml --checkpoint best
+
+`--checkpoint` is `latest`, `best` (see checkpoints/best.json) or a checkpoint
+folder of the config's run_dir. Any number of ranks gives the same result (up
+to float rounding): each evaluates its own part of the split and the sums are
+combined (trainer.evaluation). Rank 0 prints one line, `evaluation {json}`,
+and with `--export DIR` writes a SavedModel of that checkpoint to DIR, which
+must not exist yet. Nothing in run_dir is written.
+
+Exit codes: 0 done; 2 bad config, data or checkpoint (one line on stderr); 1 anything else.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+from trainer.config import ConfigError, load_config, validate
+from trainer.train import setup_logging
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML experiment file of the run (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable)")
+    parser.add_argument("--checkpoint", default="best", help="latest, best (default) or a checkpoint folder")
+    parser.add_argument("--export", default="", metavar="DIR", help="write a SavedModel of the checkpoint to DIR")
+    return parser.parse_args(argv)
+
+
+def evaluate_checkpoint(cfg, ctx, which: str, export_dir: str) -> None:
+    from trainer.outputs import make_outputs
+    from trainer.runner import broadcast_restore, build_compiled_model, make_evaluator, model_signature, resolve_data
+    from trainer.schedule import make_schedule
+
+    spec = resolve_data(cfg)
+    # Any batch evaluates the same examples; the training one need not divide by this world size.
+    per_replica = max(1, cfg.data.global_batch_size // ctx.size)
+    model = build_compiled_model(cfg, spec, make_schedule(cfg.train, cfg.data.global_batch_size, ctx.size,
+                                                          spec.steps_per_epoch))
+    evaluator = make_evaluator(cfg, spec, ctx, per_replica)
+    outputs = make_outputs(ctx, cfg)
+    state = broadcast_restore(ctx, lambda: outputs.restore(model, which, model_signature(cfg, spec)))
+    ctx.broadcast_variables(model.variables, "eval.model")  # rank 0 alone loaded the checkpoint
+    result = evaluator.evaluate(model)
+    report = {
+        "checkpoint": state["path"], "epoch": state.get("epoch"), "global_step": state.get("global_step"),
+        "world_size": ctx.size, "val_examples": result["examples"], "eval_time_sec": round(result["time_sec"], 3),
+        **{f"val_{k}": v for k, v in result.items() if k not in ("examples", "time_sec")},
+    }
+    outputs.report_evaluation(model, report, export_dir)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.umask(0o027)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg)
+        if args.export and os.path.exists(args.export):
+            raise ConfigError(f"--export {args.export!r}: already exists; name a new folder")
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    from trainer.checkpoint import CheckpointError
+    from trainer.distributed import DistContext
+
+    ctx = DistContext.initialize(cfg.runtime.intra_op_threads, cfg.runtime.inter_op_threads)
+    setup_logging(ctx.rank, ctx.is_chief or cfg.runtime.log_all_ranks)
+    logging.getLogger("trainer.evaluate").info("rank %d of %d evaluating checkpoint %s", ctx.rank, ctx.size,
+                                                args.checkpoint)
+    try:
+        evaluate_checkpoint(cfg, ctx, args.checkpoint, args.export)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
