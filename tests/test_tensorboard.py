@@ -171,8 +171,10 @@ def test_served_epoch_scalars_match_summary_and_epoch_logs(board_run):
     rates = board.scalars("train", "images_per_sec")
     median = statistics.median([rates[e] for e in range(2, EPOCHS + 1)])
     assert median == pytest.approx(summary["images_per_sec"], rel=1e-6)
-    assert board.scalars("validation", "accuracy") == {EPOCHS: pytest.approx(summary["val_accuracy"], rel=1e-6)}
-    assert board.scalars("validation", "loss") == {EPOCHS: pytest.approx(summary["val_loss"], rel=1e-6)}
+    for key in ("accuracy", "loss"):
+        served = board.scalars("validation", key)
+        assert served == {r["epoch"]: pytest.approx(r[f"val_{key}"], rel=1e-6) for r in records}, key
+        assert served[EPOCHS] == pytest.approx(summary[f"val_{key}"], rel=1e-6), key
     # One writer per start: a single event file beside the profiler's folder.
     assert sorted(p.name.split(".")[0] for p in (run_dir / "tensorboard" / "train").iterdir()) == ["events", "plugins"]
 
