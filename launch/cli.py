@@ -2,7 +2,7 @@
 
     python -m launch --np 2 --config configs/digits.yaml [--set train.epochs=5]
         [--hosts h1:2,h2:2 | --hostfile FILE | --slurm-allocation] [--gloo | --mpi]
-        [--srun] [--requeue-on-timeout]
+        [--srun] [--requeue-on-timeout] [--ssh-port P] [--ssh-identity-file KEY]
         [--timeline FILE] [--autotune] [--fusion-threshold-mb M] [--cycle-time-ms T]
         [--stall-warning-sec S] [--stall-shutdown-sec S] [--dry-run]
     python -m launch slurm --config FILE ...      (see launch.slurm_cli)
@@ -41,6 +41,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--requeue-on-timeout", action="store_true",
                    help="on SIGUSR1 (Slurm's warning before the time limit) stop the workers at a checkpoint, "
                         "then requeue this Slurm job")
+    p.add_argument("--ssh-port", type=int, help="ssh port of the other hosts (horovodrun reaches them over ssh)")
+    p.add_argument("--ssh-identity-file", help="private key for ssh to the other hosts")
     add_horovod_options(p)
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, run nothing")
     return p.parse_args(argv)
@@ -104,7 +106,8 @@ def options_from_args(args: argparse.Namespace, np: int, hosts: str | None) -> L
         hosts=None if args.runner == "srun" else hosts,
         controller=args.controller, runner=args.runner, srun_mpi=args.srun_mpi, timeline=args.timeline,
         autotune=args.autotune, fusion_threshold_mb=args.fusion_threshold_mb, cycle_time_ms=args.cycle_time_ms,
-        stall_warning_sec=args.stall_warning_sec, stall_shutdown_sec=args.stall_shutdown_sec, python=sys.executable,
+        stall_warning_sec=args.stall_warning_sec, stall_shutdown_sec=args.stall_shutdown_sec,
+        ssh_port=args.ssh_port, ssh_identity_file=args.ssh_identity_file, python=sys.executable,
         horovodrun=horovodrun if os.path.exists(horovodrun) else (shutil.which("horovodrun") or "horovodrun"),
     )
 
@@ -112,9 +115,9 @@ def options_from_args(args: argparse.Namespace, np: int, hosts: str | None) -> L
 def execute(argv: list[str], env: dict[str, str], requeue_job: str | None = None) -> int:
     """Runs horovodrun (or srun), passing SIGINT/SIGTERM on to it, and returns its exit code.
 
-    With `requeue_job`, SIGUSR1 (sent by Slurm before the time limit, see
-    launch.slurm) stops the workers with SIGTERM, which makes them checkpoint,
-    and then requeues that Slurm job, which resumes from the checkpoint.
+    SIGUSR1 (what Slurm sends before the time limit, see launch.slurm) stops
+    the workers with SIGTERM, which makes them checkpoint; with `requeue_job`
+    that Slurm job is then requeued, and resumes from the checkpoint.
     """
     proc = subprocess.Popen(argv, env=env)
     timed_out = []
@@ -128,9 +131,7 @@ def execute(argv: list[str], env: dict[str, str], requeue_job: str | None = None
         timed_out.append(True)
         proc.send_signal(signal.SIGTERM)
 
-    handlers = {signal.SIGINT: forward, signal.SIGTERM: forward}
-    if requeue_job:
-        handlers[signal.SIGUSR1] = time_limit
+    handlers = {signal.SIGINT: forward, signal.SIGTERM: forward, signal.SIGUSR1: time_limit}
     previous = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
         code = proc.wait()
@@ -138,7 +139,7 @@ def execute(argv: list[str], env: dict[str, str], requeue_job: str | None = None
         for s, handler in previous.items():
             signal.signal(s, handler)
     code = 128 - code if code < 0 else code
-    if timed_out and code != 0:
+    if timed_out and requeue_job and code != 0:
         res = subprocess.run(["scontrol", "requeue", requeue_job], capture_output=True, text=True, check=False)
         if res.returncode == 0:
             print(f"launch: requeued Slurm job {requeue_job}; it resumes from the checkpoint", file=sys.stderr, flush=True)

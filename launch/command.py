@@ -39,6 +39,9 @@ class LaunchOptions:
         after this long.
       stall_shutdown_sec: ... and shuts the job down after this long (0: never),
         so ranks that fell out of step end the job instead of hanging it.
+      ssh_port: ssh port of the other hosts (horovodrun starts remote ranks
+        over ssh).
+      ssh_identity_file: private key for that ssh.
       python: interpreter that runs the workers.
       horovodrun: the horovodrun executable.
     """
@@ -56,6 +59,8 @@ class LaunchOptions:
     cycle_time_ms: float | None = None
     stall_warning_sec: int = 60
     stall_shutdown_sec: int = 600
+    ssh_port: int | None = None
+    ssh_identity_file: str | None = None
     python: str = "python"
     horovodrun: str = "horovodrun"
     srun: str = "srun"
@@ -109,6 +114,10 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
         argv += ["--fusion-threshold-mb", str(opts.fusion_threshold_mb)]
     if opts.cycle_time_ms is not None:
         argv += ["--cycle-time-ms", f"{opts.cycle_time_ms:g}"]
+    if opts.ssh_port is not None:
+        argv += ["--ssh-port", str(opts.ssh_port)]
+    if opts.ssh_identity_file:
+        argv += ["--ssh-identity-file", opts.ssh_identity_file]
 
     argv += ["--stall-check-warning-time-seconds", str(opts.stall_warning_sec),
              "--stall-check-shutdown-time-seconds", str(opts.stall_shutdown_sec)]
