@@ -122,3 +122,13 @@ def test_time_limit_requeue_scancel_and_resubmission_resume_from_checkpoints(slu
     assert [r["epoch"] for r in records[0]] == [r["epoch"] for r in records[1]] == list(range(step2 // 22 + 1, 5))
     assert checkpoint_steps(run_dir)[-1] == 4 * 22
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
+
+
+def test_unknown_partition_is_refused_before_submitting(slurm, digits_shards, tmp_path):
+    res = run([sys.executable, "-m", "launch", "slurm", "--config", "configs/digits.yaml", "--partition", "gpu",
+               "--ntasks-per-node", "2", "--set", f"run_dir={tmp_path}/run", "--set", f"data.dir={digits_shards}"],
+              env=slurm.env)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "launch: error: --partition 'gpu' is not a partition of this cluster (debug)"
+    assert res.stdout == "" and not (tmp_path / "run").exists()
+    assert slurm.run("squeue", "-h").stdout == ""
