@@ -65,7 +65,7 @@ def add_horovod_options(p: argparse.ArgumentParser) -> None:
 
 
 def scontrol_hostnames(nodelist: str) -> list[str]:
-    """Slurm's own expansion of a node list; the pure parser when scontrol is not installed."""
+    """Slurm's own expansion of a node list; the pure parser where scontrol is missing or fails."""
     if shutil.which("scontrol"):
         res = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=False)
         names = res.stdout.split()

@@ -24,12 +24,16 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/none
 CredType=cred/none
+# Also how long a requeued job waits before it may start again (default 120 s).
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
+# Look at pending jobs every 2 s, not 60: a requeued job starts as soon as it may.
+SchedulerParameters=sched_interval=2
 StateSaveLocation={dir}/state
 SlurmdSpoolDir={dir}/spool
 SlurmctldPidFile={dir}/slurmctld.pid
@@ -124,7 +128,8 @@ class SlurmCluster:
             if info["JobState"] in states:
                 return info
             if time.monotonic() > deadline:
-                raise AssertionError(f"job {job_id} still {info['JobState']} after {timeout} s, wanted {states}")
+                raise AssertionError(f"job {job_id} is {info['JobState']} (reason {info.get('Reason')}, exit "
+                                     f"{info.get('ExitCode')}) after {timeout} s, wanted {states}\n{self.logs()}")
             time.sleep(0.2)
 
     def stop(self) -> None:
