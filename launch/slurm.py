@@ -6,8 +6,9 @@ allocation the script runs `python -m launch --slurm-allocation ...`, which
 takes the ranks and hosts from the allocation.
 
 Values that come from a config or the command line never reach the shell
-unquoted: `#SBATCH` lines (read by sbatch, not by the shell) only take values
-from a safe character set, and every shell word is quoted with shlex.quote.
+unquoted: `#SBATCH` lines (read by sbatch, not by the shell) take names from a
+safe character set and double-quoted paths without quotes, backslashes or
+line breaks, and every shell word is quoted with shlex.quote.
 """
 
 import re
