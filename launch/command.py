@@ -5,10 +5,11 @@ returns `(argv, env)` for the executor in launch.cli, and unit tests check it
 as data.
 """
 
-import re
 from dataclasses import dataclass
 
-_HOST = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+?(:\d+)?$")
+from launch.hosts import HostError, format_hosts, parse_hosts
+
+RUNNERS = ("horovodrun", "srun")
 
 
 class LaunchError(ValueError):
@@ -23,9 +24,12 @@ class LaunchOptions:
       np: number of worker processes (ranks).
       config: the experiment YAML given to every worker.
       overrides: `key=value` strings passed on as `--set`.
-      hosts: horovodrun `-H` list, `host1:slots,host2:slots`.
-      hostfile: a file of `host slots=N` lines (exclusive with hosts).
-      controller: "gloo" or "mpi".
+      hosts: horovodrun `-H` list, `host1:slots,host2:slots` (hostfiles and
+        Slurm node lists are turned into one by launch.hosts).
+      controller: "gloo" or "mpi"; None: gloo under horovodrun, mpi under srun.
+      runner: "horovodrun", or "srun" inside a Slurm allocation: srun starts
+        the ranks as MPI processes (through PMIx) without horovodrun or ssh.
+      srun_mpi: srun's `--mpi` plugin type.
       timeline: write a Horovod timeline (Chrome trace) to this file.
       autotune: let Horovod tune fusion buffer and cycle time.
       fusion_threshold_mb: Horovod tensor fusion buffer size.
@@ -35,6 +39,9 @@ class LaunchOptions:
         after this long.
       stall_shutdown_sec: ... and shuts the job down after this long (0: never),
         so ranks that fell out of step end the job instead of hanging it.
+      ssh_port: ssh port of the other hosts (horovodrun starts remote ranks
+        over ssh).
+      ssh_identity_file: private key for that ssh.
       python: interpreter that runs the workers.
       horovodrun: the horovodrun executable.
     """
@@ -43,38 +50,33 @@ class LaunchOptions:
     config: str
     overrides: tuple[str, ...] = ()
     hosts: str | None = None
-    hostfile: str | None = None
-    controller: str = "gloo"
+    controller: str | None = None
+    runner: str = "horovodrun"
+    srun_mpi: str = "pmix"
     timeline: str | None = None
     autotune: bool = False
     fusion_threshold_mb: int | None = None
     cycle_time_ms: float | None = None
     stall_warning_sec: int = 60
     stall_shutdown_sec: int = 600
+    ssh_port: int | None = None
+    ssh_identity_file: str | None = None
     python: str = "python"
     horovodrun: str = "horovodrun"
-
-
-def parse_hosts(hosts: str) -> list[tuple[str, int]]:
-    """`h1:2,h2` to [("h1", 2), ("h2", 1)]; raises LaunchError on a malformed entry."""
-    parsed = []
-    for item in hosts.split(","):
-        item = item.strip()
-        name, _, slots = item.partition(":")
-        if not name or not _HOST.match(item) or (slots and not slots.isdigit()) or slots == "0":
-            raise LaunchError(f"--hosts entry {item!r} is not host[:slots] with slots >= 1")
-        parsed.append((name, int(slots) if slots else 1))
-    return parsed
+    srun: str = "srun"
 
 
 def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-    """The horovodrun argv and the environment to run it with."""
+    """The horovodrun (or srun) argv and the environment to run it with."""
     if opts.np < 1:
         raise LaunchError(f"--np must be at least 1, got {opts.np}")
-    if opts.hosts and opts.hostfile:
-        raise LaunchError("--hosts and --hostfile are exclusive")
-    if opts.controller not in ("gloo", "mpi"):
-        raise LaunchError(f"controller must be gloo or mpi, got {opts.controller!r}")
+    if opts.runner not in RUNNERS:
+        raise LaunchError(f"runner must be one of {', '.join(RUNNERS)}, got {opts.runner!r}")
+    controller = opts.controller or ("mpi" if opts.runner == "srun" else "gloo")
+    if controller not in ("gloo", "mpi"):
+        raise LaunchError(f"controller must be gloo or mpi, got {controller!r}")
+    if opts.runner == "srun" and controller != "mpi":
+        raise LaunchError("--gloo needs horovodrun's rendezvous; srun starts MPI ranks (use --mpi)")
     if opts.stall_warning_sec < 1:
         raise LaunchError(f"--stall-warning-sec must be >= 1, got {opts.stall_warning_sec}")
     if opts.stall_shutdown_sec and opts.stall_shutdown_sec <= opts.stall_warning_sec:
@@ -86,15 +88,22 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
     if opts.fusion_threshold_mb is not None and opts.fusion_threshold_mb < 0:
         raise LaunchError(f"--fusion-threshold-mb must be >= 0, got {opts.fusion_threshold_mb}")
 
-    argv = [opts.horovodrun, "-np", str(opts.np), f"--{opts.controller}"]
+    env = dict(base_env)
+    env.setdefault("PYTHONUNBUFFERED", "1")  # rank output interleaves line by line
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, once per rank
+    if opts.runner == "srun":
+        return _srun_command(opts, env), env
+
+    argv = [opts.horovodrun, "-np", str(opts.np), f"--{controller}"]
     if opts.hosts:
-        hosts = parse_hosts(opts.hosts)
+        try:
+            hosts = parse_hosts(opts.hosts)
+        except HostError as e:
+            raise LaunchError(str(e)) from None
         slots = sum(n for _, n in hosts)
         if slots < opts.np:
             raise LaunchError(f"--hosts {opts.hosts!r} has {slots} slots for --np {opts.np}")
-        argv += ["-H", ",".join(f"{h}:{n}" for h, n in hosts)]
-    elif opts.hostfile:
-        argv += ["--hostfile", opts.hostfile]
+        argv += ["-H", format_hosts(hosts)]
     else:
         argv += ["-H", f"localhost:{opts.np}"]
     if opts.timeline:
@@ -105,17 +114,15 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
         argv += ["--fusion-threshold-mb", str(opts.fusion_threshold_mb)]
     if opts.cycle_time_ms is not None:
         argv += ["--cycle-time-ms", f"{opts.cycle_time_ms:g}"]
+    if opts.ssh_port is not None:
+        argv += ["--ssh-port", str(opts.ssh_port)]
+    if opts.ssh_identity_file:
+        argv += ["--ssh-identity-file", opts.ssh_identity_file]
 
     argv += ["--stall-check-warning-time-seconds", str(opts.stall_warning_sec),
              "--stall-check-shutdown-time-seconds", str(opts.stall_shutdown_sec)]
-    argv += [opts.python, "-m", "trainer.train", "--config", opts.config]
-    for item in opts.overrides:
-        argv += ["--set", item]
-
-    env = dict(base_env)
-    env.setdefault("PYTHONUNBUFFERED", "1")  # rank output interleaves line by line
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, once per rank
-    if opts.controller == "mpi":
+    argv += _worker_argv(opts)
+    if controller == "mpi":
         # Open MPI refuses to start as root (containers, CI) without these.
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
@@ -131,3 +138,32 @@ def tensorboard_command(python: str, logdir: str, port: int, host: str = "127.0.
     if not 0 < port < 65536:
         raise LaunchError(f"--tensorboard {port}: not a TCP port (1-65535)")
     return [python, "-m", "tensorboard.main", "--logdir", logdir, "--host", host, "--port", str(port)]
+
+
+def _worker_argv(opts: LaunchOptions) -> list[str]:
+    argv = [opts.python, "-m", "trainer.train", "--config", opts.config]
+    for item in opts.overrides:
+        argv += ["--set", item]
+    return argv
+
+
+def _srun_command(opts: LaunchOptions, env: dict[str, str]) -> list[str]:
+    """srun starts every rank itself; the horovodrun options become Horovod's environment variables."""
+    if opts.hosts:
+        raise LaunchError("--hosts does not apply to srun, which runs on the hosts of the allocation")
+    env["HOROVOD_CONTROLLER"] = env["HOROVOD_CPU_OPERATIONS"] = "mpi"
+    env["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(opts.stall_warning_sec)
+    env["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(opts.stall_shutdown_sec)
+    if opts.timeline:
+        env["HOROVOD_TIMELINE"] = opts.timeline
+    if opts.autotune:
+        env["HOROVOD_AUTOTUNE"] = "1"
+    if opts.fusion_threshold_mb is not None:
+        env["HOROVOD_FUSION_THRESHOLD"] = str(opts.fusion_threshold_mb * 1024 * 1024)
+    if opts.cycle_time_ms is not None:
+        env["HOROVOD_CYCLE_TIME"] = f"{opts.cycle_time_ms:g}"
+    # --kill-on-bad-exit: one failed rank ends the step, as horovodrun does,
+    # instead of leaving the others blocked in a collective; --label prefixes
+    # each output line with its rank.
+    return [opts.srun, f"--mpi={opts.srun_mpi}", "--ntasks", str(opts.np), "--kill-on-bad-exit=1", "--label",
+            *_worker_argv(opts)]

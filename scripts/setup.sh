@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command set-up on Debian 12 (run as root, or with sudo available for apt):
-#   1. apt: Open MPI and a C++ tool chain (for Horovod and mpi4py);
+#   1. apt: Open MPI and a C++ tool chain (for Horovod and mpi4py), Slurm and sshd (for tests);
 #   2. .venv with TensorFlow (CPU), Keras 3, TensorBoard, mpi4py and test tools;
 #   3. Horovod 0.28.1 built from its sdist, patched for TF 2.21, with TF ops, Gloo and MPI;
 #   4. a check that `horovodrun --check-build` lists TensorFlow, MPI and Gloo.
@@ -16,7 +16,8 @@ VENV=${VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
 HOROVOD_VERSION=0.28.1
 PATCH=$ROOT/scripts/horovod-$HOROVOD_VERSION-tf2.21-cpu.patch
-APT_PACKAGES=(libopenmpi-dev openmpi-bin build-essential cmake patch python3-dev)
+# slurm-wlm and openssh-server: the Slurm and two-host tests start their own daemons.
+APT_PACKAGES=(libopenmpi-dev openmpi-bin build-essential cmake patch python3-dev slurm-wlm openssh-server)
 
 log() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }

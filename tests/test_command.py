@@ -3,7 +3,7 @@ import sys
 import pytest
 
 from conftest import run
-from launch.command import LaunchError, LaunchOptions, build_command, parse_hosts
+from launch.command import LaunchError, LaunchOptions, build_command
 
 
 def opts(**kw):
@@ -38,10 +38,47 @@ def test_mpi_hosts_and_horovod_tuning_flags():
     assert env["OMPI_ALLOW_RUN_AS_ROOT"] == "1"
 
 
-def test_hostfile_is_passed_through():
-    argv, _ = build_command(opts(hostfile="hosts.txt"), {})
-    assert argv[4:6] == ["--hostfile", "hosts.txt"]
-    assert "-H" not in argv
+def test_srun_runner_passes_horovod_options_as_environment():
+    argv, env = build_command(opts(runner="srun", timeline="/tmp/tl.json", autotune=True, fusion_threshold_mb=32,
+                                   cycle_time_ms=2.5, overrides=("train.epochs=3",)), {"PATH": "/bin"})
+    assert argv == ["srun", "--mpi=pmix", "--ntasks", "2", "--kill-on-bad-exit=1", "--label",
+                    "/venv/bin/python", "-m", "trainer.train", "--config", "configs/digits.yaml", "--set", "train.epochs=3"]
+    assert env["HOROVOD_CONTROLLER"] == env["HOROVOD_CPU_OPERATIONS"] == "mpi"
+    assert env["HOROVOD_TIMELINE"] == "/tmp/tl.json" and env["HOROVOD_AUTOTUNE"] == "1"
+    assert env["HOROVOD_FUSION_THRESHOLD"] == str(32 * 1024 * 1024) and env["HOROVOD_CYCLE_TIME"] == "2.5"
+    assert env["HOROVOD_STALL_CHECK_TIME_SECONDS"] == "60" and env["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] == "600"
+    assert "OMPI_ALLOW_RUN_AS_ROOT" not in env  # no mpirun involved
+
+
+def test_hostfile_becomes_a_host_list(digits_shards, tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# cluster\nn1 slots=2\nn2 slots=2 max_slots=4\n")
+    res = run([sys.executable, "-m", "launch", "--config", "configs/digits.yaml", "--hostfile", hostfile,
+               "--set", f"data.dir={digits_shards}", "--set", f"run_dir={tmp_path}/run", "--dry-run"])
+    assert res.returncode == 0, res.stderr
+    # --np defaults to the hostfile's slots.
+    assert " -np 4 --gloo -H n1:2,n2:2 " in res.stdout
+    hostfile.write_text("n1 slots=2\nn2 slots=x\n")
+    res = run([sys.executable, "-m", "launch", "--config", "configs/digits.yaml", "--hostfile", hostfile,
+               "--set", f"data.dir={digits_shards}", "--dry-run"])
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"launch: error: {hostfile} line 2: slots='x' is not a number"
+
+
+def test_slurm_allocation_gives_np_and_hosts(digits_shards, tmp_path):
+    env = {"SLURM_JOB_NODELIST": "node[07-08]", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_JOB_ID": "42"}
+    base = [sys.executable, "-m", "launch", "--config", "configs/digits.yaml", "--slurm-allocation",
+            "--set", f"data.dir={digits_shards}", "--set", f"run_dir={tmp_path}/run", "--dry-run"]
+    res = run(base, env=env)
+    assert res.returncode == 0, res.stderr
+    assert " -np 4 --gloo -H node07:2,node08:2 " in res.stdout.splitlines()[-1]
+    res = run([*base, "--srun"], env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1].startswith("srun --mpi=pmix --ntasks 4 ")
+    res = run([sys.executable, "-m", "launch", "--config", "configs/digits.yaml", "--srun", "--np", "2",
+               "--set", f"data.dir={digits_shards}", "--dry-run"])
+    assert res.returncode == 2
+    assert res.stderr.strip() == "launch: error: --srun needs --slurm-allocation (run it inside a Slurm job)"
 
 
 def test_caller_environment_is_not_overridden():
@@ -59,7 +96,9 @@ def test_build_command_does_not_mutate_its_input():
     "kw, message",
     [
         (dict(np=0), "--np must be at least 1, got 0"),
-        (dict(hosts="a:1", hostfile="f"), "--hosts and --hostfile are exclusive"),
+        (dict(runner="mpirun"), "runner must be one of horovodrun, srun, got 'mpirun'"),
+        (dict(runner="srun", controller="gloo"), "--gloo needs horovodrun's rendezvous; srun starts MPI ranks (use --mpi)"),
+        (dict(runner="srun", hosts="a:2"), "--hosts does not apply to srun, which runs on the hosts of the allocation"),
         (dict(hosts="a:1,b:0"), "--hosts entry 'b:0' is not host[:slots] with slots >= 1"),
         (dict(hosts="a:x"), "--hosts entry 'a:x' is not host[:slots] with slots >= 1"),
         (dict(np=5, hosts="a:2,b:2"), "--hosts 'a:2,b:2' has 4 slots for --np 5"),
@@ -74,10 +113,6 @@ def test_bad_options(kw, message):
     with pytest.raises(LaunchError) as e:
         build_command(opts(**kw), {})
     assert str(e.value) == message
-
-
-def test_parse_hosts():
-    assert parse_hosts("a:2,b,c-1.example:8") == [("a", 2), ("b", 1), ("c-1.example", 8)]
 
 
 def test_dry_run_prints_command_and_checks_config(digits_shards, tmp_path):

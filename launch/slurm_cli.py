@@ -1,0 +1,147 @@
+"""`python -m launch slurm`: write the sbatch script for a run and submit it.
+
+    python -m launch slurm --config configs/digits.yaml [--set key=value ...]
+        [--nodes N] [--ntasks-per-node T | --gpus-per-node G] [--cpus-per-task C]
+        [--time HH:MM:SS] [--partition P] [--account A] [--qos Q] [--job-name NAME]
+        [--setup 'module load ...' ...] [--venv DIR] [--signal-grace-sec S] [--no-requeue]
+        [--srun [--srun-mpi pmix]] [--gloo | --mpi] [Horovod options] [--tensorboard-host H]
+        [--dry-run]
+
+`--dry-run` prints the script. Otherwise it is saved as run_dir/slurm/NAME.sbatch
+and submitted with sbatch; the job id, the log path and the TensorBoard
+command to watch the run are printed. Exits 2 for bad options, a bad config or
+a submission that sbatch refuses.
+"""
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+from launch.cli import add_horovod_options
+from launch.command import LaunchError
+from launch.slurm import SlurmOptions, build_script, tasks_per_node, validate as validate_slurm
+from trainer.config import ConfigError, load_config, validate, validate_world
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch slurm", description="Write and submit an sbatch script.")
+    p.add_argument("--config", required=True, help="YAML experiment file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--ntasks-per-node", type=int, help="ranks per node (default: --gpus-per-node, or 1)")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one rank each")
+    p.add_argument("--cpus-per-task", type=int, default=1, help="cores per rank (default 1)")
+    p.add_argument("--time", default="01:00:00", help="time limit (default 01:00:00)")
+    p.add_argument("--partition", help="Slurm partition")
+    p.add_argument("--account", help="Slurm account")
+    p.add_argument("--qos", help="Slurm QoS")
+    p.add_argument("--job-name", help="job name (default: the config file's name)")
+    p.add_argument("--setup", action="append", default=[], metavar="LINE",
+                   help="shell line run first in the job, e.g. 'module load cuda' (repeatable)")
+    p.add_argument("--venv", help="virtual environment activated in the job")
+    p.add_argument("--python", help="interpreter in the job (default: this one, or `python` of --venv)")
+    p.add_argument("--signal-grace-sec", type=int, default=120,
+                   help="checkpoint and requeue this long before the time limit (default 120)")
+    p.add_argument("--no-requeue", dest="requeue", action="store_false",
+                   help="neither requeue at the time limit nor let Slurm requeue the job")
+    p.add_argument("--srun", action="store_true", help="start the ranks with srun (MPI via PMIx) instead of horovodrun")
+    p.add_argument("--srun-mpi", default="pmix", help="srun --mpi plugin (default pmix)")
+    add_horovod_options(p)
+    p.add_argument("--tensorboard-host", default="127.0.0.1",
+                   help="address in the printed TensorBoard command (default loopback)")
+    p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    return p.parse_args(argv)
+
+
+def launcher_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The options the launcher inside the job gets, in the order of `python -m launch --help`."""
+    out = []
+    if args.srun:
+        out += ["--srun", "--srun-mpi", args.srun_mpi]
+    if args.controller:
+        out.append(f"--{args.controller}")
+    if args.timeline:
+        out += ["--timeline", os.path.abspath(args.timeline)]
+    if args.autotune:
+        out.append("--autotune")
+    if args.fusion_threshold_mb is not None:
+        out += ["--fusion-threshold-mb", str(args.fusion_threshold_mb)]
+    if args.cycle_time_ms is not None:
+        out += ["--cycle-time-ms", f"{args.cycle_time_ms:g}"]
+    out += ["--stall-warning-sec", str(args.stall_warning_sec), "--stall-shutdown-sec", str(args.stall_shutdown_sec)]
+    return tuple(out)
+
+
+def default_job_name(config: str) -> str:
+    stem = os.path.splitext(os.path.basename(config))[0]
+    return re.sub(r"[^A-Za-z0-9_.+\-]", "_", stem)[:128] or "train"
+
+
+def options_from_args(args: argparse.Namespace, run_dir: str) -> SlurmOptions:
+    python = args.python or ("python" if args.venv else sys.executable)
+    return SlurmOptions(
+        config=os.path.abspath(args.config), overrides=tuple(args.overrides), run_dir=os.path.abspath(run_dir),
+        workdir=os.getcwd(), python=python, nodes=args.nodes, ntasks_per_node=args.ntasks_per_node,
+        gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, time=args.time,
+        partition=args.partition, account=args.account, qos=args.qos,
+        job_name=args.job_name if args.job_name is not None else default_job_name(args.config),
+        setup=tuple(args.setup), venv=os.path.abspath(args.venv) if args.venv else None,
+        signal_grace_sec=args.signal_grace_sec, requeue=args.requeue, launcher_args=launcher_args(args),
+    )
+
+
+def check_partition(partition: str) -> None:
+    res = subprocess.run(["scontrol", "-o", "show", "partition"], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise LaunchError(f"scontrol show partition failed: {res.stderr.strip()}")
+    known = re.findall(r"PartitionName=(\S+)", res.stdout)
+    for name in partition.split(","):
+        if name not in known:
+            raise LaunchError(f"--partition {name!r} is not a partition of this cluster ({', '.join(known) or 'none'})")
+
+
+def submit(script_path: str) -> str:
+    res = subprocess.run(["sbatch", "--parsable", script_path], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+        raise LaunchError(f"sbatch refused the job: {lines[-1] if lines else 'exit code ' + str(res.returncode)}")
+    return res.stdout.strip().split(";")[0]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg)
+        opts = options_from_args(args, cfg.run_dir)
+        validate_slurm(opts)
+        validate_world(cfg, opts.nodes * tasks_per_node(opts))
+        script = build_script(opts)
+        if args.dry_run:
+            print(script, end="")
+            return 0
+        if not shutil.which("sbatch"):
+            raise LaunchError("sbatch is not installed here (run this on a Slurm login node, or use --dry-run)")
+        if opts.partition:
+            check_partition(opts.partition)
+        log_dir = os.path.join(opts.run_dir, "slurm")
+        os.umask(0o027)  # as the trainer: the run directory is for owner and group only
+        # Slurm does not create the folder of --output; without it the job fails before it starts.
+        os.makedirs(log_dir, mode=0o750, exist_ok=True)
+        script_path = os.path.join(log_dir, f"{opts.job_name}.sbatch")
+        with open(script_path, "w", encoding="utf-8") as f:
+            f.write(script)
+        job_id = submit(script_path)
+    except (ConfigError, LaunchError) as e:
+        print(f"launch: error: {e}", file=sys.stderr)
+        return 2
+    print(f"submitted Slurm job {job_id} ({script_path})")
+    print(f"log: {os.path.join(log_dir, f'{opts.job_name}-{job_id}.out')} (stderr: .err)")
+    tensorboard = ["tensorboard", "--logdir", os.path.join(opts.run_dir, "tensorboard"), "--host", args.tensorboard_host]
+    print(f"watch: {shlex.join(tensorboard)}")
+    return 0

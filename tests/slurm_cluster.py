@@ -1,0 +1,153 @@
+"""A one-node Slurm cluster on loopback for the tests: slurmctld and slurmd from Debian's slurm-wlm.
+
+Everything (config, state, spool, logs) lives in one temporary folder; the
+daemons run in the foreground as children of the test process and are stopped
+by process id. Authentication is off (auth/none), so it must never listen
+beyond 127.0.0.1. It needs root, as slurmd starts jobs as their users.
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+CONF = """\
+ClusterName=hvdtest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/none
+CredType=cred/none
+# Also how long a requeued job waits before it may start again (default 120 s).
+AuthInfo=cred_expire=10
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/builtin
+# Look at pending jobs every 2 s, not 60: a requeued job starts as soon as it may.
+SchedulerParameters=sched_interval=2
+StateSaveLocation={dir}/state
+SlurmdSpoolDir={dir}/spool
+SlurmctldPidFile={dir}/slurmctld.pid
+SlurmdPidFile={dir}/slurmd.pid
+SlurmctldLogFile={dir}/slurmctld.log
+SlurmdLogFile={dir}/slurmd.log
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/filetxt
+JobCompLoc={dir}/jobcomp.txt
+# Keep finished jobs in `scontrol show job` (there is no slurmdbd for sacct).
+MinJobAge=3600
+# Between SIGTERM and SIGKILL when a job is cancelled: the time to checkpoint.
+KillWait=30
+ReturnToService=2
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+DAEMONS = ("slurmctld", "slurmd")
+
+
+def install_if_missing() -> None:
+    """Debian's slurm-wlm, as scripts/setup.sh installs it, when a daemon is missing."""
+    if all(shutil.which(d) or os.path.exists(f"/usr/sbin/{d}") for d in (*DAEMONS, "sbatch")):
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "slurm-wlm"], check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SlurmCluster:
+    def __init__(self, workdir: Path):
+        self.dir = workdir
+        self.host = socket.gethostname().split(".")[0]
+        self.conf = workdir / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.procs: list[subprocess.Popen] = []
+        self.startup_sec = 0.0
+
+    def start(self, timeout: float = 60) -> None:
+        for sub in ("state", "spool"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(CONF.format(host=self.host, dir=self.dir, cpus=os.cpu_count(),
+                                         ctld_port=free_port(), slurmd_port=free_port()))
+        started = time.monotonic()
+        sbin = "/usr/sbin"
+        for argv in ([f"{sbin}/slurmctld", "-D", "-i"], [f"{sbin}/slurmd", "-D", "-N", self.host]):
+            log = open(self.dir / f"{Path(argv[0]).name}.out", "w")
+            self.procs.append(subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+            log.close()
+        while time.monotonic() - started < timeout:
+            for p in self.procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"{p.args[0]} exited with {p.returncode}: {self.logs()}")
+            res = self.run("sinfo", "-h", "-o", "%T", check=False)
+            if res.returncode == 0 and res.stdout.strip() == "idle":
+                self.startup_sec = time.monotonic() - started
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the Slurm node was not idle after {timeout} s: {self.logs()}")
+
+    def logs(self) -> str:
+        out = []
+        for name in ("slurmctld.log", "slurmd.log", "slurmctld.out", "slurmd.out"):
+            path = self.dir / name
+            if path.exists():
+                out.append(f"--- {name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:]))
+        return "\n".join(out)
+
+    def run(self, *argv, check=True) -> subprocess.CompletedProcess:
+        res = subprocess.run(list(argv), env=self.env, capture_output=True, text=True, timeout=60)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed: {res.stderr.strip()}")
+        return res
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...)."""
+        text = self.run("scontrol", "-o", "show", "job", job_id).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", text))
+
+    def wait(self, job_id: str, states: tuple[str, ...], timeout: float = 400) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.job(job_id)
+            if info["JobState"] in states:
+                return info
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} is {info['JobState']} (reason {info.get('Reason')}, exit "
+                                     f"{info.get('ExitCode')}) after {timeout} s, wanted {states}\n{self.logs()}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Cancels what still runs, then stops the daemons by process id (SIGKILL after 15 s)."""
+        if all(p.poll() is None for p in self.procs):
+            res = self.run("squeue", "-h", "-o", "%i", check=False)
+            ids = res.stdout.split()
+            if ids:
+                self.run("scancel", *ids, check=False)
+                deadline = time.monotonic() + 45
+                while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).stdout.split():
+                    time.sleep(0.2)
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

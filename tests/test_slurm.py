@@ -1,0 +1,133 @@
+"""Training under a real Slurm (one node on loopback, see slurm_cluster.py): sbatch, scancel, requeue."""
+
+import json
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run
+from slurm_cluster import SlurmCluster, install_if_missing
+from test_horovod import checkpoint_steps, epoch_records, messages
+
+pytestmark = [pytest.mark.horovod, pytest.mark.slurm]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    install_if_missing()
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        print(f"slurmctld and slurmd ready after {cluster.startup_sec:.1f} s")
+        yield cluster
+    finally:
+        cluster.stop()
+    assert all(p.poll() is not None for p in cluster.procs)
+
+
+def submit(slurm: SlurmCluster, run_dir: Path, shards: Path, *extra) -> tuple[str, str]:
+    res = run([sys.executable, "-m", "launch", "slurm", "--config", "configs/digits.yaml", "--ntasks-per-node", "2",
+               "--time", "10", "--partition", "debug", "--set", f"run_dir={run_dir}", "--set", f"data.dir={shards}",
+               "--set", "runtime.log_all_ranks=true", "--set", "train.export=false", *extra], env=slurm.env)
+    assert res.returncode == 0, res.stderr
+    job_id = re.search(r"^submitted Slurm job (\d+) ", res.stdout, re.M).group(1)
+    return job_id, res.stdout
+
+
+def job_log(run_dir: Path, job_id: str) -> str:
+    return "".join((run_dir / "slurm" / f"digits-{job_id}.{ext}").read_text() for ext in ("out", "err"))
+
+
+def wait_for(path: Path, slurm: SlurmCluster, job_id: str, timeout=300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        state = slurm.job(job_id)["JobState"]
+        assert state in ("PENDING", "RUNNING"), f"job {job_id} is {state} before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.1)
+
+
+def test_sbatch_job_trains_with_two_ranks_and_completes(slurm, digits_shards, tmp_path):
+    # Shell syntax in a config value stays a literal path: nothing in it is run or expanded.
+    run_dir = tmp_path / "run $(touch pwned) `id` ;x' $HOME"
+    started = time.monotonic()
+    job_id, printed = submit(slurm, run_dir, digits_shards, "--set", "train.epochs=2")
+    info = slurm.wait(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
+    log = job_log(run_dir, job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    print(f"sbatch job {job_id}: submit to COMPLETED in {time.monotonic() - started:.1f} s")
+    assert not list(ROOT.glob("pwned")) and not list(tmp_path.rglob("pwned"))
+
+    assert f"log: {run_dir}/slurm/digits-{job_id}.out" in printed
+    tensorboard = ["tensorboard", "--logdir", f"{run_dir}/tensorboard", "--host", "127.0.0.1"]
+    assert f"watch: {shlex.join(tensorboard)}" in printed
+    # horovodrun got its host list from the allocation: this node, 2 slots.
+    assert f" -np 2 --gloo -H {slurm.host}:2 " in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["world_size"] == 2 and summary["val_accuracy"] > 0.5
+    assert checkpoint_steps(run_dir) == [22, 44]
+    for sub in ("train", "validation"):
+        assert len(list((run_dir / "tensorboard" / sub).glob("events.out.tfevents.*"))) == 1
+    stopped = messages(log, "weights after training:")
+    assert sorted(stopped) == [0, 1] and stopped[0] == stopped[1]
+
+
+def test_time_limit_requeue_scancel_and_resubmission_resume_from_checkpoints(slurm, digits_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    epochs = ("--set", "train.epochs=4")
+    job_id, _ = submit(slurm, run_dir, digits_shards, *epochs)
+    wait_for(run_dir / "checkpoints" / "step-000000022", slurm, job_id)
+    time.sleep(0.3)  # into epoch 2
+
+    # What Slurm does --signal-grace-sec before the time limit: SIGUSR1 to the batch shell,
+    # which is the launcher. It stops the workers at a checkpoint and requeues the job.
+    slurm.run("scancel", "--batch", "--signal=USR1", job_id)
+    slurm.wait(job_id, ("PENDING",), timeout=120)
+    log = job_log(run_dir, job_id)
+    first = messages(log, "stopped at step")
+    assert sorted(first) == [0, 1] and first[0] == first[1], log[-3000:]
+    step1 = int(first[0][0].split()[0])
+    assert checkpoint_steps(run_dir)[-1] == step1 > 22
+    assert f"launch: requeued Slurm job {job_id}" in log
+    # Slurm holds a requeued job for cred_expire (120 s by default, 10 s in the test cluster).
+    info = slurm.wait(job_id, ("RUNNING", "COMPLETED", "FAILED", "CANCELLED"), timeout=120)
+    assert info["JobState"] == "RUNNING" and info["Restarts"] == "1", job_log(run_dir, job_id)[-3000:]
+
+    # scancel: SIGTERM to every process of the job; the workers checkpoint before KillWait ends.
+    wait_for(run_dir / "checkpoints" / f"step-{(step1 // 22 + 1) * 22:09d}", slurm, job_id)
+    time.sleep(0.3)
+    slurm.run("scancel", job_id)
+    info = slurm.wait(job_id, ("CANCELLED",), timeout=120)
+    log = job_log(run_dir, job_id)
+    assert f"resumed from {run_dir}/checkpoints/step-{step1:09d}" in log, log[-3000:]
+    second = messages(log, "stopped at step")
+    assert len(second[0]) == len(second[1]) == 2 and second[0] == second[1], log[-3000:]
+    step2 = int(second[0][1].split()[0])
+    assert checkpoint_steps(run_dir)[-1] == step2 > step1
+    print(f"USR1 stopped at step {step1}, requeued; scancel stopped at step {step2}; job {info['JobState']}")
+
+    # A new submission resumes from the scancel checkpoint, with srun starting MPI ranks this time.
+    job2, _ = submit(slurm, run_dir, digits_shards, *epochs, "--srun")
+    info = slurm.wait(job2, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
+    log2 = job_log(run_dir, job2)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log2[-3000:]
+    assert "srun --mpi=pmix --ntasks 2" in log2
+    assert f"resumed from {run_dir}/checkpoints/step-{step2:09d}" in log2, log2[-3000:]
+    records = epoch_records(log2)
+    assert [r["epoch"] for r in records[0]] == [r["epoch"] for r in records[1]] == list(range(step2 // 22 + 1, 5))
+    assert checkpoint_steps(run_dir)[-1] == 4 * 22
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
+
+
+def test_unknown_partition_is_refused_before_submitting(slurm, digits_shards, tmp_path):
+    res = run([sys.executable, "-m", "launch", "slurm", "--config", "configs/digits.yaml", "--partition", "gpu",
+               "--ntasks-per-node", "2", "--set", f"run_dir={tmp_path}/run", "--set", f"data.dir={digits_shards}"],
+              env=slurm.env)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "launch: error: --partition 'gpu' is not a partition of this cluster (debug)"
+    assert res.stdout == "" and not (tmp_path / "run").exists()
+    assert slurm.run("squeue", "-h").stdout == ""
