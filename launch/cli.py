@@ -4,6 +4,7 @@
         [--hosts h1:2,h2:2 | --hostfile FILE] [--gloo | --mpi]
         [--timeline FILE] [--autotune] [--fusion-threshold-mb M] [--cycle-time-ms T]
         [--stall-warning-sec S] [--stall-shutdown-sec S] [--dry-run]
+        [--elastic --min-np N --max-np M --host-discovery-script FILE [--reset-limit R]]
 
 Exits with horovodrun's exit code, or 2 for bad options or config.
 """
@@ -16,7 +17,7 @@ import signal
 import subprocess
 import sys
 
-from launch.command import LaunchError, LaunchOptions, build_command
+from launch.command import LaunchError, LaunchOptions, build_command, world_sizes
 from trainer.config import ConfigError, load_config, validate, validate_world
 
 
@@ -40,6 +41,13 @@ def parse_args(argv) -> argparse.Namespace:
                    help="log ranks missing from a collective after this long (default 60)")
     p.add_argument("--stall-shutdown-sec", type=int, default=600,
                    help="end the job when a collective waits this long; 0 never (default 600)")
+    el = p.add_argument_group("elastic (Gloo): workers may leave and join while training goes on")
+    el.add_argument("--elastic", action="store_true", help="Horovod elastic mode; --np is the starting size")
+    el.add_argument("--min-np", type=int, help="fewest workers to keep training with (default --np)")
+    el.add_argument("--max-np", type=int, help="most workers to run (default --np)")
+    el.add_argument("--host-discovery-script", help="executable printing one host:slots line per available host")
+    p.add_argument("--network-interface", help="interfaces for worker traffic, e.g. eth0 (lo: one host)")
+    el.add_argument("--reset-limit", type=int, help="end the job after this many resizes")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, run nothing")
     p.set_defaults(controller="gloo")
     return p.parse_args(argv)
@@ -52,7 +60,9 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
         np=args.np, config=args.config, overrides=tuple(args.overrides), hosts=args.hosts,
         hostfile=args.hostfile, controller=args.controller, timeline=args.timeline, autotune=args.autotune,
         fusion_threshold_mb=args.fusion_threshold_mb, cycle_time_ms=args.cycle_time_ms, stall_warning_sec=args.stall_warning_sec,
-        stall_shutdown_sec=args.stall_shutdown_sec, python=sys.executable,
+        stall_shutdown_sec=args.stall_shutdown_sec, elastic=args.elastic, min_np=args.min_np, max_np=args.max_np,
+        host_discovery_script=args.host_discovery_script, reset_limit=args.reset_limit,
+        network_interface=args.network_interface, python=sys.executable,
         horovodrun=horovodrun if os.path.exists(horovodrun) else (shutil.which("horovodrun") or "horovodrun"),
     )
 
@@ -78,11 +88,17 @@ def main(argv=None) -> int:
     try:
         if args.hostfile and not os.path.isfile(args.hostfile):
             raise LaunchError(f"--hostfile {args.hostfile!r} does not exist")
-        # Check the config here, once, before any worker starts.
+        script = args.host_discovery_script
+        if script and not (os.path.isfile(script) and os.access(script, os.X_OK)):
+            raise LaunchError(f"--host-discovery-script {script!r} is not an executable file")
+        opts = options_from_args(args)
+        cmd, env = build_command(opts, dict(os.environ))
+        # Check the config here, once, before any worker starts; elastic jobs
+        # keep the global batch, so it must divide by every size they may reach.
         cfg = load_config(args.config, args.overrides)
         validate(cfg)
-        validate_world(cfg, args.np)
-        cmd, env = build_command(options_from_args(args), dict(os.environ))
+        for n in world_sizes(opts):
+            validate_world(cfg, n)
     except (ConfigError, LaunchError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2

@@ -35,6 +35,16 @@ class LaunchOptions:
         after this long.
       stall_shutdown_sec: ... and shuts the job down after this long (0: never),
         so ranks that fell out of step end the job instead of hanging it.
+      elastic: Horovod elastic mode (Gloo): workers may leave and join; the
+        host list comes from host_discovery_script.
+      min_np: elastic: fewest workers to keep training with (default np).
+      max_np: elastic: most workers to run (default np).
+      host_discovery_script: elastic: an executable printing one `host:slots`
+        line per available host; horovodrun runs it every second.
+      reset_limit: elastic: end the job after this many resizes (None: no limit).
+      network_interface: network interfaces for the workers' traffic, e.g.
+        `eth0` or `lo`. Elastic jobs without it wait until two hosts are up,
+        because horovodrun finds the common interfaces by testing between hosts.
       python: interpreter that runs the workers.
       horovodrun: the horovodrun executable.
     """
@@ -51,6 +61,12 @@ class LaunchOptions:
     cycle_time_ms: float | None = None
     stall_warning_sec: int = 60
     stall_shutdown_sec: int = 600
+    elastic: bool = False
+    min_np: int | None = None
+    max_np: int | None = None
+    host_discovery_script: str | None = None
+    reset_limit: int | None = None
+    network_interface: str | None = None
     python: str = "python"
     horovodrun: str = "horovodrun"
 
@@ -87,7 +103,11 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
         raise LaunchError(f"--fusion-threshold-mb must be >= 0, got {opts.fusion_threshold_mb}")
 
     argv = [opts.horovodrun, "-np", str(opts.np), f"--{opts.controller}"]
-    if opts.hosts:
+    if opts.elastic:
+        argv += elastic_args(opts)
+    elif opts.min_np is not None or opts.max_np is not None or opts.host_discovery_script or opts.reset_limit:
+        raise LaunchError("--min-np, --max-np, --host-discovery-script and --reset-limit need --elastic")
+    elif opts.hosts:
         hosts = parse_hosts(opts.hosts)
         slots = sum(n for _, n in hosts)
         if slots < opts.np:
@@ -97,6 +117,8 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
         argv += ["--hostfile", opts.hostfile]
     else:
         argv += ["-H", f"localhost:{opts.np}"]
+    if opts.network_interface:
+        argv += ["--network-interface", opts.network_interface]
     if opts.timeline:
         argv += ["--timeline-filename", opts.timeline]
     if opts.autotune:
@@ -120,3 +142,31 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     return argv, env
+
+
+def world_sizes(opts: LaunchOptions) -> range:
+    """Every number of workers the job may run with."""
+    if not opts.elastic:
+        return range(opts.np, opts.np + 1)
+    return range(opts.min_np or opts.np, (opts.max_np or opts.np) + 1)
+
+
+def elastic_args(opts: LaunchOptions) -> list[str]:
+    """horovodrun's elastic options; raises LaunchError for a combination that cannot work."""
+    if opts.controller != "gloo":
+        raise LaunchError("--elastic runs on Gloo only; drop --mpi")
+    if not opts.host_discovery_script:
+        raise LaunchError("--elastic needs --host-discovery-script (an executable printing host:slots lines)")
+    if opts.hosts or opts.hostfile:
+        raise LaunchError("--elastic takes its hosts from --host-discovery-script, not --hosts/--hostfile")
+    min_np, max_np = opts.min_np or opts.np, opts.max_np or opts.np
+    if min_np < 1:
+        raise LaunchError(f"--min-np must be at least 1, got {min_np}")
+    if not min_np <= opts.np <= max_np:
+        raise LaunchError(f"--np {opts.np} must lie between --min-np {min_np} and --max-np {max_np}")
+    if opts.reset_limit is not None and opts.reset_limit < 1:
+        raise LaunchError(f"--reset-limit must be at least 1, got {opts.reset_limit}")
+    argv = ["--min-np", str(min_np), "--max-np", str(max_np), "--host-discovery-script", opts.host_discovery_script]
+    if opts.reset_limit is not None:
+        argv += ["--reset-limit", str(opts.reset_limit)]
+    return argv

@@ -90,6 +90,10 @@ class TrainConfig:
       keep_checkpoints: how many of the latest epoch checkpoints to keep.
       seed: model initialisation seed (rank 0's weights are broadcast).
       export: write a TensorFlow SavedModel for serving at the end.
+      elastic_commit_steps: in elastic mode (launch --elastic), also commit the
+        training state every this many steps (0: at epoch ends only). A commit
+        copies the variables to host memory and checks for added or removed
+        hosts; a failed worker costs the steps since the last commit.
     """
 
     epochs: int = 10
@@ -104,6 +108,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     seed: int = 42
     export: bool = True
+    elastic_commit_steps: int = 0
 
 
 @dataclass
@@ -262,6 +267,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
     _check(t.steps_per_epoch >= 0, "train.steps_per_epoch", t.steps_per_epoch, "must be >= 0")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    _check(t.elastic_commit_steps >= 0, "train.elastic_commit_steps", t.elastic_commit_steps, "must be >= 0")
     _check(r.intra_op_threads >= 0, "runtime.intra_op_threads", r.intra_op_threads, "must be >= 0")
     _check(r.inter_op_threads >= 0, "runtime.inter_op_threads", r.inter_op_threads, "must be >= 0")
     if d.synthetic:

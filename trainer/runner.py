@@ -128,19 +128,18 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
     outputs.start()
     signature = {"name": cfg.model.name, "input_shape": list(spec.input_shape), "num_classes": spec.num_classes}
     spe, epochs = spec.steps_per_epoch, cfg.train.epochs
-    start_step = resume_step(resume_state(ctx, cfg, outputs, model, signature), spe, gbs, ctx.size, schedule, model)
+    request = StopRequest()
+    request.install()
+    model.stop_request = request
+    config_sha = config_hash(cfg)
 
-    if start_step >= epochs * spe:
-        summary = outputs.load_summary()
-        if summary is not None or not ctx.is_chief:
-            log.info("run in %s already finished at epoch %d", cfg.run_dir, start_step // spe)
-            return summary
-        history = {}  # training finished but the summary was never written: evaluate again
-    else:
-        request = StopRequest()
-        request.install()
-        model.stop_request = request
-        config_sha = config_hash(cfg)
+    def resume(ctx: DistContext, outputs) -> int:
+        return resume_step(resume_state(ctx, cfg, outputs, model, signature), spe, gbs, ctx.size, schedule, model)
+
+    def train(ctx: DistContext, outputs, start_step: int, extra_callbacks=()) -> dict | None:
+        """Trains from `start_step` to the last epoch; None when there is nothing left to train."""
+        if start_step >= epochs * spe:
+            return None
 
         def checkpoint_state(step: int) -> dict:
             return {
@@ -157,15 +156,16 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
             cb.AverageMetrics(ctx),
             cb.EpochLog(ctx.rank),
             *outputs.callbacks(checkpoint_state),
+            *extra_callbacks,
         ]
-        history = {}
+        history: dict = {}
         for initial, end, steps in fit_phases(start_step, spe, epochs):
             # The phase's first step, from the schedule of phases: not from the
             # optimizer, whose step counter reaches ranks other than 0 only
             # with the broadcast at the start of fit.
             first_step = initial * spe + (spe - steps)
             phase = model.fit(
-                train_dataset(cfg, spec, ctx, per_replica, first_step),
+                train_dataset(cfg, spec, ctx, gbs // ctx.size, first_step),
                 epochs=end, initial_epoch=initial, steps_per_epoch=steps,
                 callbacks=callbacks, verbose=outputs.verbose, shuffle=False,
             ).history
@@ -178,6 +178,24 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
                 raise Stopped(f"stopped at step {int(model.optimizer.iterations.numpy())} "
                               f"({request.signal_name or 'another rank was signalled'}); checkpoint written")
         check_replicas_agree(ctx, model)
+        return history
+
+    if ctx.elastic:
+        # The global batch stays fixed when workers come and go (see README).
+        from trainer import elastic
+
+        ctx, outputs, history = elastic.train(
+            ctx, model, spe, cfg.train.elastic_commit_steps, resume, train, lambda c: make_outputs(c, cfg)
+        )
+    else:
+        history = train(ctx, outputs, resume(ctx, outputs))
+    per_replica = gbs // ctx.size
+    if history is None:
+        summary = outputs.load_summary()
+        if summary is not None or not ctx.is_chief:
+            log.info("run in %s already finished at epoch %d", cfg.run_dir, epochs)
+            return summary
+        history = {}  # training finished but the summary was never written: evaluate again
 
     val = outputs.evaluate(model, lambda: eval_dataset(cfg, spec, per_replica))
     if val is None:
