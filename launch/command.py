@@ -144,11 +144,15 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
     return argv, env
 
 
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 def world_sizes(opts: LaunchOptions) -> range:
     """Every number of workers the job may run with."""
     if not opts.elastic:
         return range(opts.np, opts.np + 1)
-    return range(opts.min_np or opts.np, (opts.max_np or opts.np) + 1)
+    return range(_or(opts.min_np, opts.np), _or(opts.max_np, opts.np) + 1)
 
 
 def elastic_args(opts: LaunchOptions) -> list[str]:
@@ -159,7 +163,7 @@ def elastic_args(opts: LaunchOptions) -> list[str]:
         raise LaunchError("--elastic needs --host-discovery-script (an executable printing host:slots lines)")
     if opts.hosts or opts.hostfile:
         raise LaunchError("--elastic takes its hosts from --host-discovery-script, not --hosts/--hostfile")
-    min_np, max_np = opts.min_np or opts.np, opts.max_np or opts.np
+    min_np, max_np = _or(opts.min_np, opts.np), _or(opts.max_np, opts.np)
     if min_np < 1:
         raise LaunchError(f"--min-np must be at least 1, got {min_np}")
     if not min_np <= opts.np <= max_np:
