@@ -3,7 +3,7 @@
     python -m launch --np 2 --config configs/digits.yaml [--set train.epochs=5]
         [--hosts h1:2,h2:2 | --hostfile FILE] [--gloo | --mpi]
         [--timeline FILE] [--autotune] [--fusion-threshold-mb M] [--cycle-time-ms T]
-        [--stall-warning-sec S] [--stall-shutdown-sec S] [--dry-run]
+        [--stall-warning-sec S] [--stall-shutdown-sec S] [--network-interface NIC] [--dry-run]
         [--elastic --min-np N --max-np M --host-discovery-script FILE [--reset-limit R]]
 
 Exits with horovodrun's exit code, or 2 for bad options or config.
@@ -41,12 +41,12 @@ def parse_args(argv) -> argparse.Namespace:
                    help="log ranks missing from a collective after this long (default 60)")
     p.add_argument("--stall-shutdown-sec", type=int, default=600,
                    help="end the job when a collective waits this long; 0 never (default 600)")
+    p.add_argument("--network-interface", help="interfaces for worker traffic, e.g. eth0 (lo: one host)")
     el = p.add_argument_group("elastic (Gloo): workers may leave and join while training goes on")
     el.add_argument("--elastic", action="store_true", help="Horovod elastic mode; --np is the starting size")
     el.add_argument("--min-np", type=int, help="fewest workers to keep training with (default --np)")
     el.add_argument("--max-np", type=int, help="most workers to run (default --np)")
     el.add_argument("--host-discovery-script", help="executable printing one host:slots line per available host")
-    p.add_argument("--network-interface", help="interfaces for worker traffic, e.g. eth0 (lo: one host)")
     el.add_argument("--reset-limit", type=int, help="end the job after this many resizes")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, run nothing")
     p.set_defaults(controller="gloo")
