@@ -4,8 +4,9 @@
         [--hosts h1:2,h2:2 | --hostfile FILE | --slurm-allocation] [--gloo | --mpi]
         [--srun] [--requeue-on-timeout] [--ssh-port P] [--ssh-identity-file KEY]
         [--timeline FILE] [--autotune] [--fusion-threshold-mb M] [--cycle-time-ms T]
-        [--stall-warning-sec S] [--stall-shutdown-sec S] [--dry-run]
+        [--stall-warning-sec S] [--stall-shutdown-sec S] [--network-interface NIC] [--dry-run]
         [--tensorboard PORT [--tensorboard-host HOST]]
+        [--elastic --min-np N --max-np M --host-discovery-script FILE [--reset-limit R]]
     python -m launch slurm --config FILE ...      (see launch.slurm_cli)
 
 Exits with horovodrun's exit code, or 2 for bad options or config.
@@ -19,7 +20,7 @@ import signal
 import subprocess
 import sys
 
-from launch.command import LaunchError, LaunchOptions, build_command, tensorboard_command
+from launch.command import LaunchError, LaunchOptions, build_command, tensorboard_command, world_sizes
 from launch.hosts import HostError, allocation_hosts, expand_nodelist, format_hosts, parse_hostfile
 from trainer.config import ConfigError, load_config, validate, validate_world
 
@@ -45,6 +46,12 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--ssh-port", type=int, help="ssh port of the other hosts (horovodrun reaches them over ssh)")
     p.add_argument("--ssh-identity-file", help="private key for ssh to the other hosts")
     add_horovod_options(p)
+    el = p.add_argument_group("elastic (Gloo): workers may leave and join while training goes on")
+    el.add_argument("--elastic", action="store_true", help="Horovod elastic mode; --np is the starting size")
+    el.add_argument("--min-np", type=int, help="fewest workers to keep training with (default --np)")
+    el.add_argument("--max-np", type=int, help="most workers to run (default --np)")
+    el.add_argument("--host-discovery-script", help="executable printing one host:slots line per available host")
+    el.add_argument("--reset-limit", type=int, help="end the job after this many resizes")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, run nothing")
     p.add_argument("--tensorboard", type=int, metavar="PORT",
                    help="also run TensorBoard on this host over the run's events while the job runs")
@@ -67,6 +74,7 @@ def add_horovod_options(p: argparse.ArgumentParser) -> None:
                    help="log ranks missing from a collective after this long (default 60)")
     p.add_argument("--stall-shutdown-sec", type=int, default=600,
                    help="end the job when a collective waits this long; 0 never (default 600)")
+    p.add_argument("--network-interface", help="interfaces for worker traffic, e.g. eth0 (lo: one host)")
 
 
 def scontrol_hostnames(nodelist: str) -> list[str]:
@@ -112,7 +120,9 @@ def options_from_args(args: argparse.Namespace, np: int, hosts: str | None) -> L
         controller=args.controller, runner=args.runner, srun_mpi=args.srun_mpi, timeline=args.timeline,
         autotune=args.autotune, fusion_threshold_mb=args.fusion_threshold_mb, cycle_time_ms=args.cycle_time_ms,
         stall_warning_sec=args.stall_warning_sec, stall_shutdown_sec=args.stall_shutdown_sec,
-        ssh_port=args.ssh_port, ssh_identity_file=args.ssh_identity_file, python=sys.executable,
+        ssh_port=args.ssh_port, ssh_identity_file=args.ssh_identity_file, elastic=args.elastic, min_np=args.min_np, max_np=args.max_np,
+        host_discovery_script=args.host_discovery_script, reset_limit=args.reset_limit,
+        network_interface=args.network_interface, python=sys.executable,
         horovodrun=horovodrun if os.path.exists(horovodrun) else (shutil.which("horovodrun") or "horovodrun"),
     )
 
@@ -178,11 +188,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         np, hosts = resolve_hosts(args)
-        # Check the config here, once, before any worker starts.
+        script = args.host_discovery_script
+        if script and not (os.path.isfile(script) and os.access(script, os.X_OK)):
+            raise LaunchError(f"--host-discovery-script {script!r} is not an executable file")
+        opts = options_from_args(args, np, hosts)
+        cmd, env = build_command(opts, dict(os.environ))
+        # Check the config here, once, before any worker starts; elastic jobs
+        # keep the global batch, so it must divide by every size they may reach.
         cfg = load_config(args.config, args.overrides)
         validate(cfg)
-        validate_world(cfg, np)
-        cmd, env = build_command(options_from_args(args, np, hosts), dict(os.environ))
+        for n in world_sizes(opts):
+            validate_world(cfg, n)
         logdir = os.path.join(cfg.run_dir, "tensorboard")
         port = 6006 if args.tensorboard is None else args.tensorboard
         board = tensorboard_command(sys.executable, logdir, port, args.tensorboard_host)

@@ -42,6 +42,16 @@ class LaunchOptions:
       ssh_port: ssh port of the other hosts (horovodrun starts remote ranks
         over ssh).
       ssh_identity_file: private key for that ssh.
+      elastic: Horovod elastic mode (Gloo): workers may leave and join; the
+        host list comes from host_discovery_script.
+      min_np: elastic: fewest workers to keep training with (default np).
+      max_np: elastic: most workers to run (default np).
+      host_discovery_script: elastic: an executable printing one `host:slots`
+        line per available host; horovodrun runs it every second.
+      reset_limit: elastic: end the job after this many resizes (None: no limit).
+      network_interface: network interfaces for the workers' traffic, e.g.
+        `eth0` or `lo`. Elastic jobs without it wait until two hosts are up,
+        because horovodrun finds the common interfaces by testing between hosts.
       python: interpreter that runs the workers.
       horovodrun: the horovodrun executable.
     """
@@ -61,6 +71,12 @@ class LaunchOptions:
     stall_shutdown_sec: int = 600
     ssh_port: int | None = None
     ssh_identity_file: str | None = None
+    elastic: bool = False
+    min_np: int | None = None
+    max_np: int | None = None
+    host_discovery_script: str | None = None
+    reset_limit: int | None = None
+    network_interface: str | None = None
     python: str = "python"
     horovodrun: str = "horovodrun"
     srun: str = "srun"
@@ -92,10 +108,16 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
     env.setdefault("PYTHONUNBUFFERED", "1")  # rank output interleaves line by line
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, once per rank
     if opts.runner == "srun":
+        if opts.elastic:
+            raise LaunchError("--elastic needs horovodrun; srun cannot add or remove ranks")
         return _srun_command(opts, env), env
 
     argv = [opts.horovodrun, "-np", str(opts.np), f"--{controller}"]
-    if opts.hosts:
+    if opts.elastic:
+        argv += elastic_args(opts, controller)
+    elif opts.min_np is not None or opts.max_np is not None or opts.host_discovery_script or opts.reset_limit:
+        raise LaunchError("--min-np, --max-np, --host-discovery-script and --reset-limit need --elastic")
+    elif opts.hosts:
         try:
             hosts = parse_hosts(opts.hosts)
         except HostError as e:
@@ -106,6 +128,8 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
         argv += ["-H", format_hosts(hosts)]
     else:
         argv += ["-H", f"localhost:{opts.np}"]
+    if opts.network_interface:
+        argv += ["--network-interface", opts.network_interface]
     if opts.timeline:
         argv += ["--timeline-filename", opts.timeline]
     if opts.autotune:
@@ -167,3 +191,35 @@ def _srun_command(opts: LaunchOptions, env: dict[str, str]) -> list[str]:
     # each output line with its rank.
     return [opts.srun, f"--mpi={opts.srun_mpi}", "--ntasks", str(opts.np), "--kill-on-bad-exit=1", "--label",
             *_worker_argv(opts)]
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def world_sizes(opts: LaunchOptions) -> range:
+    """Every number of workers the job may run with."""
+    if not opts.elastic:
+        return range(opts.np, opts.np + 1)
+    return range(_or(opts.min_np, opts.np), _or(opts.max_np, opts.np) + 1)
+
+
+def elastic_args(opts: LaunchOptions, controller: str) -> list[str]:
+    """horovodrun's elastic options; raises LaunchError for a combination that cannot work."""
+    if controller != "gloo":
+        raise LaunchError("--elastic runs on Gloo only; drop --mpi")
+    if not opts.host_discovery_script:
+        raise LaunchError("--elastic needs --host-discovery-script (an executable printing host:slots lines)")
+    if opts.hosts:
+        raise LaunchError("--elastic takes its hosts from --host-discovery-script, not --hosts/--hostfile")
+    min_np, max_np = _or(opts.min_np, opts.np), _or(opts.max_np, opts.np)
+    if min_np < 1:
+        raise LaunchError(f"--min-np must be at least 1, got {min_np}")
+    if not min_np <= opts.np <= max_np:
+        raise LaunchError(f"--np {opts.np} must lie between --min-np {min_np} and --max-np {max_np}")
+    if opts.reset_limit is not None and opts.reset_limit < 1:
+        raise LaunchError(f"--reset-limit must be at least 1, got {opts.reset_limit}")
+    argv = ["--min-np", str(min_np), "--max-np", str(max_np), "--host-discovery-script", opts.host_discovery_script]
+    if opts.reset_limit is not None:
+        argv += ["--reset-limit", str(opts.reset_limit)]
+    return argv

@@ -73,6 +73,8 @@ def launcher_args(args: argparse.Namespace) -> tuple[str, ...]:
         out += ["--fusion-threshold-mb", str(args.fusion_threshold_mb)]
     if args.cycle_time_ms is not None:
         out += ["--cycle-time-ms", f"{args.cycle_time_ms:g}"]
+    if args.network_interface:
+        out += ["--network-interface", args.network_interface]
     out += ["--stall-warning-sec", str(args.stall_warning_sec), "--stall-shutdown-sec", str(args.stall_shutdown_sec)]
     return tuple(out)
 

@@ -68,7 +68,9 @@ hvd_ok() {
 }
 check_out=$(mktemp)
 trap 'rm -f "$check_out"' EXIT
-if ! hvd_ok "$check_out"; then
+# The marker names the patch the installed Horovod was built with: a changed patch rebuilds it.
+patch_sha=$(sha256sum "$PATCH" | cut -d' ' -f1)
+if ! hvd_ok "$check_out" || [ "$(cat "$VENV/.horovod-patch-sha256" 2>/dev/null)" != "$patch_sha" ]; then
   tf_version=$("$PY" -c "import tensorflow as tf; print(tf.__version__)")
   key="tf$tf_version-$(sha256sum "$PATCH" | cut -c1-12)"
   cache_dir=${HOROVOD_WHEEL_CACHE:-$("$PY" -m pip cache dir)/hvd-keras-cnn/horovod-$HOROVOD_VERSION-$key}
@@ -92,6 +94,7 @@ if ! hvd_ok "$check_out"; then
   fi
   "${PIP[@]}" install -q --force-reinstall --no-deps "$wheel"
   hvd_ok "$check_out" || { cat "$check_out" >&2; die "horovodrun --check-build does not list TensorFlow, MPI and Gloo"; }
+  echo "$patch_sha" >"$VENV/.horovod-patch-sha256"
 fi
 log "horovodrun --check-build:"
 sed -n '/Available Frameworks/,/Available Tensor Operations/p' "$check_out" | grep -E '\[X\]' | sed 's/^/    /'

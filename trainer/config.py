@@ -100,6 +100,10 @@ class TrainConfig:
         max otherwise.
       seed: model initialisation seed (rank 0's weights are broadcast).
       export: write a TensorFlow SavedModel for serving at the end.
+      elastic_commit_steps: in elastic mode (launch --elastic), also commit the
+        training state every this many steps (0: at epoch ends only). A commit
+        copies the variables to host memory and checks for added or removed
+        hosts; a failed worker costs the steps since the last commit.
     """
 
     epochs: int = 10
@@ -117,6 +121,7 @@ class TrainConfig:
     best_mode: str = "auto"
     seed: int = 42
     export: bool = True
+    elastic_commit_steps: int = 0
 
 
 @dataclass
@@ -316,6 +321,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(t.best_metric in ("", *BEST_METRICS), "train.best_metric", t.best_metric,
            f"must be one of {', '.join(BEST_METRICS)} or empty")
     _check(t.best_mode in BEST_MODES, "train.best_mode", t.best_mode, f"must be one of {', '.join(BEST_MODES)}")
+    _check(t.elastic_commit_steps >= 0, "train.elastic_commit_steps", t.elastic_commit_steps, "must be >= 0")
     _check(r.intra_op_threads >= 0, "runtime.intra_op_threads", r.intra_op_threads, "must be >= 0")
     _check(r.inter_op_threads >= 0, "runtime.inter_op_threads", r.inter_op_threads, "must be >= 0")
     tb = cfg.tensorboard

@@ -7,7 +7,7 @@ rank) or the thread pools (CPU), and only then let TensorFlow build anything.
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import horovod.tensorflow as hvd
 import numpy as np
@@ -42,6 +42,7 @@ class DistContext:
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     gpu: str | None = None
+    elastic: bool = False
 
     @property
     def is_chief(self) -> bool:
@@ -77,7 +78,14 @@ class DistContext:
             intra_op_threads=intra_op_threads,
             inter_op_threads=inter_op_threads,
             gpu=gpu,
+            # horovodrun --min-np/--max-np starts workers with this set.
+            elastic=os.environ.get("HOROVOD_ELASTIC") == "1",
         )
+
+    def refreshed(self) -> "DistContext":
+        """This context after an elastic reset: rank and sizes change, devices and threads do not."""
+        return replace(self, rank=hvd.rank(), local_rank=hvd.local_rank(), size=hvd.size(),
+                       local_size=hvd.local_size())
 
     # Collectives below are eager and walk their inputs in a fixed order: every
     # rank must issue the same collectives, with the same names, in the same order.

@@ -87,8 +87,6 @@ def make_evaluator(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, batc
     # The count is known from metadata.json: checking it makes a shard that
     # holds fewer or more records than recorded an error, not a silent change.
     expected = 0 if cfg.data.synthetic else (spec.num_val if spec.val_files else spec.num_train)
-    if cfg.train.best_metric == "val_top5_accuracy" and spec.num_classes <= 5:
-        raise ConfigError(f"train.best_metric='val_top5_accuracy': the data has {spec.num_classes} classes")
     return Evaluator(ctx, lambda: eval_dataset(cfg, spec, ctx, batch_size), spec.num_classes, expected,
                      f"data.dir={cfg.data.dir!r}")
 
@@ -120,28 +118,27 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
     log.info("learning rate: peak %.6g (linear scaling), warmup from %.6g over %d steps, then %s",
              schedule.peak, schedule.initial, schedule.warmup_steps, schedule.decay)
     model = build_compiled_model(cfg, spec, schedule)
-    evaluator = make_evaluator(cfg, spec, ctx, per_replica)
+    if cfg.train.best_metric == "val_top5_accuracy" and spec.num_classes <= 5:
+        raise ConfigError(f"train.best_metric='val_top5_accuracy': the data has {spec.num_classes} classes")
 
     outputs = make_outputs(ctx, cfg)
     outputs.start()
     signature = model_signature(cfg, spec)
     spe, epochs = spec.steps_per_epoch, cfg.train.epochs
-    start_step = resume_step(resume_state(ctx, cfg, outputs, model, signature), spe, gbs, ctx.size, schedule, model)
-
+    request = StopRequest()
+    request.install()
+    model.stop_request = request
+    config_sha = config_hash(cfg)
     validated: dict[int, dict] = {}
-    if start_step >= epochs * spe:
-        if ctx.broadcast_object(outputs.load_summary() is not None, "resume.finished"):
-            log.info("run in %s already finished at epoch %d", cfg.run_dir, start_step // spe)
-            return outputs.load_summary()
-        # Training finished but the summary was never written: evaluate again,
-        # on every rank, from rank 0's restored weights.
-        ctx.broadcast_variables(model.variables, "eval.model")
-        history = {}
-    else:
-        request = StopRequest()
-        request.install()
-        model.stop_request = request
-        config_sha = config_hash(cfg)
+
+    def resume(ctx: DistContext, outputs) -> int:
+        return resume_step(resume_state(ctx, cfg, outputs, model, signature), spe, gbs, ctx.size, schedule, model)
+
+    def train(ctx: DistContext, outputs, start_step: int, extra_callbacks=()) -> dict | None:
+        """Trains from `start_step` to the last epoch; None when there is nothing left to train."""
+        if start_step >= epochs * spe:
+            return None
+        per_replica = gbs // ctx.size
 
         def checkpoint_state(step: int) -> dict:
             return {
@@ -152,7 +149,9 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
 
         log.info("weights before broadcast: %s", weights_digest(model.variables))
         timer = cb.StepTimer(ctx, gbs)
-        validation = PeriodicValidation(evaluator, cfg.train.validate_every_epochs, epochs)
+        # Built per context: an elastic resize changes which records each rank evaluates.
+        validation = PeriodicValidation(make_evaluator(cfg, spec, ctx, per_replica),
+                                        cfg.train.validate_every_epochs, epochs)
         callbacks = [
             cb.BroadcastInitialState(ctx),
             StopOnRequest(request),
@@ -162,8 +161,9 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
             validation,
             cb.EpochLog(ctx.rank),
             *outputs.callbacks(checkpoint_state, timer),
+            *extra_callbacks,
         ]
-        history = {}
+        history: dict = {}
         for initial, end, steps in fit_phases(start_step, spe, epochs):
             # The phase's first step, from the schedule of phases: not from the
             # optimizer, whose step counter reaches ranks other than 0 only
@@ -186,10 +186,30 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
                 raise Stopped(f"stopped at step {int(model.optimizer.iterations.numpy())} "
                               f"({request.signal_name or 'another rank was signalled'}); checkpoint written")
         check_replicas_agree(ctx, model)
-        validated = validation.results
+        validated.update(validation.results)
+        return history
+
+    if ctx.elastic:
+        # The global batch stays fixed when workers come and go (see README).
+        from trainer import elastic
+
+        ctx, outputs, history = elastic.train(
+            ctx, model, spe, cfg.train.elastic_commit_steps, resume, train, lambda c: make_outputs(c, cfg)
+        )
+    else:
+        history = train(ctx, outputs, resume(ctx, outputs))
+    per_replica = gbs // ctx.size
+    if history is None:
+        if ctx.broadcast_object(outputs.load_summary() is not None, "resume.finished"):
+            log.info("run in %s already finished at epoch %d", cfg.run_dir, epochs)
+            return outputs.load_summary()
+        # Training finished but the summary was never written: evaluate again,
+        # on every rank, from rank 0's restored weights.
+        ctx.broadcast_variables(model.variables, "eval.model")
+        history = {}
 
     # The last epoch is always validated in fit, unless a stop ended it.
-    val = validated.get(epochs) or evaluator.evaluate(model)
+    val = validated.get(epochs) or make_evaluator(cfg, spec, ctx, per_replica).evaluate(model)
     rates = history.get("images_per_sec", [])
     summary = {
         **{k: v for k, v in validation_logs(val).items() if k.startswith("val_")},

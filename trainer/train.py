@@ -26,13 +26,32 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def setup_logging(rank: int, verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+class RankFilter(logging.Filter):
+    """Labels each record with this worker's current rank; INFO and below only from rank 0 unless `all_ranks`.
+
+    The rank is asked for at each record: in elastic mode it changes when workers come and go.
+    """
+
+    def __init__(self, rank_fn, all_ranks: bool):
+        super().__init__()
+        self.rank_fn = rank_fn
+        self.all_ranks = all_ranks
+        self.rank = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            self.rank = self.rank_fn()
+        except ValueError:
+            pass  # Horovod is between an elastic shutdown and init: keep the last rank
+        record.rank = self.rank
+        return self.all_ranks or self.rank == 0 or record.levelno >= logging.WARNING
+
+
+def setup_logging(rank_fn, all_ranks: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s rank%(rank)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RankFilter(rank_fn, all_ranks))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
 def main(argv=None) -> int:
@@ -53,7 +72,9 @@ def main(argv=None) -> int:
     from trainer.runner import run
 
     ctx = DistContext.initialize(cfg.runtime.intra_op_threads, cfg.runtime.inter_op_threads)
-    setup_logging(ctx.rank, ctx.is_chief or cfg.runtime.log_all_ranks)
+    import horovod.tensorflow as hvd
+
+    setup_logging(hvd.rank, cfg.runtime.log_all_ranks)
     log = logging.getLogger("trainer.train")
     log.info("rank %d of %d (local %d of %d), pid %d, intra/inter-op threads %d/%d, gpu %s",
              ctx.rank, ctx.size, ctx.local_rank, ctx.local_size, os.getpid(),

@@ -1,0 +1,64 @@
+"""Horovod's stall check, driven by the launcher's options: a rank that never joins a collective
+is named, and the job ends instead of hanging."""
+
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run
+from launch.command import LaunchOptions, build_command
+
+pytestmark = pytest.mark.horovod
+
+# Rank 1 never joins the last allreduce (as if stuck in I/O); its Horovod
+# background thread keeps running, so the coordinator can see who is missing.
+WORKER = """
+import sys, time
+import horovod.tensorflow as hvd
+import tensorflow as tf
+hvd.init()
+for _ in range(3):
+    hvd.allreduce(tf.constant([1.0]), name="grad")  # matched steps: the tensor is in the response cache
+if hvd.rank() == 1:
+    time.sleep(600)
+try:
+    hvd.allreduce(tf.constant([1.0]), name="grad")
+except tf.errors.OpError as e:
+    print("rank 0 collective failed:", e.message.strip().splitlines()[-1], flush=True)
+    sys.exit(3)
+"""
+
+
+def gloo_stall_check_fixed() -> bool:
+    """Whether this venv's Horovod was built from the current patch (which fixes the Gloo stall check)."""
+    marker = Path(sys.prefix) / ".horovod-patch-sha256"
+    patch = ROOT / "scripts" / "horovod-0.28.1-tf2.21-cpu.patch"
+    return marker.is_file() and marker.read_text().strip() == hashlib.sha256(patch.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("controller", ["mpi", "gloo"])
+def test_a_rank_missing_from_a_collective_is_named_and_the_job_ends(tmp_path, controller):
+    if controller == "gloo" and not gloo_stall_check_fixed():
+        pytest.skip("this venv's Horovod predates the Gloo stall-check fix in the patch; run make setup")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    opts = LaunchOptions(np=2, config="unused.yaml", controller=controller, stall_warning_sec=2,
+                         stall_shutdown_sec=5, python=sys.executable,
+                         horovodrun=os.path.join(os.path.dirname(sys.executable), "horovodrun"))
+    argv, env = build_command(opts, dict(os.environ))
+    # The launcher's horovodrun command and stall options, with this worker instead of the trainer.
+    argv = argv[: argv.index(sys.executable)] + [sys.executable, str(script)]
+    started = time.monotonic()
+    res = run(argv, env=env, timeout=300)
+    elapsed = time.monotonic() - started
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    assert "waiting for remainder of ranks for more than 2 seconds" in out, out[-3000:]
+    assert "1!: [" in out  # rank 1 is named as the missing one, marked for shutdown
+    assert "stalled for longer than 5 seconds. Will shutdown." in out
+    assert "rank 0 collective failed: " in out and "Horovod has been shut down" in out
+    print(f"{controller}: job ended {elapsed:.0f} s after start (start-up included)")
