@@ -85,6 +85,7 @@ class ChiefOutputs(RunOutputs):
 
     def callbacks(self, state_fn) -> list:
         return [
+            cb.InputBoundWarning(),
             cb.EpochCheckpoint(self.checkpoints, state_fn),
             cb.TensorBoardScalars(os.path.join(self.run_dir, "tensorboard", "train")),
         ]
