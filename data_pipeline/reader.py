@@ -98,13 +98,23 @@ def stream_position(
         p += 1
 
 
-def _interleave_files(files: tf.Tensor, deterministic: bool, skip_corrupt: bool) -> tf.data.Dataset:
-    def read(path):
-        ds = tf.data.TFRecordDataset(path)
-        # A truncated or corrupt record ends that file's records; the other files go on.
-        return ds.ignore_errors(log_warning=True) if skip_corrupt else ds
+def _interleave_files(
+    files: tf.Tensor, counts: tf.Tensor | None, deterministic: bool, skip_corrupt: bool
+) -> tf.data.Dataset:
+    """The records of `files`, several files read at once, one record from each in turn.
 
-    return tf.data.Dataset.from_tensor_slices(files).interleave(
+    With `counts` (records per file, from metadata.json) a file that ends early
+    is an error: a file cut at a record boundary reads as a valid, shorter one.
+    """
+    def read(path, count=None):
+        ds = tf.data.TFRecordDataset(path)
+        if skip_corrupt:
+            # A truncated or corrupt record ends that file's records; the other files go on.
+            return ds.ignore_errors(log_warning=True)
+        return ds if count is None else ds.apply(tf.data.experimental.assert_cardinality(count))
+
+    names = tf.data.Dataset.from_tensor_slices(files if counts is None else (files, counts))
+    return names.interleave(
         read,
         cycle_length=MAX_PARALLEL_FILES,
         block_length=1,
@@ -128,16 +138,21 @@ def _block_shuffle(records: tf.data.Dataset, block: int, seed: tf.Tensor) -> tf.
 
 
 def shard_records(
-    files: list[str], num_shards: int, shard_index: int, *, deterministic: bool = True, skip_corrupt: bool = False
+    files: list[str], num_shards: int, shard_index: int, *, shard_counts: list[int] | None = None,
+    deterministic: bool = True, skip_corrupt: bool = False,
 ) -> tf.data.Dataset:
     """The serialized records of input pipeline `shard_index`, one pass in the unshuffled file order."""
     if not files:
         raise DataError("no shard files given")
-    mine = shard_files_for(files, num_shards, shard_index)
+    mine = shard_files_for(list(range(len(files))), num_shards, shard_index)
     if mine is None:
         # Every pipeline must see the records in the same order to keep disjoint shares.
-        return _interleave_files(tf.constant(files), True, skip_corrupt).shard(num_shards, shard_index)
-    return _interleave_files(tf.constant(mine), deterministic, skip_corrupt)
+        mine, deterministic, shard = list(range(len(files))), True, True
+    else:
+        shard = False
+    counts = None if shard_counts is None else tf.constant([shard_counts[i] for i in mine], tf.int64)
+    ds = _interleave_files(tf.constant([files[i] for i in mine]), counts, deterministic, skip_corrupt)
+    return ds.shard(num_shards, shard_index) if shard else ds
 
 
 def training_records(
@@ -150,13 +165,15 @@ def training_records(
     first_pass: int = 0,
     offset: int = 0,
     count: int = 0,
+    shard_counts: list[int] | None = None,
     deterministic: bool = True,
     skip_corrupt: bool = False,
 ) -> tf.data.Dataset:
     """Pairs (serialized record, int64 [2] augmentation seed) of the training stream.
 
     Starts `offset` records into pass `first_pass` (stream_position) and holds
-    `count` records, or goes on forever with count 0. The passes themselves
+    `count` records, or goes on forever with count 0. `shard_counts` (records
+    per file) makes a file that holds fewer an error. The passes themselves
     never end, so a pipeline whose files hold fewer records than another's
     simply starts its next pass sooner: every rank gets as many records as it
     asks for.
@@ -171,13 +188,17 @@ def training_records(
             len(files), num_shards, num_shards, num_shards, num_shards,
         )
     names = tf.constant(files)
+    counts = None if shard_counts is None else tf.constant(shard_counts, tf.int64)
 
     def one_pass(p):
         order = file_order(len(files), seed, p)
+        mine = order if element_level else order[shard_index::num_shards]
+        records = _interleave_files(
+            tf.gather(names, mine), None if counts is None else tf.gather(counts, mine),
+            True if element_level else deterministic, skip_corrupt,
+        )
         if element_level:
-            records = _interleave_files(tf.gather(names, order), True, skip_corrupt).shard(num_shards, shard_index)
-        else:
-            records = _interleave_files(tf.gather(names, order[shard_index::num_shards]), deterministic, skip_corrupt)
+            records = records.shard(num_shards, shard_index)
         p_seed = pass_seed(seed, p)
         records = _block_shuffle(records, shuffle_buffer, p_seed)
         # Distinct per pipeline: ranks at the same position draw different crops.
@@ -230,7 +251,8 @@ def make_dataset(
       skip_records, num_records, shard_counts: a training stream of
         `num_records` records that starts after `skip_records` (a resumed run),
         given the record count of every file in `files`. Without them the
-        stream goes on forever.
+        stream goes on forever. With shard_counts, a file holding fewer
+        records than listed is an error.
       augmentation: training-time crop and flip (None: none).
       crop_fraction: the central fraction of the shorter side kept when not
         cropping at random.
@@ -250,7 +272,8 @@ def make_dataset(
             first, offset = stream_position(shard_counts, num_shards, shard_index, seed, skip_records)
         ds = training_records(
             files, num_shards, shard_index, seed=seed, shuffle_buffer=shuffle_buffer, first_pass=first,
-            offset=offset, count=num_records, deterministic=deterministic, skip_corrupt=skip_corrupt,
+            offset=offset, count=num_records, shard_counts=shard_counts, deterministic=deterministic,
+            skip_corrupt=skip_corrupt,
         )
 
         def parse(serialized, element_seed):
@@ -258,7 +281,8 @@ def make_dataset(
             image = augment(decode(ex["image/encoded"], channels), element_seed, image_size, aug, crop_fraction)
             return image, tf.cast(ex["image/class/label"], tf.int32)
     else:
-        ds = shard_records(files, num_shards, shard_index, deterministic=deterministic, skip_corrupt=skip_corrupt)
+        ds = shard_records(files, num_shards, shard_index, shard_counts=shard_counts, deterministic=deterministic,
+                           skip_corrupt=skip_corrupt)
 
         def parse(serialized):
             ex = parse_example(serialized)
@@ -282,20 +306,23 @@ def make_dataset(
 _OP_NOISE = re.compile(r"^\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*$", re.S)
 
 
-def find_corrupt_shard(files: list[str]) -> tuple[str, str] | None:
-    """(file, reason) of the first shard whose records cannot all be read, or None."""
-    for path in files:
+def find_corrupt_shard(files: list[str], shard_counts: list[int] | None = None) -> tuple[str, str] | None:
+    """(file, reason) of the first shard that cannot be read whole, or holds other than its listed count."""
+    for i, path in enumerate(files):
+        n = 0
         try:
             for _ in tf.data.TFRecordDataset(path):
-                pass
+                n += 1
         except tf.errors.OpError as e:
             return path, _OP_NOISE.sub("", str(e)).strip() or type(e).__name__
+        if shard_counts is not None and n != shard_counts[i]:
+            return path, f"holds {n} records, metadata.json lists {shard_counts[i]}"
     return None
 
 
-def corrupt_shard_error(files: list[str], error: Exception) -> Exception:
+def corrupt_shard_error(files: list[str], error: Exception, shard_counts: list[int] | None = None) -> Exception:
     """A DataError naming the shard behind a record read `error`, or `error` itself if none is found."""
-    found = find_corrupt_shard(files)
+    found = find_corrupt_shard(files, shard_counts)
     if found is None:
         return error
     path, reason = found

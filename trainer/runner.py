@@ -117,6 +117,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
     model = DataParallelModel.wrap(
         build_model(cfg.model.name, spec.input_shape, spec.num_classes), cfg.allreduce.fp16_compression
     )
+    model.time_input = not cfg.runtime.deterministic
     model.compile(
         optimizer=build_optimizer(cfg, schedule),
         loss=keras.losses.SparseCategoricalCrossentropy(),
@@ -173,8 +174,8 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
                     epochs=end, initial_epoch=initial, steps_per_epoch=steps,
                     callbacks=callbacks, verbose=outputs.verbose, shuffle=False,
                 ).history
-            except tf.errors.DataLossError as e:
-                raise corrupt_shard_error(spec.train_files, e) from None
+            except (tf.errors.DataLossError, tf.errors.FailedPreconditionError) as e:  # a bad shard, if any is found
+                raise corrupt_shard_error(spec.train_files, e, list(spec.train_shard_counts)) from None
             for key, values in phase.items():
                 history.setdefault(key, []).extend(values)
             if request.stopped:

@@ -21,6 +21,7 @@ class DataParallelModel(keras.Model):
         super().__init__(*args, **kwargs)
         self.fp16_allreduce = fp16_allreduce
         self.stop_request = None  # a trainer.preemption.StopRequest, set by the runner
+        self.time_input = True  # off under op determinism, where TensorFlow refuses tf.timestamp
 
     @classmethod
     def wrap(cls, net: keras.Model, fp16_allreduce: bool = False) -> "DataParallelModel":
@@ -35,12 +36,13 @@ class DataParallelModel(keras.Model):
 
         The wait is timed in the graph, around the iterator's get_next, so it
         is what the step really spent blocked on the input pipeline. Only the
-        plain one-step-per-call loop is timed.
+        plain one-step-per-call loop is timed, and not under op determinism
+        (runtime.deterministic), where TensorFlow refuses tf.timestamp.
         """
         if self.train_function is not None and not force:
             return self.train_function
         super().make_train_function(force)
-        if self.steps_per_execution != 1 or self.run_eagerly:
+        if self.steps_per_execution != 1 or self.run_eagerly or not self.time_input:
             return self.train_function
         keras_function = self.train_function
 
