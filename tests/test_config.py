@@ -69,6 +69,8 @@ def test_bad_keys_and_types_name_the_key_and_value(override, message):
         ("train.optimizer=rmsprop", "train.optimizer='rmsprop': must be one of adam, sgd"),
         ("model.channels=2", "model.channels=2: must be 1, 3 or 0 (from the data)"),
         ("train.steps_per_epoch=0", "train.steps_per_epoch=0: must be set (> 0) with data.synthetic"),
+        ("data.augment.crop_area_min=0", "data.augment.crop_area_min=0.0: must be in (0, 1]"),
+        ("data.crop_fraction=1.2", "data.crop_fraction=1.2: must be in (0, 1]"),
     ],
 )
 def test_bad_values_are_rejected_with_key_and_value(override, message):
