@@ -87,6 +87,9 @@ def stream_position(
     shard_counts: list[int], num_shards: int, shard_index: int, seed: int, skip: int
 ) -> tuple[int, int]:
     """(pass, records into it) of record `skip` of pipeline `shard_index`'s training stream."""
+    if records_per_pass(shard_counts, num_shards, shard_index) == 0 and len(shard_counts) < num_shards:
+        raise DataError(f"{sum(shard_counts)} training records for {num_shards} input pipelines: "
+                        f"pipeline {shard_index} gets none")
     if sum(shard_counts) == 0:
         raise DataError("the training shards hold no records")
     p = 0
@@ -173,19 +176,20 @@ def training_records(
 
     Starts `offset` records into pass `first_pass` (stream_position) and holds
     `count` records, or goes on forever with count 0. `shard_counts` (records
-    per file) makes a file that holds fewer an error. The passes themselves
-    never end, so a pipeline whose files hold fewer records than another's
-    simply starts its next pass sooner: every rank gets as many records as it
-    asks for.
+    per file) makes a file that holds fewer an error. Passes follow each
+    other without end, so a pipeline whose files hold fewer records than
+    another's simply starts its next pass sooner: every rank gets as many
+    records as it asks for.
     """
     if not files:
         raise DataError("no shard files given")
     element_level = len(files) < num_shards
     if element_level:
         log.warning(
-            "%d shard files for %d input pipelines: sharding by element, so every pipeline reads and "
-            "parses all files and keeps 1/%d of the records (%dx the reading; write at least %d shards)",
-            len(files), num_shards, num_shards, num_shards, num_shards,
+            "%d shard files for %d input pipelines: sharding by element, so every pipeline reads all "
+            "files and drops %d of every %d records (%dx the reading of file-level sharding; write at "
+            "least %d shards)",
+            len(files), num_shards, num_shards - 1, num_shards, num_shards, num_shards,
         )
     names = tf.constant(files)
     counts = None if shard_counts is None else tf.constant(shard_counts, tf.int64)

@@ -64,7 +64,7 @@ def test_uneven_shards_give_every_rank_exactly_its_steps(tmp_path, caplog):
                               num_records=steps * per_replica, shard_counts=counts, threads=1)
             shapes = [x.shape for x, _ in ds]
             assert len(shapes) == steps and set(shapes) == {(per_replica, 4, 4, 3)}
-    assert "4 shard files for 6 input pipelines: sharding by element" in caplog.text
+    assert "4 shard files for 6 input pipelines: sharding by element, so every pipeline reads all files" in caplog.text
 
 
 def test_augmented_stream_resumes_exactly(tmp_path):
