@@ -53,8 +53,12 @@ class DataParallelModel(keras.Model):
             with tf.control_dependencies([start]):
                 data = iterator.get_next()
             with tf.control_dependencies(tf.nest.flatten(data)):
-                waited = tf.timestamp() - start
-            return {**self.train_step(data), "input_wait": waited}
+                end = tf.timestamp()
+            # The step's ops wait for `end`: otherwise the executor may run the
+            # cheap timestamp after the whole step and count it as waiting.
+            with tf.control_dependencies([end]):
+                data = tf.nest.map_structure(tf.identity, data)
+            return {**self.train_step(data), "input_wait": end - start}
 
         def function(iterator):
             if isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
