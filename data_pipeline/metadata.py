@@ -52,3 +52,15 @@ def num_examples(meta: dict, split: str) -> int:
 def shard_files(data_dir: str, meta: dict, split: str) -> list[str]:
     """Shard paths of a split, in the order the writer numbered them."""
     return [os.path.join(data_dir, s["file"]) for s in meta["splits"].get(split, {}).get("shards", [])]
+
+
+def corrupt_shards(data_dir: str, meta: dict, num_shards: int = 1, shard_index: int = 0) -> list[str]:
+    """Shards among this pipeline's share (every num_shards-th) whose SHA-256 differs from metadata.json."""
+    from data_pipeline.build_shards import _sha256  # the writer's own checksum; it imports this module
+
+    listed = [s for split in SPLITS for s in meta["splits"].get(split, {}).get("shards", [])]
+    return [
+        os.path.join(data_dir, s["file"])
+        for s in listed[shard_index::num_shards]
+        if "sha256" in s and _sha256(os.path.join(data_dir, s["file"])) != s["sha256"]
+    ]

@@ -11,15 +11,20 @@ ResNet-20 on synthetic 32x32 inputs, 64 images per replica, 1 thread per process
 Ratios: overhead_ratio = b/a, scaling_efficiency = c/d, dp_vs_threads = c/e,
 and scaling_efficiency_cycle5ms = f/d.
 
+Input pipeline (scripts/bench_input.py): `loader_images_per_sec_per_core` (the
+reader alone, 224x224 training preprocessing of ~500x375 JPEGs) and
+`input_efficiency` = (g) this trainer at np=1 on real 32x32 shards with crop
+and flip / (h) the same on synthetic tensors, alternated per repetition.
+
 The machine is noisy, so the variants alternate within each repetition, each
 measurement covers >= 20 s of steady-state steps after a warm-up epoch, and the
 ratios are taken per repetition (side by side) and reported as median, min and
 max. Results are merged into bench/results.json.
 
-    python scripts/bench.py [--repeats 3] [--epoch-seconds 11] [--only all|training|conversion]
+    python scripts/bench.py [--repeats 3] [--epoch-seconds 11] [--only conversion,loader,input,trainer]
 
-`--only conversion` runs only scripts/bench_conversion.py (build_shards
-throughput and peak memory), which `all` runs first.
+`conversion` is scripts/bench_conversion.py (build_shards throughput and peak
+memory); `loader` and `input` use scripts/bench_input.py.
 """
 
 import argparse
@@ -31,6 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import bench_conversion
+import bench_input
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -57,13 +65,14 @@ def plain_rate(proc: subprocess.Popen) -> float:
     return json.loads(out.strip().splitlines()[-1])["images_per_sec"]
 
 
-def trainer_rate(np_: int, steps: int, *launch_options: str) -> float:
+def trainer_rate(np_: int, steps: int, *launch_options: str, sets: tuple[str, ...] = ()) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         res = subprocess.run(
             [PY, "-m", "launch", "--np", str(np_), *launch_options, "--config", "configs/bench_resnet20.yaml",
              "--set", f"run_dir={tmp}/run", "--set", f"data.global_batch_size={BATCH * np_}",
              "--set", f"train.steps_per_epoch={steps}", "--set", f"train.epochs={EPOCHS}",
-             "--set", "runtime.intra_op_threads=1", "--set", "runtime.inter_op_threads=1"],
+             "--set", "runtime.intra_op_threads=1", "--set", "runtime.inter_op_threads=1",
+             *(a for kv in sets for a in ("--set", kv))],
             cwd=ROOT, env=_env(), capture_output=True, text=True,
         )
         if res.returncode:
@@ -77,25 +86,62 @@ def stats(values: list[float]) -> dict:
             "samples": [round(v, 3) for v in values]}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--epoch-seconds", type=float, default=11.0, help="target length of one timed epoch")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results.json"))
-    p.add_argument("--only", choices=("all", "training", "conversion"), default="all")
-    p.add_argument("--conversion-images", type=int, default=1000, help="images in the conversion's 1x set")
-    args = p.parse_args()
-    if args.only != "training":
-        import bench_conversion  # scripts/ is on sys.path: this script's folder
-
-        bench_conversion.main(["--out", args.out, "--images", str(args.conversion_images)])
-        if args.only == "conversion":
-            return 0
-
-    # Calibrate steps per epoch so that one epoch of (a) takes about --epoch-seconds.
+def calibrate(epoch_seconds: float) -> int:
+    """Steps per epoch such that one epoch of (a) takes about `epoch_seconds`."""
     probe = plain_rate(plain(1, 5))
-    steps = max(5, round(args.epoch_seconds * probe / BATCH))
+    steps = max(5, round(epoch_seconds * probe / BATCH))
     print(f"calibration: plain Keras {probe:.1f} images/s -> {steps} steps per epoch", flush=True)
+    return steps
+
+
+def merge_results(path: str, key: str, result: dict) -> None:
+    results = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    results[key] = result
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+
+
+def loader_bench(args, work: str) -> dict:
+    images, shards = os.path.join(work, "jpeg"), os.path.join(work, "jpeg-shards")
+    bench_input.write_images(images, args.loader_images, 500, 375)
+    bench_input.build_shards(images, shards, 8)
+    runs = [bench_input.loader_run(shards, threads=1, seconds=args.loader_seconds) for _ in range(args.repeats)]
+    per_core = stats([r["images_per_cpu_sec"] for r in runs])
+    print(f"loader: {per_core['median']:.1f} images per CPU second (median of {len(runs)}), "
+          f"{statistics.median(r['images_per_sec'] for r in runs):.1f} images/s wall with 1 tf.data thread", flush=True)
+    return {"loader_images_per_sec_per_core": per_core, "runs": runs, "images": args.loader_images,
+            "image_size": "500x375 JPEG -> 224x224", "preprocessing": "random resized crop (0.08-1) + flip",
+            "published_range": "40-120", "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def input_bench(args, work: str) -> dict:
+    images, shards = os.path.join(work, "cifar"), os.path.join(work, "cifar-shards")
+    bench_input.write_images(images, 2560, 32, 32)
+    bench_input.build_shards(images, shards, 8)
+    steps = calibrate(args.epoch_seconds)
+    real_sets = ("data.synthetic=false", f"data.dir={shards}", "data.augment.random_resized_crop=true",
+                 "data.augment.crop_area_min=0.35", "data.augment.flip=true")
+    real, synthetic = [], []
+    for rep in range(args.repeats):
+        real.append(trainer_rate(1, steps, sets=real_sets))
+        synthetic.append(trainer_rate(1, steps))
+        print(f"repeat {rep + 1}/{args.repeats}: real shards {real[-1]:.1f}, synthetic {synthetic[-1]:.1f} images/s",
+              flush=True)
+    ratio = stats([r / s for r, s in zip(real, synthetic)])
+    print(f"input_efficiency: median {ratio['median']:.3f} (min {ratio['min']:.3f}, max {ratio['max']:.3f}), "
+          "target >= 0.95", flush=True)
+    return {"input_efficiency": ratio, "images_per_sec": {"g_trainer_np1_real_shards": stats(real),
+            "h_trainer_np1_synthetic": stats(synthetic)}, "model": "resnet20", "per_replica_batch_size": BATCH,
+            "steps_per_epoch": steps, "target": 0.95, "augment": "random resized crop (0.35-1) + flip",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def trainer_bench(args) -> None:
+    steps = calibrate(args.epoch_seconds)
 
     runs = {k: [] for k in ("a_plain_keras_1thread", "b_trainer_np1", "c_trainer_np2",
                             "d_two_plain_keras_1thread_summed", "e_plain_keras_2threads", "f_trainer_np2_cycle5ms")}
@@ -129,14 +175,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "bench_seconds": round(time.time() - started, 1),
     }
-    results = {}
-    if os.path.isfile(args.out):
-        with open(args.out, encoding="utf-8") as f:
-            results = json.load(f)
-    results["trainer_throughput"] = result
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+    merge_results(args.out, "trainer_throughput", result)
 
     print(f"\n{'run':<36}{'median':>10}{'min':>10}{'max':>10}  images/s")
     for k, v in result["images_per_sec"].items():
@@ -145,6 +184,31 @@ def main() -> int:
     for k, v in ratios.items():
         target = f">= {targets[k]}" if k in targets else "-"
         print(f"{k:<36}{v['median']:>10.3f}{v['min']:>10.3f}{v['max']:>10.3f}  {target}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--epoch-seconds", type=float, default=11.0, help="target length of one timed epoch")
+    p.add_argument("--only", default="conversion,loader,input,trainer",
+                   help="comma list of: conversion, loader, input, trainer")
+    p.add_argument("--conversion-images", type=int, default=1000, help="images in the conversion's 1x set")
+    p.add_argument("--loader-images", type=int, default=1000, help="JPEGs generated for the loader benchmark")
+    p.add_argument("--loader-seconds", type=float, default=20.0, help="length of one loader measurement")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results.json"))
+    args = p.parse_args()
+    parts = set(args.only.split(","))
+    if not parts or parts - {"conversion", "trainer", "loader", "input"}:
+        p.error(f"--only {args.only!r}: expected a comma list of conversion, loader, input, trainer")
+    if "conversion" in parts:
+        merge_results(args.out, "conversion", bench_conversion.run(args.conversion_images))
+    with tempfile.TemporaryDirectory(prefix="bench-input-") as work:
+        if "loader" in parts:
+            merge_results(args.out, "loader", loader_bench(args, work))
+        if "input" in parts:
+            merge_results(args.out, "input_efficiency", input_bench(args, work))
+    if "trainer" in parts:
+        trainer_bench(args)
     print(f"\nwritten to {args.out}")
     return 0
 

@@ -94,18 +94,15 @@ def convert(images: str, out: str, workers: int, *extra: str) -> dict:
             "peak_rss_mb": round(peak / 2**20, 1), "workers": workers, "options": list(extra)}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=1000, help="images in the 1x set (the 4x set has 4 times more)")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results.json"))
-    args = p.parse_args(argv)
+def run(images: int) -> dict:
+    """Converts `images` and 4x `images` generated JPEGs; returns the figures."""
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         big, small = os.path.join(tmp, "x4"), os.path.join(tmp, "x1")
         t0 = time.perf_counter()
-        size = generate(big, 4 * args.images)
-        link_subset(big, small, args.images)
-        print(f"generated {4 * args.images} JPEGs, {size / 2**20:.0f} MiB, in {time.perf_counter() - t0:.0f} s",
+        size = generate(big, 4 * images)
+        link_subset(big, small, images)
+        print(f"generated {4 * images} JPEGs, {size / 2**20:.0f} MiB, in {time.perf_counter() - t0:.0f} s",
               flush=True)
         runs = {
             "x1_parallel": convert(small, os.path.join(tmp, "o1"), cores),
@@ -126,14 +123,17 @@ def main(argv=None) -> int:
     }
     print(f"peak RSS 4x / 1x: {result['peak_rss_ratio_x4_vs_x1']}, "
           f"{cores} workers / 1 worker: {result['parallel_speedup']}x")
-    results = {}
-    if os.path.isfile(args.out):
-        with open(args.out, encoding="utf-8") as f:
-            results = json.load(f)
-    results["conversion"] = result
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+    return result
+
+
+def main(argv=None) -> int:
+    from bench import merge_results  # scripts/ is on sys.path: this script's folder
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=1000, help="images in the 1x set (the 4x set has 4 times more)")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results.json"))
+    args = p.parse_args(argv)
+    merge_results(args.out, "conversion", run(args.images))
     print(f"written to {args.out}")
     return 0
 

@@ -74,6 +74,8 @@ def test_bad_keys_and_types_name_the_key_and_value(override, message):
         ("train.best_metric=accuracy",
          "train.best_metric='accuracy': must be one of val_accuracy, val_loss, val_top5_accuracy or empty"),
         ("train.best_mode=lowest", "train.best_mode='lowest': must be one of auto, max, min"),
+        ("data.augment.crop_area_min=0", "data.augment.crop_area_min=0.0: must be in (0, 1]"),
+        ("data.crop_fraction=1.2", "data.crop_fraction=1.2: must be in (0, 1]"),
     ],
 )
 def test_bad_values_are_rejected_with_key_and_value(override, message):

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT
-from data_pipeline.reader import records_per_pass, shard_records, training_passes
+from data_pipeline.reader import records_per_pass, shard_records, stream_position, training_records
 from trainer.callbacks import EpochCheckpoint
 from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.runner import fit_phases
@@ -59,18 +59,33 @@ def test_records_per_pass_matches_what_the_reader_reads(tmp_path):
             assert records_per_pass(counts, num_shards, index) == read
 
 
-def test_training_stream_resumes_exactly_where_it_stopped():
-    records = tf.data.Dataset.range(10)
-    full = [int(x) for x in training_passes(records, 4, seed=7, per_pass=10, count=35)]
+def test_training_stream_resumes_exactly_where_it_stopped(tmp_path):
+    counts = [4, 6]
+    files = []
+    for i, n in enumerate(counts):
+        files.append(str(tmp_path / f"s{i}.tfrecord"))
+        with tf.io.TFRecordWriter(files[-1]) as w:
+            for j in range(n):
+                w.write(b"%d" % (10 * i + j))
+
+    def stream(skip=0, count=35):
+        first, offset = stream_position(counts, 1, 0, seed=7, skip=skip)
+        ds = training_records(files, 1, 0, seed=7, shuffle_buffer=4, first_pass=first, offset=offset, count=count)
+        return [(int(r), tuple(s)) for r, s in ds.as_numpy_iterator()]
+
+    full = stream()
+    records = [r for r, _ in full]
     assert len(full) == 35
     # Each pass is a permutation of the records, and passes differ.
-    assert sorted(full[:10]) == sorted(full[10:20]) == list(range(10)) and full[:10] != full[10:20]
+    expected = sorted([*range(4), *range(10, 16)])
+    assert sorted(records[:10]) == sorted(records[10:20]) == expected and records[:10] != records[10:20]
+    # The augmentation seeds are positions too: unique, and the same on resume.
+    assert len({s for _, s in full}) == 35
     for skip in (0, 3, 10, 17, 30):
-        resumed = [int(x) for x in training_passes(records, 4, seed=7, skip=skip, per_pass=10, count=35 - skip)]
-        assert resumed == full[skip:]
-    # Without a position, the stream reshuffles forever.
-    endless = [int(x) for x in training_passes(records, 4, seed=7).take(30)]
-    assert sorted(endless[20:]) == list(range(10))
+        assert stream(skip, 35 - skip) == full[skip:]
+    # Without a count, the stream goes on forever.
+    endless = [int(r) for r, _ in training_records(files, 1, 0, seed=7, shuffle_buffer=4).take(30)]
+    assert endless == records[:30]
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):

@@ -125,6 +125,7 @@ class ChiefOutputs(RunOutputs):
         if profile:
             extra.append(summaries.ProfileSteps(os.path.join(self.run_dir, "tensorboard", "train"), step, *profile))
         return [
+            cb.InputBoundWarning(),
             cb.EpochCheckpoint(self.checkpoints, state_fn),
             summaries.EpochScalars(self.train_writer, os.path.join(self.run_dir, "tensorboard", "validation")),
             *extra,

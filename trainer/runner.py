@@ -11,11 +11,12 @@ import keras
 import tensorflow as tf
 
 from data_pipeline import metadata as md
-from data_pipeline.reader import make_dataset, records_per_pass, shard_files_for, synthetic_dataset
+from data_pipeline.preprocess import Augment
+from data_pipeline.reader import corrupt_shard_error, make_dataset, pass_files, stream_position, synthetic_dataset
 from trainer import callbacks as cb
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, ExperimentConfig, dump_yaml
-from trainer.distributed import DistContext, weights_digest
+from trainer.distributed import DistContext, threads_per_rank, weights_digest
 from trainer.evaluation import Evaluator, PeriodicValidation, validation_logs
 from trainer.models import build_model
 from trainer.outputs import make_outputs
@@ -80,7 +81,10 @@ def eval_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, batch_
     if not files:
         log.warning("no validation shards in %s: evaluating on the training shards", cfg.data.dir)
         files = spec.train_files
-    return make_dataset(files, ctx.size, ctx.rank, batch_size, size, channels, training=False, drop_remainder=False)
+    d = cfg.data
+    return make_dataset(files, ctx.size, ctx.rank, batch_size, size, channels, training=False, drop_remainder=False,
+                        crop_fraction=d.crop_fraction, skip_corrupt=d.skip_corrupt_records,
+                        threads=ctx.intra_op_threads or threads_per_rank(ctx.local_size))
 
 
 def make_evaluator(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, batch_size: int) -> Evaluator:
@@ -107,6 +111,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
         tf.config.experimental.enable_op_determinism()
 
     spec = resolve_data(cfg)
+    check_shards(cfg, ctx)
     gbs = cfg.data.global_batch_size
     per_replica = gbs // ctx.size
     log.info(
@@ -157,6 +162,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
             StopOnRequest(request),
             cb.EpochTimer(gbs),
             timer,
+            cb.InputWait(),
             cb.AverageMetrics(ctx),
             validation,
             cb.EpochLog(ctx.rank),
@@ -169,14 +175,21 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
             # optimizer, whose step counter reaches ranks other than 0 only
             # with the broadcast at the start of fit.
             first_step = initial * spe + (spe - steps)
-            dataset = train_dataset(cfg, spec, ctx, per_replica, first_step)
-            if first_step == start_step:
-                outputs.write_input_sample(dataset, first_step + 1)
-            phase = model.fit(
-                dataset,
-                epochs=end, initial_epoch=initial, steps_per_epoch=steps,
-                callbacks=callbacks, verbose=outputs.verbose, shuffle=False,
-            ).history
+            try:
+                dataset = train_dataset(cfg, spec, ctx, per_replica, first_step)
+                if first_step == start_step:
+                    outputs.write_input_sample(dataset, first_step + 1)
+                phase = model.fit(
+                    dataset,
+                    epochs=end, initial_epoch=initial, steps_per_epoch=steps,
+                    callbacks=callbacks, verbose=outputs.verbose, shuffle=False,
+                ).history
+            except (tf.errors.DataLossError, tf.errors.FailedPreconditionError) as e:  # a bad shard, if any is found
+                # The per-epoch validation reads the validation shards inside fit too.
+                err = corrupt_shard_error(spec.train_files, e, list(spec.train_shard_counts))
+                if err is e and spec.val_files:
+                    err = corrupt_shard_error(spec.val_files, e)
+                raise err from None
             for key, values in phase.items():
                 history.setdefault(key, []).extend(values)
             if request.stopped:
@@ -247,6 +260,7 @@ def build_compiled_model(cfg: ExperimentConfig, spec: DataSpec, schedule) -> Dat
         jit_compile=False,
     )
     model.optimizer.build(model.trainable_variables)
+    model.time_input = not cfg.runtime.deterministic
     return model
 
 
@@ -255,14 +269,31 @@ def train_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_r
     size, channels = spec.input_shape[0], spec.input_shape[2]
     if cfg.data.synthetic:
         return synthetic_dataset(per_replica, size, channels, spec.num_classes, ctx.rank)
-    mine = shard_files_for(spec.train_files, ctx.size, ctx.rank)
+    d = cfg.data
+    first_pass, _ = stream_position(list(spec.train_shard_counts), ctx.size, ctx.rank, d.seed, start_step * per_replica)
+    mine = pass_files(spec.train_files, ctx.size, ctx.rank, d.seed, first_pass)
     log.info("train shards read by this rank: %s", ",".join(os.path.basename(f) for f in mine or spec.train_files))
     return make_dataset(
-        spec.train_files, ctx.size, ctx.rank, per_replica, size, channels, training=True, seed=cfg.data.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer, skip_records=start_step * per_replica,
-        records_per_pass=records_per_pass(list(spec.train_shard_counts), ctx.size, ctx.rank),
+        spec.train_files, ctx.size, ctx.rank, per_replica, size, channels, training=True, seed=d.seed,
+        shuffle_buffer=d.shuffle_buffer, skip_records=start_step * per_replica,
         num_records=(cfg.train.epochs * spec.steps_per_epoch - start_step) * per_replica,
+        shard_counts=list(spec.train_shard_counts), augmentation=Augment(**vars(d.augment)),
+        crop_fraction=d.crop_fraction, deterministic=cfg.runtime.deterministic, skip_corrupt=d.skip_corrupt_records,
+        # The same share of the cores as the rank's TensorFlow threads (trainer.distributed).
+        threads=ctx.intra_op_threads or threads_per_rank(ctx.local_size),
     )
+
+
+def check_shards(cfg: ExperimentConfig, ctx: DistContext) -> None:
+    """Each rank hashes its share of the shards: a damaged file stops the run before training."""
+    if cfg.data.synthetic or not cfg.data.verify_checksums:
+        return
+    bad = md.corrupt_shards(cfg.data.dir, md.load_metadata(cfg.data.dir), ctx.size, ctx.rank)
+    if bad and not cfg.data.skip_corrupt_records:
+        raise md.DataError(f"shard {bad[0]!r} does not match its SHA-256 in metadata.json (truncated or changed); "
+                           "rebuild the shards, or set data.skip_corrupt_records=true to skip its corrupt records")
+    for path in bad:
+        log.warning("shard %r does not match its SHA-256 in metadata.json: skipping its corrupt records", path)
 
 
 def fit_phases(start_step: int, steps_per_epoch: int, epochs: int) -> list[tuple[int, int, int]]:

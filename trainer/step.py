@@ -21,6 +21,7 @@ class DataParallelModel(keras.Model):
         super().__init__(*args, **kwargs)
         self.fp16_allreduce = fp16_allreduce
         self.stop_request = None  # a trainer.preemption.StopRequest, set by the runner
+        self.time_input = True  # off under op determinism, where TensorFlow refuses tf.timestamp
 
     @classmethod
     def wrap(cls, net: keras.Model, fp16_allreduce: bool = False) -> "DataParallelModel":
@@ -29,6 +30,43 @@ class DataParallelModel(keras.Model):
 
     def get_config(self):
         return {**super().get_config(), "fp16_allreduce": self.fp16_allreduce}
+
+    def make_train_function(self, force=False):
+        """Keras's train function, plus the time each step waited for its batch (`input_wait`, seconds).
+
+        The wait is timed in the graph, around the iterator's get_next, so it
+        is what the step really spent blocked on the input pipeline. Only the
+        plain one-step-per-call loop is timed, and not under op determinism
+        (runtime.deterministic), where TensorFlow refuses tf.timestamp.
+        """
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force)
+        if self.steps_per_execution != 1 or self.run_eagerly or not self.time_input:
+            return self.train_function
+        keras_function = self.train_function
+
+        @tf.function(reduce_retracing=True)
+        @tf.autograph.experimental.do_not_convert  # as Keras's own step: train_step is plain graph code
+        def timed_step(iterator):
+            start = tf.timestamp()
+            with tf.control_dependencies([start]):
+                data = iterator.get_next()
+            with tf.control_dependencies(tf.nest.flatten(data)):
+                end = tf.timestamp()
+            # The step's ops wait for `end`: otherwise the executor may run the
+            # cheap timestamp after the whole step and count it as waiting.
+            with tf.control_dependencies([end]):
+                data = tf.nest.map_structure(tf.identity, data)
+            return {**self.train_step(data), "input_wait": end - start}
+
+        def function(iterator):
+            if isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
+                return timed_step(iterator)
+            return keras_function(iterator)
+
+        self.train_function = function
+        return function
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)

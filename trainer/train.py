@@ -66,6 +66,7 @@ def main(argv=None) -> int:
 
     # Imported only now: TensorFlow and Horovod take seconds to load, and a bad
     # config should fail at once.
+    from data_pipeline.metadata import DataError
     from trainer.checkpoint import CheckpointError
     from trainer.distributed import DistContext
     from trainer.preemption import EXIT_STOPPED, Stopped
@@ -87,6 +88,9 @@ def main(argv=None) -> int:
         return 2
     except CheckpointError as e:
         print(f"checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
         return 2
     except Stopped as e:
         log.warning("%s; exiting with %d, the next start resumes from it", e, EXIT_STOPPED)
