@@ -1,5 +1,6 @@
 """`metadata.json`: what a shard folder holds, written by build_shards."""
 
+import hashlib
 import json
 import os
 
@@ -54,13 +55,20 @@ def shard_files(data_dir: str, meta: dict, split: str) -> list[str]:
     return [os.path.join(data_dir, s["file"]) for s in meta["splits"].get(split, {}).get("shards", [])]
 
 
+def sha256_file(path: str) -> str:
+    """The checksum metadata.json holds for each shard."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def corrupt_shards(data_dir: str, meta: dict, num_shards: int = 1, shard_index: int = 0) -> list[str]:
     """Shards among this pipeline's share (every num_shards-th) whose SHA-256 differs from metadata.json."""
-    from data_pipeline.build_shards import _sha256  # the writer's own checksum; it imports this module
-
     listed = [s for split in SPLITS for s in meta["splits"].get(split, {}).get("shards", [])]
     return [
         os.path.join(data_dir, s["file"])
         for s in listed[shard_index::num_shards]
-        if "sha256" in s and _sha256(os.path.join(data_dir, s["file"])) != s["sha256"]
+        if "sha256" in s and sha256_file(os.path.join(data_dir, s["file"])) != s["sha256"]
     ]

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from data_pipeline.images import BrokenImage, ImageOptions, normalise
-from data_pipeline.metadata import FORMAT_VERSION, DataError, shard_name
+from data_pipeline.metadata import FORMAT_VERSION, DataError, sha256_file, shard_name
 from data_pipeline.record_writer import TFRecordFile, encode_example
 from data_pipeline.sources import Source
 
@@ -44,14 +44,6 @@ class ShardTask:
         for s in self.sources:
             h.update(json.dumps([s.example_id, s.path, s.label, s.size, s.mtime_ns]).encode())
         return h.hexdigest()
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def completed(task: ShardTask, work_dir: str, opts: ImageOptions) -> dict | None:
