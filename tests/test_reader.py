@@ -169,6 +169,7 @@ def test_slow_input_is_measured_and_warned_about(tmp_path, caplog):
 
     from trainer import callbacks as cb
     from trainer.step import DataParallelModel
+    from trainer.summaries import EpochScalars
 
     hvd.init()
     inputs = keras.Input((4,))
@@ -184,7 +185,7 @@ def test_slow_input_is_measured_and_warned_about(tmp_path, caplog):
         return out, y
 
     ds = tf.data.Dataset.from_tensors((tf.zeros([8, 4]), tf.zeros([8], tf.int32))).repeat().map(slow).prefetch(1)
-    callbacks = [cb.InputWait(), cb.InputBoundWarning(), cb.TensorBoardScalars(str(tmp_path / "tb"))]
+    callbacks = [cb.InputWait(), cb.InputBoundWarning(), EpochScalars(tf.summary.create_file_writer(str(tmp_path / "tb")), str(tmp_path / "val"))]
     with caplog.at_level(logging.WARNING, logger="trainer.callbacks"):
         history = model.fit(ds, epochs=2, steps_per_epoch=5, callbacks=callbacks, verbose=0, shuffle=False).history
     # Each batch waits >= 50 ms for a step of about a millisecond.
