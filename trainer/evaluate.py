@@ -19,7 +19,7 @@ import os
 import sys
 
 from trainer.config import ConfigError, load_config, validate
-from trainer.train import setup_logging
+from trainer.train import run_reporting_bad_input, setup_logging
 
 
 def parse_args(argv):
@@ -67,22 +67,14 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
-    from trainer.checkpoint import CheckpointError
     from trainer.distributed import DistContext
 
     ctx = DistContext.initialize(cfg.runtime.intra_op_threads, cfg.runtime.inter_op_threads)
-    setup_logging(ctx.rank, ctx.is_chief or cfg.runtime.log_all_ranks)
+    setup_logging(lambda: ctx.rank, ctx.is_chief or cfg.runtime.log_all_ranks)
     logging.getLogger("trainer.evaluate").info("rank %d of %d evaluating checkpoint %s", ctx.rank, ctx.size,
                                                 args.checkpoint)
-    try:
-        evaluate_checkpoint(cfg, ctx, args.checkpoint, args.export)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"checkpoint error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    _, code = run_reporting_bad_input(lambda: evaluate_checkpoint(cfg, ctx, args.checkpoint, args.export))
+    return code
 
 
 if __name__ == "__main__":

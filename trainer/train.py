@@ -54,6 +54,23 @@ def setup_logging(rank_fn, all_ranks: bool) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
+def run_reporting_bad_input(call):
+    """`(call(), 0)`, or `(None, 2)` after one line on stderr for a bad config, data or checkpoint."""
+    from data_pipeline.metadata import DataError
+    from trainer.checkpoint import CheckpointError
+
+    try:
+        return call(), 0
+    except CheckpointError as e:
+        line = f"checkpoint error: {e}"
+    except DataError as e:
+        line = f"data error: {e}"
+    except ConfigError as e:
+        line = f"config error: {e}"
+    print(line, file=sys.stderr)
+    return None, 2
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.umask(0o027)  # run directories and checkpoints: owner and group only
@@ -66,8 +83,6 @@ def main(argv=None) -> int:
 
     # Imported only now: TensorFlow and Horovod take seconds to load, and a bad
     # config should fail at once.
-    from data_pipeline.metadata import DataError
-    from trainer.checkpoint import CheckpointError
     from trainer.distributed import DistContext
     from trainer.preemption import EXIT_STOPPED, Stopped
     from trainer.runner import run
@@ -80,21 +95,18 @@ def main(argv=None) -> int:
     log.info("rank %d of %d (local %d of %d), pid %d, intra/inter-op threads %d/%d, gpu %s",
              ctx.rank, ctx.size, ctx.local_rank, ctx.local_size, os.getpid(),
              ctx.intra_op_threads, ctx.inter_op_threads, ctx.gpu)
-    try:
+
+    def train():
         validate_world(cfg, ctx.size)
-        summary = run(cfg, ctx)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"checkpoint error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
+        return run(cfg, ctx)
+
+    try:
+        summary, code = run_reporting_bad_input(train)
     except Stopped as e:
         log.warning("%s; exiting with %d, the next start resumes from it", e, EXIT_STOPPED)
         return EXIT_STOPPED
+    if code:
+        return code
     if summary is not None:
         print_summary(summary)
     return 0
