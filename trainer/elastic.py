@@ -93,8 +93,10 @@ class CommitState(keras.callbacks.Callback):
         self.state.commit()
 
     def on_train_batch_end(self, batch, logs=None):
+        if not self.every_steps:
+            return  # commits at epoch ends only: no device read per step
         step = int(self.model.optimizer.iterations.numpy())
-        if self.every_steps and step % self.every_steps == 0 and step % self.steps_per_epoch:
+        if step % self.every_steps == 0 and step % self.steps_per_epoch:
             self._commit()
 
     def on_epoch_end(self, epoch, logs=None):
