@@ -4,7 +4,6 @@ train/validation layouts, resume, strict mode, and MPI ranks."""
 import hashlib
 import io
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -223,7 +222,6 @@ def test_existing_train_validation_layout(tmp_path):
 
 
 @pytest.mark.mpi
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI's mpirun")
 def test_mpirun_two_ranks_match_one_process(messy, tmp_path):
     """Two ranks with two worker processes each write the same bytes as one process."""
     single = build(str(messy), str(tmp_path / "one"), num_shards=3, val_fraction=0.25, seed=2)

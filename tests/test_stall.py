@@ -1,15 +1,13 @@
 """Horovod's stall check, driven by the launcher's options: a rank that never joins a collective
 is named, and the job ends instead of hanging."""
 
-import hashlib
 import os
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run
+from conftest import run
 from launch.command import LaunchOptions, build_command
 
 pytestmark = pytest.mark.horovod
@@ -33,17 +31,8 @@ except tf.errors.OpError as e:
 """
 
 
-def gloo_stall_check_fixed() -> bool:
-    """Whether this venv's Horovod was built from the current patch (which fixes the Gloo stall check)."""
-    marker = Path(sys.prefix) / ".horovod-patch-sha256"
-    patch = ROOT / "scripts" / "horovod-0.28.1-tf2.21-cpu.patch"
-    return marker.is_file() and marker.read_text().strip() == hashlib.sha256(patch.read_bytes()).hexdigest()
-
-
 @pytest.mark.parametrize("controller", ["mpi", "gloo"])
 def test_a_rank_missing_from_a_collective_is_named_and_the_job_ends(tmp_path, controller):
-    if controller == "gloo" and not gloo_stall_check_fixed():
-        pytest.skip("this venv's Horovod predates the Gloo stall-check fix in the patch; run make setup")
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     opts = LaunchOptions(np=2, config="unused.yaml", controller=controller, stall_warning_sec=2,
