@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,13 @@ def run(argv, timeout=600, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(a) for a in argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs
     )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` now (a server started next may take it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from conftest import free_port
+
 CONF = """\
 ClusterName=hvdtest
 SlurmctldHost={host}(127.0.0.1)
@@ -63,12 +65,6 @@ def install_if_missing() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
     subprocess.run(["apt-get", "install", "-y", "-qq", "slurm-wlm"], check=True, env=env, stdout=subprocess.DEVNULL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlurmCluster:

@@ -12,14 +12,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import run
+from conftest import free_port, run
 from test_horovod import messages
 
 pytestmark = pytest.mark.horovod
@@ -37,9 +36,7 @@ def ssh_host(tmp_path):
     for key in ("host_key", "id"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
     shutil.copy(d / "id.pub", d / "authorized_keys")
-    with socket.socket() as s:
-        s.bind(("127.0.0.2", 0))
-        port = s.getsockname()[1]
+    port = free_port("127.0.0.2")
     (d / "sshd_config").write_text(
         f"ListenAddress 127.0.0.2\nPort {port}\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n"
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"

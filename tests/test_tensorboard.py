@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run
+from conftest import free_port, run
 from trainer.config import ConfigError, profile_range
 
 EPOCHS, SPE, EVERY = 2, 22, 5
@@ -77,12 +77,6 @@ def test_launcher_binds_tensorboard_to_loopback_unless_told():
     assert tensorboard_command("py", "l", 7000, "0.0.0.0")[-4:] == ["--host", "0.0.0.0", "--port", "7000"]
     with pytest.raises(LaunchError, match=r"^--tensorboard 0: not a TCP port \(1-65535\)$"):
         tensorboard_command("py", "l", 0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Board:
