@@ -82,6 +82,14 @@ class DistContext:
             elastic=os.environ.get("HOROVOD_ELASTIC") == "1",
         )
 
+    @property
+    def input_threads(self) -> int:
+        """Threads for this rank's input pipeline: the same share of the cores as its TensorFlow threads.
+
+        intra_op_threads is 0 on GPU hosts, where TensorFlow keeps its defaults.
+        """
+        return self.intra_op_threads or threads_per_rank(self.local_size)
+
     def refreshed(self) -> "DistContext":
         """This context after an elastic reset: rank and sizes change, devices and threads do not."""
         return replace(self, rank=hvd.rank(), local_rank=hvd.local_rank(), size=hvd.size(),
@@ -97,10 +105,7 @@ class DistContext:
 
     def average_scalars(self, values: dict[str, float], name: str) -> dict[str, float]:
         """Mean over ranks of a dict of numbers; every rank must pass the same keys."""
-        keys = sorted(values)
-        local = tf.constant([float(values[k]) for k in keys], dtype=tf.float64)
-        mean = hvd.allreduce(local, op=hvd.Average, name=name).numpy()
-        return {k: float(x) for k, x in zip(keys, mean)}
+        return self._reduce_scalars(values, name, hvd.Average)
 
     def sum_scalars(self, values: dict[str, float], name: str) -> dict[str, float]:
         """Sum over ranks of a dict of numbers (float64: counts stay exact); same keys on every rank."""

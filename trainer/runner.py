@@ -16,7 +16,7 @@ from data_pipeline.reader import corrupt_shard_error, make_dataset, pass_files, 
 from trainer import callbacks as cb
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, ExperimentConfig, dump_yaml
-from trainer.distributed import DistContext, threads_per_rank, weights_digest
+from trainer.distributed import DistContext, weights_digest
 from trainer.evaluation import Evaluator, PeriodicValidation, validation_logs
 from trainer.models import build_model
 from trainer.outputs import make_outputs
@@ -84,7 +84,7 @@ def eval_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, batch_
     d = cfg.data
     return make_dataset(files, ctx.size, ctx.rank, batch_size, size, channels, training=False, drop_remainder=False,
                         crop_fraction=d.crop_fraction, skip_corrupt=d.skip_corrupt_records,
-                        threads=ctx.intra_op_threads or threads_per_rank(ctx.local_size))
+                        threads=ctx.input_threads)
 
 
 def make_evaluator(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, batch_size: int) -> Evaluator:
@@ -213,9 +213,10 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
         history = train(ctx, outputs, resume(ctx, outputs))
     per_replica = gbs // ctx.size
     if history is None:
-        if ctx.broadcast_object(outputs.load_summary() is not None, "resume.finished"):
+        summary = outputs.load_summary()
+        if ctx.broadcast_object(summary is not None, "resume.finished"):
             log.info("run in %s already finished at epoch %d", cfg.run_dir, epochs)
-            return outputs.load_summary()
+            return summary
         # Training finished but the summary was never written: evaluate again,
         # on every rank, from rank 0's restored weights.
         ctx.broadcast_variables(model.variables, "eval.model")
@@ -279,8 +280,7 @@ def train_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_r
         num_records=(cfg.train.epochs * spec.steps_per_epoch - start_step) * per_replica,
         shard_counts=list(spec.train_shard_counts), augmentation=Augment(**vars(d.augment)),
         crop_fraction=d.crop_fraction, deterministic=cfg.runtime.deterministic, skip_corrupt=d.skip_corrupt_records,
-        # The same share of the cores as the rank's TensorFlow threads (trainer.distributed).
-        threads=ctx.intra_op_threads or threads_per_rank(ctx.local_size),
+        threads=ctx.input_threads,
     )
 
 
