@@ -17,10 +17,6 @@ def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
 
 
-def shard_pattern(data_dir: str, split: str) -> str:
-    return os.path.join(data_dir, f"{split}-*-of-*.tfrecord")
-
-
 def load_metadata(data_dir: str) -> dict:
     """Reads and checks `metadata.json`; raises DataError naming what is wrong."""
     path = os.path.join(data_dir, METADATA_FILE)
