@@ -22,7 +22,7 @@ import sys
 
 from launch.command import LaunchError, LaunchOptions, build_command, tensorboard_command, world_sizes
 from launch.hosts import HostError, allocation_hosts, expand_nodelist, format_hosts, parse_hostfile
-from trainer.config import ConfigError, load_config, validate, validate_world
+from trainer.config import ConfigError, load_config, check_environment, validate, validate_world
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -197,6 +197,7 @@ def main(argv=None) -> int:
         # keep the global batch, so it must divide by every size they may reach.
         cfg = load_config(args.config, args.overrides)
         validate(cfg)
+        check_environment(cfg)
         for n in world_sizes(opts):
             validate_world(cfg, n)
         logdir = os.path.join(cfg.run_dir, "tensorboard")

@@ -24,7 +24,7 @@ import sys
 from launch.cli import add_horovod_options
 from launch.command import LaunchError
 from launch.slurm import SlurmOptions, build_script, tasks_per_node, validate as validate_slurm
-from trainer.config import ConfigError, load_config, validate, validate_world
+from trainer.config import ConfigError, check_environment, load_config, validate, validate_world
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -54,6 +54,9 @@ def parse_args(argv) -> argparse.Namespace:
     add_horovod_options(p)
     p.add_argument("--tensorboard-host", default="127.0.0.1",
                    help="address in the printed TensorBoard command (default loopback)")
+    p.add_argument("--no-data-check", dest="data_check", action="store_false",
+                   help="do not look for data.dir on this host (it exists only on the compute nodes); "
+                        "the workers check it at start")
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     return p.parse_args(argv)
 
@@ -120,6 +123,8 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg)
+        if args.data_check:
+            check_environment(cfg)
         opts = options_from_args(args, cfg.run_dir)
         validate_slurm(opts)
         validate_world(cfg, opts.nodes * tasks_per_node(opts))

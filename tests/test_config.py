@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import (
-    ConfigError, ExperimentConfig, MODEL_NAMES, best_mode, dump_yaml, load_config, parse_override, validate,
+    ConfigError, ExperimentConfig, MODEL_NAMES, best_mode, check_environment, dump_yaml, load_config, parse_override, validate,
     validate_world,
 )
 
@@ -87,14 +87,15 @@ def test_bad_values_are_rejected_with_key_and_value(override, message):
 
 def test_data_dir_checks(tmp_path):
     missing = load_config(None, ["run_dir=r", f"data.dir={tmp_path / 'nope'}"])
+    validate(missing)  # the values alone are fine: the file system is check_environment's
     with pytest.raises(ConfigError, match="folder does not exist"):
-        validate(missing)
+        check_environment(missing)
     empty = load_config(None, ["run_dir=r", f"data.dir={tmp_path}"])
     with pytest.raises(ConfigError, match="has no metadata.json"):
-        validate(empty)
+        check_environment(empty)
     (tmp_path / "metadata.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"has no train-\*.tfrecord shards"):
-        validate(empty)
+        check_environment(empty)
 
 
 def test_global_batch_must_divide_by_world_size():

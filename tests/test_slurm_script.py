@@ -120,3 +120,14 @@ def test_dry_run_prints_the_script_and_checks_config_and_world(digits_shards, tm
     assert res.stderr.strip() == "launch: error: data.global_batch_size=64: is not divisible by the world size 5"
     res = run([*base, "--nodes", "0"])
     assert (res.returncode, res.stderr.strip()) == (2, "launch: error: --nodes must be at least 1, got 0")
+
+
+def test_data_dir_only_on_compute_nodes_needs_no_data_check(tmp_path):
+    base = [sys.executable, "-m", "launch", "slurm", "--config", "configs/digits.yaml",
+            "--set", f"data.dir={tmp_path}/on-the-nodes", "--set", f"run_dir={tmp_path}/run", "--dry-run"]
+    res = run(base)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"launch: error: data.dir='{tmp_path}/on-the-nodes': folder does not exist"
+    res = run([*base, "--no-data-check"])
+    assert res.returncode == 0, res.stderr
+    assert "#SBATCH --nodes=1\n" in res.stdout

@@ -1,7 +1,8 @@
 """Experiment configuration: typed dataclasses loaded from YAML, with overrides.
 
     cfg = load_config("configs/digits.yaml", ["train.epochs=5"])
-    validate(cfg)                      # static checks, before any process starts
+    validate(cfg)                      # static checks of the values alone
+    check_environment(cfg)             # the data folder and its files, on this machine
     validate_world(cfg, world_size)    # checks that depend on the number of ranks
 
 Every problem raises ConfigError with one line that names the key and the
@@ -333,7 +334,7 @@ def profile_range(text: str) -> tuple[int, int] | None:
 
 
 def validate(cfg: ExperimentConfig) -> None:
-    """Static checks: everything that does not depend on the world size."""
+    """Static checks of the values alone: no file system, no world size."""
     _check(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must be set")
     d, m, t, r = cfg.data, cfg.model, cfg.train, cfg.runtime
     _check(d.global_batch_size > 0, "data.global_batch_size", d.global_batch_size, "must be > 0")
@@ -370,6 +371,17 @@ def validate(cfg: ExperimentConfig) -> None:
         _check(t.steps_per_epoch > 0, "train.steps_per_epoch", t.steps_per_epoch, "must be set (> 0) with data.synthetic")
         return
     _check(bool(d.dir), "data.dir", d.dir, "must be set (or data.synthetic: true)")
+
+
+def check_environment(cfg: ExperimentConfig) -> None:
+    """Checks against this machine's file system: the shard folder and its files.
+
+    Separate from validate() so that a job can be checked and submitted from a
+    host that does not see the data (`launch slurm --no-data-check`).
+    """
+    d = cfg.data
+    if d.synthetic:
+        return
     _check(os.path.isdir(d.dir), "data.dir", d.dir, "folder does not exist")
     _check(
         os.path.isfile(os.path.join(d.dir, "metadata.json")), "data.dir", d.dir,

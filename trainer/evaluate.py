@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 
-from trainer.config import ConfigError, load_config, validate
+from trainer.config import ConfigError, load_config, check_environment, validate
 from trainer.train import run_reporting_bad_input, setup_logging
 
 
@@ -34,7 +34,8 @@ def parse_args(argv):
 
 def evaluate_checkpoint(cfg, ctx, which: str, export_dir: str) -> None:
     from trainer.outputs import make_outputs
-    from trainer.runner import broadcast_restore, build_compiled_model, make_evaluator, model_signature, resolve_data
+    from trainer.data import make_evaluator, resolve_data
+    from trainer.runner import broadcast_restore, build_compiled_model, model_signature
     from trainer.schedule import make_schedule
 
     spec = resolve_data(cfg)
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg)
+        check_environment(cfg)
         if args.export and os.path.exists(args.export):
             raise ConfigError(f"--export {args.export!r}: already exists; name a new folder")
     except ConfigError as e:

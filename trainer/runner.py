@@ -2,22 +2,19 @@
 
 import hashlib
 import logging
-import os
 import statistics
 import time
-from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
 
-from data_pipeline import metadata as md
-from data_pipeline.preprocess import Augment
-from data_pipeline.reader import corrupt_shard_error, make_dataset, pass_files, stream_position, synthetic_dataset
+from data_pipeline.reader import corrupt_shard_error
 from trainer import callbacks as cb
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, ExperimentConfig, dump_yaml
+from trainer.data import DataSpec, check_shards, make_evaluator, resolve_data, train_dataset
 from trainer.distributed import DistContext, weights_digest
-from trainer.evaluation import Evaluator, PeriodicValidation, validation_logs
+from trainer.evaluation import PeriodicValidation, validation_logs
 from trainer.models import build_model
 from trainer.outputs import make_outputs
 from trainer.preemption import StopOnRequest, StopRequest, Stopped
@@ -25,74 +22,6 @@ from trainer.schedule import make_schedule
 from trainer.step import DataParallelModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What the model and the loop need to know about the data."""
-
-    input_shape: tuple[int, int, int]
-    num_classes: int
-    steps_per_epoch: int
-    train_files: list[str]
-    val_files: list[str]
-    num_train: int = 0
-    num_val: int = 0
-    train_shard_counts: tuple[int, ...] = ()
-
-
-def resolve_data(cfg: ExperimentConfig) -> DataSpec:
-    """Fills the model's input shape, class count and steps per epoch from config and metadata."""
-    m, t = cfg.model, cfg.train
-    if cfg.data.synthetic:
-        return DataSpec((m.image_size, m.image_size, m.channels), m.num_classes, t.steps_per_epoch, [], [])
-    try:
-        meta = md.load_metadata(cfg.data.dir)
-    except md.DataError as e:
-        raise ConfigError(f"data.dir={cfg.data.dir!r}: {e}") from None
-    shape = meta.get("image_shape")
-    image_size = m.image_size or (shape[0] if shape and shape[0] == shape[1] else 0)
-    if not image_size:
-        raise ConfigError(f"model.image_size=0: the images in {cfg.data.dir!r} differ in size or are not square; set it")
-    channels = m.channels or int(meta["channels"])
-    num_classes = m.num_classes or len(meta["class_names"])
-    if num_classes < len(meta["class_names"]):
-        raise ConfigError(f"model.num_classes={num_classes}: the data has {len(meta['class_names'])} classes")
-    n_train = md.num_examples(meta, "train")
-    steps = t.steps_per_epoch or n_train // cfg.data.global_batch_size
-    if steps < 1:
-        raise ConfigError(
-            f"data.global_batch_size={cfg.data.global_batch_size}: larger than the {n_train} training examples"
-        )
-    return DataSpec(
-        (image_size, image_size, channels), num_classes, steps,
-        md.shard_files(cfg.data.dir, meta, "train"), md.shard_files(cfg.data.dir, meta, "validation"),
-        n_train, md.num_examples(meta, "validation"),
-        tuple(int(x["num_examples"]) for x in meta["splits"]["train"]["shards"]),
-    )
-
-
-def eval_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, batch_size: int) -> tf.data.Dataset:
-    """This rank's disjoint part of the validation split, one pass, with its last partial batch."""
-    size, channels = spec.input_shape[0], spec.input_shape[2]
-    if cfg.data.synthetic:
-        return synthetic_dataset(batch_size, size, channels, spec.num_classes, 1000 + ctx.rank).take(1)
-    files = spec.val_files
-    if not files:
-        log.warning("no validation shards in %s: evaluating on the training shards", cfg.data.dir)
-        files = spec.train_files
-    d = cfg.data
-    return make_dataset(files, ctx.size, ctx.rank, batch_size, size, channels, training=False, drop_remainder=False,
-                        crop_fraction=d.crop_fraction, skip_corrupt=d.skip_corrupt_records,
-                        threads=ctx.input_threads)
-
-
-def make_evaluator(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, batch_size: int) -> Evaluator:
-    # The count is known from metadata.json: checking it makes a shard that
-    # holds fewer or more records than recorded an error, not a silent change.
-    expected = 0 if cfg.data.synthetic else (spec.num_val if spec.val_files else spec.num_train)
-    return Evaluator(ctx, lambda: eval_dataset(cfg, spec, ctx, batch_size), spec.num_classes, expected,
-                     f"data.dir={cfg.data.dir!r}")
 
 
 def build_optimizer(cfg: ExperimentConfig, schedule) -> keras.optimizers.Optimizer:
@@ -263,37 +192,6 @@ def build_compiled_model(cfg: ExperimentConfig, spec: DataSpec, schedule) -> Dat
     model.optimizer.build(model.trainable_variables)
     model.time_input = not cfg.runtime.deterministic
     return model
-
-
-def train_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_replica: int, start_step: int):
-    """This rank's training stream, starting where `start_step` steps left it."""
-    size, channels = spec.input_shape[0], spec.input_shape[2]
-    if cfg.data.synthetic:
-        return synthetic_dataset(per_replica, size, channels, spec.num_classes, ctx.rank)
-    d = cfg.data
-    first_pass, _ = stream_position(list(spec.train_shard_counts), ctx.size, ctx.rank, d.seed, start_step * per_replica)
-    mine = pass_files(spec.train_files, ctx.size, ctx.rank, d.seed, first_pass)
-    log.info("train shards read by this rank: %s", ",".join(os.path.basename(f) for f in mine or spec.train_files))
-    return make_dataset(
-        spec.train_files, ctx.size, ctx.rank, per_replica, size, channels, training=True, seed=d.seed,
-        shuffle_buffer=d.shuffle_buffer, skip_records=start_step * per_replica,
-        num_records=(cfg.train.epochs * spec.steps_per_epoch - start_step) * per_replica,
-        shard_counts=list(spec.train_shard_counts), augmentation=Augment(**vars(d.augment)),
-        crop_fraction=d.crop_fraction, deterministic=cfg.runtime.deterministic, skip_corrupt=d.skip_corrupt_records,
-        threads=ctx.input_threads,
-    )
-
-
-def check_shards(cfg: ExperimentConfig, ctx: DistContext) -> None:
-    """Each rank hashes its share of the shards: a damaged file stops the run before training."""
-    if cfg.data.synthetic or not cfg.data.verify_checksums:
-        return
-    bad = md.corrupt_shards(cfg.data.dir, md.load_metadata(cfg.data.dir), ctx.size, ctx.rank)
-    if bad and not cfg.data.skip_corrupt_records:
-        raise md.DataError(f"shard {bad[0]!r} does not match its SHA-256 in metadata.json (truncated or changed); "
-                           "rebuild the shards, or set data.skip_corrupt_records=true to skip its corrupt records")
-    for path in bad:
-        log.warning("shard %r does not match its SHA-256 in metadata.json: skipping its corrupt records", path)
 
 
 def fit_phases(start_step: int, steps_per_epoch: int, epochs: int) -> list[tuple[int, int, int]]:

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from trainer.config import ConfigError, load_config, validate, validate_world
+from trainer.config import ConfigError, load_config, check_environment, validate, validate_world
 
 
 def parse_args(argv):
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg)
+        check_environment(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
