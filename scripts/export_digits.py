@@ -11,21 +11,22 @@ import sys
 
 import numpy as np
 
+from data_pipeline import atomic
+
 
 def export(out_dir: str) -> int:
     from sklearn.datasets import load_digits
     import tensorflow as tf
 
     digits = load_digits()
-    tmp = f"{out_dir}.partial-{os.getpid()}"
-    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
-        # Pixel values are 0..16; stretch them to 0..255.
-        pixels = np.round(image * (255.0 / 16.0)).astype(np.uint8)[..., None]
-        class_dir = os.path.join(tmp, str(label))
-        os.makedirs(class_dir, exist_ok=True)
-        with open(os.path.join(class_dir, f"digit-{i:04d}.png"), "wb") as f:
-            f.write(tf.io.encode_png(pixels).numpy())
-    os.rename(tmp, out_dir)
+    with atomic.staged_dir(out_dir, mode=0o755) as tmp:
+        for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+            # Pixel values are 0..16; stretch them to 0..255.
+            pixels = np.round(image * (255.0 / 16.0)).astype(np.uint8)[..., None]
+            class_dir = os.path.join(tmp, str(label))
+            os.makedirs(class_dir, exist_ok=True)
+            with open(os.path.join(class_dir, f"digit-{i:04d}.png"), "wb") as f:
+                f.write(tf.io.encode_png(pixels).numpy())
     return len(digits.images)
 
 

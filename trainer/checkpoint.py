@@ -28,6 +28,8 @@ import shutil
 
 import numpy as np
 
+from data_pipeline import atomic
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{9,})$")
@@ -135,10 +137,7 @@ class CheckpointManager:
             "metric": self.best_metric, "mode": self.best_mode, "value": state["validation"][self.best_metric],
             "validation": state["validation"],
         }
-        tmp = f"{pointer}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2, sort_keys=True)
-        os.replace(tmp, pointer)
+        atomic.write_json(pointer, info)
 
     def save(self, model, state: dict) -> str:
         """Writes a checkpoint at the optimizer's current step and prunes old ones.
@@ -149,10 +148,7 @@ class CheckpointManager:
         global_step = int(model.optimizer.iterations.numpy())
         os.makedirs(self.directory, mode=0o750, exist_ok=True)
         final = self.path(global_step)
-        tmp = f"{final}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            os.makedirs(tmp, mode=0o750)
+        with atomic.staged_dir(final) as tmp:
             model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
             store: dict = {}
             model.optimizer.save_own_variables(store)
@@ -163,12 +159,6 @@ class CheckpointManager:
                 json.dump({**state, "global_step": global_step}, f, indent=2, sort_keys=True)
                 f.flush()
                 os.fsync(f.fileno())
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         best = self._best_step()
         self._write_best_pointer(best)
         for old in self._steps()[: -self.keep]:

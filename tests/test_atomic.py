@@ -1,0 +1,38 @@
+import os
+
+import pytest
+
+from data_pipeline import atomic
+
+
+def test_write_text_replaces_whole_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+    atomic.write_json(str(path), {"b": 1, "a": 2}, durable=True)
+    assert path.read_text() == '{\n  "a": 2,\n  "b": 1\n}\n'
+    assert os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text("old")
+    with pytest.raises(TypeError):
+        atomic.write_json(str(path), {"x": object()})
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["state.json"]
+
+
+def test_staged_dir_replaces_the_old_folder_only_when_complete(tmp_path):
+    final = tmp_path / "export"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic.staged_dir(str(final)) as tmp:
+        (tmp_path / os.path.basename(tmp) / "new.txt").write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+    assert os.listdir(final) == ["old.txt"]
+    with atomic.staged_dir(str(final)) as tmp:
+        (tmp_path / os.path.basename(tmp) / "new.txt").write_text("new")
+        assert os.listdir(final) == ["old.txt"]  # the old one stays readable until the end
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+    assert os.listdir(final) == ["new.txt"]
