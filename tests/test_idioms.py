@@ -36,3 +36,25 @@ def test_staged_dir_replaces_the_old_folder_only_when_complete(tmp_path):
         assert os.listdir(final) == ["old.txt"]  # the old one stays readable until the end
     assert sorted(os.listdir(tmp_path)) == ["export"]
     assert os.listdir(final) == ["new.txt"]
+
+
+def test_on_root_gives_every_rank_the_result_or_the_error():
+    from data_pipeline.collective import on_root
+
+    sent = []
+
+    def bcast(value):  # rank 0's value reaches "every rank"
+        sent.append(value)
+        return sent[0]
+
+    assert on_root(True, bcast, lambda: 7, ValueError) == 7
+    assert on_root(False, bcast, lambda: 1 / 0, ValueError) == 7  # only rank 0 runs fn
+    sent.clear()
+
+    def fail():
+        raise OSError(28, "No space left on device", "out")
+
+    with pytest.raises(ValueError, match="no space: 'out'"):
+        on_root(True, bcast, fail, ValueError, catch=(OSError,), describe=lambda e: f"no space: {e.filename!r}")
+    with pytest.raises(ValueError, match="no space: 'out'"):
+        on_root(False, bcast, lambda: 3, ValueError)
