@@ -1,5 +1,6 @@
+"""`python -m launch run|slurm ...`; see launch.main."""
 import sys
 
-from launch.cli import main
+from launch.main import main
 
 sys.exit(main())

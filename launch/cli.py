@@ -1,15 +1,16 @@
-"""`python -m launch`: check the config, build the horovodrun command, run it.
+"""`python -m launch run`: check the config, build the horovodrun command, run it.
 
-    python -m launch --np 2 --config configs/digits.yaml [--set train.epochs=5]
-        [--hosts h1:2,h2:2 | --hostfile FILE | --slurm-allocation] [--gloo | --mpi]
-        [--srun] [--requeue-on-timeout] [--ssh-port P] [--ssh-identity-file KEY]
-        [--timeline FILE] [--autotune] [--fusion-threshold-mb M] [--cycle-time-ms T]
-        [--stall-warning-sec S] [--stall-shutdown-sec S] [--network-interface NIC] [--dry-run]
-        [--tensorboard PORT [--tensorboard-host HOST]]
+    python -m launch [run] --np 2 --config configs/digits.yaml [--set train.epochs=5]
+        [--hosts h1:2,h2:2 | --hostfile FILE | --slurm-allocation] [--requeue-on-timeout]
+        [--srun [--srun-mpi pmix]] [--gloo | --mpi] [--network-interface NIC] [--timeline FILE]
+        [--autotune] [--fusion-threshold-mb M] [--cycle-time-ms T] [--ssh-port P] [--ssh-identity-file KEY]
+        [--stall-warning-sec S] [--stall-shutdown-sec S] [--verbose]
         [--elastic --min-np N --max-np M --host-discovery-script FILE [--reset-limit R]]
-    python -m launch slurm --config FILE ...      (see launch.slurm_cli)
+        [--dry-run] [--tensorboard PORT [--tensorboard-host HOST]]
 
-Exits with horovodrun's exit code, or 2 for bad options or config.
+`run` may be left out (launch.main). The options after `--requeue-on-timeout`
+are the table of launch.options. Exits with horovodrun's exit code, or 2 for
+bad options or config.
 """
 
 import argparse
@@ -19,62 +20,39 @@ import shutil
 import signal
 import subprocess
 import sys
+from typing import NamedTuple
 
 from launch.command import LaunchError, LaunchOptions, build_command, tensorboard_command, world_sizes
 from launch.hosts import HostError, allocation_hosts, expand_nodelist, format_hosts, parse_hostfile
+from launch.options import add_config_options, add_options, launch_values
 from trainer.config import ConfigError, load_config, check_environment, validate, validate_world
 
+DESCRIPTION = "Start data-parallel workers with horovodrun (or srun inside a Slurm allocation)."
 
-def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m launch", description="Start data-parallel workers with horovodrun.",
-                                epilog="python -m launch slurm --help: write and submit an sbatch script")
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--np", type=int, help="number of worker processes (default with --slurm-allocation: its tasks)")
-    p.add_argument("--config", required=True, help="YAML experiment file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable)")
+    add_config_options(p)
     hosts = p.add_mutually_exclusive_group()
     hosts.add_argument("--hosts", help="host:slots list, e.g. node1:4,node2:4 (default localhost:NP)")
     hosts.add_argument("--hostfile", help="file of 'host slots=N' lines")
     hosts.add_argument("--slurm-allocation", action="store_true",
                        help="run on the nodes and tasks per node of the Slurm job this runs in")
-    p.add_argument("--srun", dest="runner", action="store_const", const="srun", default="horovodrun",
-                   help="start the ranks with srun (MPI through PMIx) instead of horovodrun; needs --slurm-allocation")
-    p.add_argument("--srun-mpi", default="pmix", help="srun --mpi plugin (default pmix)")
     p.add_argument("--requeue-on-timeout", action="store_true",
                    help="on SIGUSR1 (Slurm's warning before the time limit) stop the workers at a checkpoint, "
                         "then requeue this Slurm job")
-    p.add_argument("--ssh-port", type=int, help="ssh port of the other hosts (horovodrun reaches them over ssh)")
-    p.add_argument("--ssh-identity-file", help="private key for ssh to the other hosts")
-    add_horovod_options(p)
-    el = p.add_argument_group("elastic (Gloo): workers may leave and join while training goes on")
-    el.add_argument("--elastic", action="store_true", help="Horovod elastic mode; --np is the starting size")
-    el.add_argument("--min-np", type=int, help="fewest workers to keep training with (default --np)")
-    el.add_argument("--max-np", type=int, help="most workers to run (default --np)")
-    el.add_argument("--host-discovery-script", help="executable printing one host:slots line per available host")
-    el.add_argument("--reset-limit", type=int, help="end the job after this many resizes")
+    add_options(p)
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, run nothing")
     p.add_argument("--tensorboard", type=int, metavar="PORT",
                    help="also run TensorBoard on this host over the run's events while the job runs")
     p.add_argument("--tensorboard-host", default="127.0.0.1",
                    help="address TensorBoard binds to (default 127.0.0.1: reach it through an SSH tunnel)")
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch run", description=DESCRIPTION)
+    add_arguments(p)
     return p.parse_args(argv)
-
-
-def add_horovod_options(p: argparse.ArgumentParser) -> None:
-    """Options that also pass through `python -m launch slurm` to the launcher inside the job."""
-    ctl = p.add_mutually_exclusive_group()
-    ctl.add_argument("--gloo", dest="controller", action="store_const", const="gloo",
-                     help="Gloo controller (default with horovodrun)")
-    ctl.add_argument("--mpi", dest="controller", action="store_const", const="mpi", help="MPI controller")
-    p.add_argument("--timeline", help="write a Horovod timeline to this file")
-    p.add_argument("--autotune", action="store_true", help="let Horovod autotune fusion and cycle time")
-    p.add_argument("--fusion-threshold-mb", type=int, help="Horovod tensor fusion buffer, in MB")
-    p.add_argument("--cycle-time-ms", type=float, help="Horovod background cycle time (default 1 ms)")
-    p.add_argument("--stall-warning-sec", type=int, default=60,
-                   help="log ranks missing from a collective after this long (default 60)")
-    p.add_argument("--stall-shutdown-sec", type=int, default=600,
-                   help="end the job when a collective waits this long; 0 never (default 600)")
-    p.add_argument("--network-interface", help="interfaces for worker traffic, e.g. eth0 (lo: one host)")
 
 
 def scontrol_hostnames(nodelist: str) -> list[str]:
@@ -117,13 +95,9 @@ def options_from_args(args: argparse.Namespace, np: int, hosts: str | None) -> L
         np=np, config=args.config, overrides=tuple(args.overrides),
         # srun places the ranks itself, on the allocation's hosts.
         hosts=None if args.runner == "srun" else hosts,
-        controller=args.controller, runner=args.runner, srun_mpi=args.srun_mpi, timeline=args.timeline,
-        autotune=args.autotune, fusion_threshold_mb=args.fusion_threshold_mb, cycle_time_ms=args.cycle_time_ms,
-        stall_warning_sec=args.stall_warning_sec, stall_shutdown_sec=args.stall_shutdown_sec,
-        ssh_port=args.ssh_port, ssh_identity_file=args.ssh_identity_file, elastic=args.elastic, min_np=args.min_np, max_np=args.max_np,
-        host_discovery_script=args.host_discovery_script, reset_limit=args.reset_limit,
-        network_interface=args.network_interface, python=sys.executable,
+        python=sys.executable,
         horovodrun=horovodrun if os.path.exists(horovodrun) else (shutil.which("horovodrun") or "horovodrun"),
+        **launch_values(args),
     )
 
 
@@ -179,49 +153,74 @@ def _run_job(argv: list[str], env: dict[str, str], requeue_job: str | None) -> i
     return code
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["slurm"]:
-        from launch.slurm_cli import main as slurm_main
+class Job(NamedTuple):
+    """What `run` starts: the workers' command, the TensorBoard command, the Slurm job to requeue.
 
-        return slurm_main(argv[1:])
-    args = parse_args(argv)
+    Attributes:
+      argv, env: horovodrun's (or srun's) command line and environment.
+      board: the TensorBoard server to run alongside (with --tensorboard), or
+        else the `tensorboard` command printed for people to run.
+      requeue_job: the Slurm job id to requeue at the time limit, or None.
+      options: the launch options the command was built from.
+    """
+
+    argv: list[str]
+    env: dict[str, str]
+    board: list[str]
+    requeue_job: str | None
+    options: LaunchOptions
+
+
+def prepare(args: argparse.Namespace) -> Job:
+    """Builds the job; LaunchError, HostError or ConfigError for anything that cannot work, before any worker starts."""
+    np, hosts = resolve_hosts(args)
+    script = args.host_discovery_script
+    if script and not (os.path.isfile(script) and os.access(script, os.X_OK)):
+        raise LaunchError(f"--host-discovery-script {script!r} is not an executable file")
+    opts = options_from_args(args, np, hosts)
+    cmd, env = build_command(opts, dict(os.environ))
+    # Check the config here, once, before any worker starts; elastic jobs
+    # keep the global batch, so it must divide by every size they may reach.
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg)
+    check_environment(cfg)
+    for n in world_sizes(opts):
+        validate_world(cfg, n)
+    logdir = os.path.join(cfg.run_dir, "tensorboard")
+    if args.tensorboard is None:  # no server: the command to start one, for people to run
+        board = tensorboard_command(None, logdir, host=args.tensorboard_host)
+    else:
+        board = tensorboard_command(sys.executable, logdir, args.tensorboard, args.tensorboard_host)
+    requeue_job = None
+    if args.requeue_on_timeout:
+        requeue_job = os.environ.get("SLURM_JOB_ID")
+        if not requeue_job:
+            raise LaunchError("--requeue-on-timeout needs SLURM_JOB_ID (run it inside a Slurm job)")
+    return Job(cmd, env, board, requeue_job, opts)
+
+
+def run(args: argparse.Namespace) -> int:
     try:
-        np, hosts = resolve_hosts(args)
-        script = args.host_discovery_script
-        if script and not (os.path.isfile(script) and os.access(script, os.X_OK)):
-            raise LaunchError(f"--host-discovery-script {script!r} is not an executable file")
-        opts = options_from_args(args, np, hosts)
-        cmd, env = build_command(opts, dict(os.environ))
-        # Check the config here, once, before any worker starts; elastic jobs
-        # keep the global batch, so it must divide by every size they may reach.
-        cfg = load_config(args.config, args.overrides)
-        validate(cfg)
-        check_environment(cfg)
-        for n in world_sizes(opts):
-            validate_world(cfg, n)
-        logdir = os.path.join(cfg.run_dir, "tensorboard")
-        port = 6006 if args.tensorboard is None else args.tensorboard
-        board = tensorboard_command(sys.executable, logdir, port, args.tensorboard_host)
-        requeue_job = None
-        if args.requeue_on_timeout:
-            requeue_job = os.environ.get("SLURM_JOB_ID")
-            if not requeue_job:
-                raise LaunchError("--requeue-on-timeout needs SLURM_JOB_ID (run it inside a Slurm job)")
+        job = prepare(args)
     except (ConfigError, LaunchError, HostError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        for key in sorted(env):
-            if os.environ.get(key) != env[key]:
-                print(f"export {key}={shlex.quote(env[key])}")
-        print(shlex.join(cmd))
+        for key in sorted(job.env):
+            if os.environ.get(key) != job.env[key]:
+                print(f"export {key}={shlex.quote(job.env[key])}")
+        print(shlex.join(job.argv))
         if args.tensorboard is not None:
-            print(shlex.join(board))
+            print(shlex.join(job.board))
         return 0
-    print(f"launch: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    print(f"launch: {shlex.join(job.argv)}", file=sys.stderr, flush=True)
     if args.tensorboard is None:
-        print(f"launch: watch with: {shlex.join(['tensorboard', *board[3:]])}", file=sys.stderr, flush=True)
-        return execute(cmd, env, requeue_job)
-    print(f"launch: TensorBoard: {shlex.join(board)}", file=sys.stderr, flush=True)
-    return execute(cmd, env, requeue_job, board)
+        print(f"launch: watch with: {shlex.join(job.board)}", file=sys.stderr, flush=True)
+        return execute(job.argv, job.env, job.requeue_job)
+    print(f"launch: TensorBoard: {shlex.join(job.board)}", file=sys.stderr, flush=True)
+    return execute(job.argv, job.env, job.requeue_job, job.board)
+
+
+def main(argv=None) -> int:
+    """`launch run` alone; launch.main is the entry point that also knows `launch slurm`."""
+    return run(parse_args(sys.argv[1:] if argv is None else list(argv)))

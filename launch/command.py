@@ -2,14 +2,17 @@
 
 Nothing here runs anything or reads the machine: `build_command(opts, env)`
 returns `(argv, env)` for the executor in launch.cli, and unit tests check it
-as data.
+as data. Which option becomes which horovodrun flag or HOROVOD_* variable is
+written in the option table, launch.options.
 """
 
 from dataclasses import dataclass
 
 from launch.hosts import HostError, format_hosts, parse_hosts
+from launch.options import defaults, horovod_env, horovodrun_args
 
 RUNNERS = ("horovodrun", "srun")
+_DEFAULT = defaults()  # one source for the defaults: the option table
 
 
 class LaunchError(ValueError):
@@ -52,38 +55,45 @@ class LaunchOptions:
       network_interface: network interfaces for the workers' traffic, e.g.
         `eth0` or `lo`. Elastic jobs without it wait until two hosts are up,
         because horovodrun finds the common interfaces by testing between hosts.
+      verbose: show every line of the workers' output, TensorFlow's start-up
+        banners included.
       python: interpreter that runs the workers.
       horovodrun: the horovodrun executable.
+      srun: the srun executable.
+
+    The fields that have a flag of their own are launch.options.OPTIONS, which
+    also holds their defaults.
     """
 
     np: int
     config: str
     overrides: tuple[str, ...] = ()
     hosts: str | None = None
-    controller: str | None = None
-    runner: str = "horovodrun"
-    srun_mpi: str = "pmix"
-    timeline: str | None = None
-    autotune: bool = False
-    fusion_threshold_mb: int | None = None
-    cycle_time_ms: float | None = None
-    stall_warning_sec: int = 60
-    stall_shutdown_sec: int = 600
-    ssh_port: int | None = None
-    ssh_identity_file: str | None = None
-    elastic: bool = False
-    min_np: int | None = None
-    max_np: int | None = None
-    host_discovery_script: str | None = None
-    reset_limit: int | None = None
-    network_interface: str | None = None
+    controller: str | None = _DEFAULT["controller"]
+    runner: str = _DEFAULT["runner"]
+    srun_mpi: str = _DEFAULT["srun_mpi"]
+    timeline: str | None = _DEFAULT["timeline"]
+    autotune: bool = _DEFAULT["autotune"]
+    fusion_threshold_mb: int | None = _DEFAULT["fusion_threshold_mb"]
+    cycle_time_ms: float | None = _DEFAULT["cycle_time_ms"]
+    stall_warning_sec: int = _DEFAULT["stall_warning_sec"]
+    stall_shutdown_sec: int = _DEFAULT["stall_shutdown_sec"]
+    ssh_port: int | None = _DEFAULT["ssh_port"]
+    ssh_identity_file: str | None = _DEFAULT["ssh_identity_file"]
+    elastic: bool = _DEFAULT["elastic"]
+    min_np: int | None = _DEFAULT["min_np"]
+    max_np: int | None = _DEFAULT["max_np"]
+    host_discovery_script: str | None = _DEFAULT["host_discovery_script"]
+    reset_limit: int | None = _DEFAULT["reset_limit"]
+    network_interface: str | None = _DEFAULT["network_interface"]
+    verbose: bool = _DEFAULT["verbose"]
     python: str = "python"
     horovodrun: str = "horovodrun"
     srun: str = "srun"
 
 
-def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-    """The horovodrun (or srun) argv and the environment to run it with."""
+def check_options(opts: LaunchOptions) -> str:
+    """The controller the job runs with; raises LaunchError for options that cannot work."""
     if opts.np < 1:
         raise LaunchError(f"--np must be at least 1, got {opts.np}")
     if opts.runner not in RUNNERS:
@@ -103,7 +113,12 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
         raise LaunchError(f"--cycle-time-ms must be > 0, got {opts.cycle_time_ms}")
     if opts.fusion_threshold_mb is not None and opts.fusion_threshold_mb < 0:
         raise LaunchError(f"--fusion-threshold-mb must be >= 0, got {opts.fusion_threshold_mb}")
+    return controller
 
+
+def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The horovodrun (or srun) argv and the environment to run it with."""
+    controller = check_options(opts)
     env = dict(base_env)
     env.setdefault("PYTHONUNBUFFERED", "1")  # rank output interleaves line by line
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, once per rank
@@ -117,34 +132,10 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
         argv += elastic_args(opts, controller)
     elif opts.min_np is not None or opts.max_np is not None or opts.host_discovery_script or opts.reset_limit:
         raise LaunchError("--min-np, --max-np, --host-discovery-script and --reset-limit need --elastic")
-    elif opts.hosts:
-        try:
-            hosts = parse_hosts(opts.hosts)
-        except HostError as e:
-            raise LaunchError(str(e)) from None
-        slots = sum(n for _, n in hosts)
-        if slots < opts.np:
-            raise LaunchError(f"--hosts {opts.hosts!r} has {slots} slots for --np {opts.np}")
-        argv += ["-H", format_hosts(hosts)]
     else:
-        argv += ["-H", f"localhost:{opts.np}"]
-    if opts.network_interface:
-        argv += ["--network-interface", opts.network_interface]
-    if opts.timeline:
-        argv += ["--timeline-filename", opts.timeline]
-    if opts.autotune:
-        argv += ["--autotune"]
-    if opts.fusion_threshold_mb is not None:
-        argv += ["--fusion-threshold-mb", str(opts.fusion_threshold_mb)]
-    if opts.cycle_time_ms is not None:
-        argv += ["--cycle-time-ms", f"{opts.cycle_time_ms:g}"]
-    if opts.ssh_port is not None:
-        argv += ["--ssh-port", str(opts.ssh_port)]
-    if opts.ssh_identity_file:
-        argv += ["--ssh-identity-file", opts.ssh_identity_file]
-
-    argv += ["--stall-check-warning-time-seconds", str(opts.stall_warning_sec),
-             "--stall-check-shutdown-time-seconds", str(opts.stall_shutdown_sec)]
+        argv += ["-H", _host_list(opts)]
+    # The table's flags (tuning, ssh, stall check), in its order.
+    argv += horovodrun_args(opts)
     argv += _worker_argv(opts)
     if controller == "mpi":
         # Open MPI refuses to start as root (containers, CI) without these.
@@ -153,15 +144,32 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
     return argv, env
 
 
-def tensorboard_command(python: str, logdir: str, port: int, host: str = "127.0.0.1") -> list[str]:
+def _host_list(opts: LaunchOptions) -> str:
+    """horovodrun's -H: the --hosts list, checked against --np, or all ranks on this host."""
+    if not opts.hosts:
+        return f"localhost:{opts.np}"
+    try:
+        hosts = parse_hosts(opts.hosts)
+    except HostError as e:
+        raise LaunchError(str(e)) from None
+    slots = sum(n for _, n in hosts)
+    if slots < opts.np:
+        raise LaunchError(f"--hosts {opts.hosts!r} has {slots} slots for --np {opts.np}")
+    return format_hosts(hosts)
+
+
+def tensorboard_command(python: str | None, logdir: str, port: int = 6006, host: str = "127.0.0.1") -> list[str]:
     """TensorBoard over a run's events, bound to loopback unless `host` says otherwise.
 
+    `python` runs it as a module (the launcher's own server); None gives the
+    `tensorboard` command that the launchers print for people to run.
     Loopback keeps the server (which has no authentication) off the cluster
     network; users reach it through an SSH tunnel.
     """
     if not 0 < port < 65536:
         raise LaunchError(f"--tensorboard {port}: not a TCP port (1-65535)")
-    return [python, "-m", "tensorboard.main", "--logdir", logdir, "--host", host, "--port", str(port)]
+    exe = ["tensorboard"] if python is None else [python, "-m", "tensorboard.main"]
+    return [*exe, "--logdir", logdir, "--host", host, "--port", str(port)]
 
 
 def _worker_argv(opts: LaunchOptions) -> list[str]:
@@ -176,16 +184,7 @@ def _srun_command(opts: LaunchOptions, env: dict[str, str]) -> list[str]:
     if opts.hosts:
         raise LaunchError("--hosts does not apply to srun, which runs on the hosts of the allocation")
     env["HOROVOD_CONTROLLER"] = env["HOROVOD_CPU_OPERATIONS"] = "mpi"
-    env["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(opts.stall_warning_sec)
-    env["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(opts.stall_shutdown_sec)
-    if opts.timeline:
-        env["HOROVOD_TIMELINE"] = opts.timeline
-    if opts.autotune:
-        env["HOROVOD_AUTOTUNE"] = "1"
-    if opts.fusion_threshold_mb is not None:
-        env["HOROVOD_FUSION_THRESHOLD"] = str(opts.fusion_threshold_mb * 1024 * 1024)
-    if opts.cycle_time_ms is not None:
-        env["HOROVOD_CYCLE_TIME"] = f"{opts.cycle_time_ms:g}"
+    env.update(horovod_env(opts))
     # --kill-on-bad-exit: one failed rank ends the step, as horovodrun does,
     # instead of leaving the others blocked in a collective; --label prefixes
     # each output line with its rank.

@@ -54,8 +54,8 @@ class SlurmOptions:
         the time limit; the workers checkpoint and the job requeues itself.
       requeue: let Slurm requeue the job (preemption, node failure,
         `scontrol requeue`, or the launcher at the time limit).
-      launcher_args: extra `python -m launch` options (controller, srun mode,
-        Horovod tuning) for inside the allocation.
+      launcher_args: extra `python -m launch` options for inside the
+        allocation: the forwarded options of launch.options, from `to_argv`.
     """
 
     config: str

@@ -4,13 +4,16 @@
         [--nodes N] [--ntasks-per-node T | --gpus-per-node G] [--cpus-per-task C]
         [--time HH:MM:SS] [--partition P] [--account A] [--qos Q] [--job-name NAME]
         [--setup 'module load ...' ...] [--venv DIR] [--signal-grace-sec S] [--no-requeue]
-        [--srun [--srun-mpi pmix]] [--gloo | --mpi] [Horovod options] [--tensorboard-host H]
-        [--dry-run]
+        [--srun [--srun-mpi pmix]] [--gloo | --mpi] [Horovod options] [--verbose]
+        [--tensorboard-host H] [--no-data-check] [--dry-run]
 
 `--dry-run` prints the script. Otherwise it is saved as run_dir/slurm/NAME.sbatch
 and submitted with sbatch; the job id, the log path and the TensorBoard
 command to watch the run are printed. Exits 2 for bad options, a bad config or
 a submission that sbatch refuses.
+
+The options of the launcher inside the job are the forwarded ones of the table
+in launch.options; they are written into the script with `to_argv`.
 """
 
 import argparse
@@ -21,17 +24,16 @@ import shutil
 import subprocess
 import sys
 
-from launch.cli import add_horovod_options
-from launch.command import LaunchError
+from launch.command import LaunchError, tensorboard_command
+from launch.options import add_config_options, add_options, to_argv
 from launch.slurm import SlurmOptions, build_script, tasks_per_node, validate as validate_slurm
 from trainer.config import ConfigError, check_environment, load_config, validate, validate_world
 
+DESCRIPTION = "Write an sbatch script that runs `python -m launch run` in the allocation, and submit it."
 
-def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m launch slurm", description="Write and submit an sbatch script.")
-    p.add_argument("--config", required=True, help="YAML experiment file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable)")
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_options(p)
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--ntasks-per-node", type=int, help="ranks per node (default: --gpus-per-node, or 1)")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one rank each")
@@ -49,37 +51,20 @@ def parse_args(argv) -> argparse.Namespace:
                    help="checkpoint and requeue this long before the time limit (default 120)")
     p.add_argument("--no-requeue", dest="requeue", action="store_false",
                    help="neither requeue at the time limit nor let Slurm requeue the job")
-    p.add_argument("--srun", action="store_true", help="start the ranks with srun (MPI via PMIx) instead of horovodrun")
-    p.add_argument("--srun-mpi", default="pmix", help="srun --mpi plugin (default pmix)")
-    add_horovod_options(p)
+    # The launcher's options that the job's launcher gets too.
+    add_options(p, forwarded_only=True)
     p.add_argument("--tensorboard-host", default="127.0.0.1",
                    help="address in the printed TensorBoard command (default loopback)")
     p.add_argument("--no-data-check", dest="data_check", action="store_false",
                    help="do not look for data.dir on this host (it exists only on the compute nodes); "
                         "the workers check it at start")
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch slurm", description=DESCRIPTION)
+    add_arguments(p)
     return p.parse_args(argv)
-
-
-def launcher_args(args: argparse.Namespace) -> tuple[str, ...]:
-    """The options the launcher inside the job gets, in the order of `python -m launch --help`."""
-    out = []
-    if args.srun:
-        out += ["--srun", "--srun-mpi", args.srun_mpi]
-    if args.controller:
-        out.append(f"--{args.controller}")
-    if args.timeline:
-        out += ["--timeline", os.path.abspath(args.timeline)]
-    if args.autotune:
-        out.append("--autotune")
-    if args.fusion_threshold_mb is not None:
-        out += ["--fusion-threshold-mb", str(args.fusion_threshold_mb)]
-    if args.cycle_time_ms is not None:
-        out += ["--cycle-time-ms", f"{args.cycle_time_ms:g}"]
-    if args.network_interface:
-        out += ["--network-interface", args.network_interface]
-    out += ["--stall-warning-sec", str(args.stall_warning_sec), "--stall-shutdown-sec", str(args.stall_shutdown_sec)]
-    return tuple(out)
 
 
 def default_job_name(config: str) -> str:
@@ -96,7 +81,7 @@ def options_from_args(args: argparse.Namespace, run_dir: str) -> SlurmOptions:
         partition=args.partition, account=args.account, qos=args.qos,
         job_name=args.job_name if args.job_name is not None else default_job_name(args.config),
         setup=tuple(args.setup), venv=os.path.abspath(args.venv) if args.venv else None,
-        signal_grace_sec=args.signal_grace_sec, requeue=args.requeue, launcher_args=launcher_args(args),
+        signal_grace_sec=args.signal_grace_sec, requeue=args.requeue, launcher_args=tuple(to_argv(args)),
     )
 
 
@@ -118,8 +103,7 @@ def submit(script_path: str) -> str:
     return res.stdout.strip().split(";")[0]
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg)
@@ -149,6 +133,11 @@ def main(argv=None) -> int:
         return 2
     print(f"submitted Slurm job {job_id} ({script_path})")
     print(f"log: {os.path.join(log_dir, f'{opts.job_name}-{job_id}.out')} (stderr: .err)")
-    tensorboard = ["tensorboard", "--logdir", os.path.join(opts.run_dir, "tensorboard"), "--host", args.tensorboard_host]
-    print(f"watch: {shlex.join(tensorboard)}")
+    board = tensorboard_command(None, os.path.join(opts.run_dir, "tensorboard"), host=args.tensorboard_host)
+    print(f"watch: {shlex.join(board)}")
     return 0
+
+
+def main(argv=None) -> int:
+    """`launch slurm` alone; launch.main is the entry point that also knows `launch run`."""
+    return run(parse_args(sys.argv[1:] if argv is None else list(argv)))

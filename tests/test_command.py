@@ -1,9 +1,10 @@
+import re
 import sys
 
 import pytest
 
 from conftest import run
-from launch.command import LaunchError, LaunchOptions, build_command
+from launch.command import LaunchError, LaunchOptions, build_command, tensorboard_command
 
 
 def opts(**kw):
@@ -134,3 +135,23 @@ def test_launcher_rejects_bad_config_before_starting_workers(digits_shards):
         "launch: error: data.global_batch_size=63: is not divisible by the world size 2"
     )
     assert res.stdout == ""
+
+
+def test_help_lists_both_commands_and_options_without_a_command_mean_run(capsys):
+    from launch.main import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^ +run +start the workers", out, re.M)
+    assert re.search(r"^ +slurm +write an sbatch script", out, re.M)
+    words = ["--np", "2", "--config", "configs/digits.yaml", "--mpi", "--verbose"]
+    assert vars(parse_args(words)) == vars(parse_args(["run", *words]))
+    assert parse_args(words).command == "run" and parse_args(words).verbose is True
+    assert parse_args(["slurm", "--config", "configs/digits.yaml"]).command == "slurm"
+
+
+def test_the_printed_tensorboard_command_runs_the_tensorboard_script():
+    assert tensorboard_command(None, "runs/x/tensorboard") == [
+        "tensorboard", "--logdir", "runs/x/tensorboard", "--host", "127.0.0.1", "--port", "6006"]

@@ -1,6 +1,7 @@
 """The sbatch script as data: its lines, option checks, and that no value can inject shell."""
 
 import os
+import shlex
 import subprocess
 import sys
 
@@ -131,3 +132,57 @@ def test_data_dir_only_on_compute_nodes_needs_no_data_check(tmp_path):
     res = run([*base, "--no-data-check"])
     assert res.returncode == 0, res.stderr
     assert "#SBATCH --nodes=1\n" in res.stdout
+
+
+# A non-default value for every option that `launch slurm` passes on to the job's launcher.
+FORWARDED = {
+    "runner": ["--srun"], "srun_mpi": ["--srun-mpi", "pmi2"], "controller": ["--mpi"],
+    "network_interface": ["--network-interface", "ib0"], "timeline": ["--timeline", "/runs/timeline.json"],
+    "autotune": ["--autotune"], "fusion_threshold_mb": ["--fusion-threshold-mb", "32"],
+    "cycle_time_ms": ["--cycle-time-ms", "2.5"], "stall_warning_sec": ["--stall-warning-sec", "7"],
+    "stall_shutdown_sec": ["--stall-shutdown-sec", "70"], "verbose": ["--verbose"],
+}
+
+
+def test_every_forwarded_option_survives_the_round_trip_into_the_job(tmp_path, capsys):
+    """`launch slurm OPTIONS` writes a launcher line that parses to the same options as `launch run OPTIONS`."""
+    from launch.cli import options_from_args
+    from launch.main import main, parse_args
+    from launch.options import OPTIONS, defaults
+
+    assert sorted(FORWARDED) == sorted({o.name for o in OPTIONS if o.forward}), "a forwarded option has no test value"
+    given = [word for words in FORWARDED.values() for word in words]
+    common = ["--config", os.path.abspath("configs/digits.yaml"), "--set", f"run_dir={tmp_path}/run"]
+    assert main(["slurm", *common, "--no-data-check", "--dry-run", *given]) == 0
+    exec_line = shlex.split(capsys.readouterr().out.splitlines()[-1])
+    in_job = parse_args(exec_line[exec_line.index("launch") + 1:])
+    direct = parse_args(["run", "--slurm-allocation", *given, *common, "--requeue-on-timeout"])
+    job_opts, direct_opts = options_from_args(in_job, 4, None), options_from_args(direct, 4, None)
+    assert job_opts == direct_opts
+    assert {name for name, value in defaults().items() if getattr(job_opts, name) != value} == set(FORWARDED)
+    assert vars(in_job) == vars(direct)
+
+
+def test_submission_prints_the_job_log_and_the_same_watch_command_as_run(digits_shards, tmp_path):
+    """With a stand-in sbatch: the script is saved and submitted, and the printed TensorBoard command
+    is the one `launch run` prints."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sbatch").write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\necho "42;cluster"\n')
+    (bindir / "sbatch").chmod(0o755)
+    run_dir = tmp_path / "run"
+    sets = ["--set", f"data.dir={digits_shards}", "--set", f"run_dir={run_dir}"]
+    res = run([sys.executable, "-m", "launch", "slurm", "--config", "configs/digits.yaml", *sets],
+              env={"PATH": f"{bindir}:{os.environ['PATH']}"})
+    assert res.returncode == 0, res.stderr
+    script = run_dir / "slurm" / "digits.sbatch"
+    assert (bindir / "args").read_text().split() == ["--parsable", str(script)]
+    watch = f"tensorboard --logdir {run_dir}/tensorboard --host 127.0.0.1 --port 6006"
+    assert res.stdout.splitlines() == [f"submitted Slurm job 42 ({script})",
+                                       f"log: {run_dir}/slurm/digits-42.out (stderr: .err)", f"watch: {watch}"]
+    # `launch run` without --tensorboard prints this command before the workers start.
+    from launch.cli import prepare
+    from launch.main import parse_args
+
+    job = prepare(parse_args(["--np", "2", "--config", "configs/digits.yaml", *sets]))
+    assert shlex.join(job.board) == watch

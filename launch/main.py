@@ -1,0 +1,45 @@
+"""`python -m launch`: one entry point for the launcher's two commands.
+
+    python -m launch run --np 2 --config FILE ...   start the workers (horovodrun, or srun in a Slurm job)
+    python -m launch slurm --config FILE ...        write the sbatch script for a run and submit it
+    python -m launch --np 2 --config FILE ...       `run`: the form `make run` and sbatch scripts use
+
+This module only dispatches: launch.cli is `run`, launch.slurm_cli is `slurm`,
+and neither imports the other; the options they share are launch.options.
+"""
+
+import argparse
+import sys
+
+from launch import cli, slurm_cli
+
+COMMANDS = ("run", "slurm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m launch", description="Data-parallel training with Horovod: start it here, or on Slurm.",
+        epilog="Without a command, the options are run's: python -m launch --np 2 --config configs/digits.yaml")
+    sub = p.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
+    run = sub.add_parser("run", help="start the workers with horovodrun (or srun inside a Slurm allocation)",
+                         description=cli.DESCRIPTION)
+    cli.add_arguments(run)
+    run.set_defaults(func=cli.run)
+    slurm = sub.add_parser("slurm", help="write an sbatch script for the run and submit it",
+                           description=slurm_cli.DESCRIPTION)
+    slurm_cli.add_arguments(slurm)
+    slurm.set_defaults(func=slurm_cli.run)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    # A first word that is no command (`--np`, `--config`, ...) starts the options of `run`,
+    # which keeps every command line written before the subcommands working, sbatch scripts included.
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv = ["run", *argv]
+    return build_parser().parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else [str(a) for a in argv])
+    return args.func(args)

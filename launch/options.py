@@ -1,0 +1,187 @@
+"""The launcher's options, in one table that every use reads.
+
+Each `Option` is registered on argparse (`add_options`), written back to argv
+for the launcher inside a Slurm job (`to_argv`), and mapped to horovodrun's
+flags (`horovodrun_args`) or, when srun starts the ranks, to Horovod's
+environment (`horovod_env`). An option added here therefore reaches
+`python -m launch run`, `python -m launch slurm`, the sbatch script and the
+workers at once; tests/test_slurm_script.py checks the round trip.
+
+Every option's `name` is a field of launch.command.LaunchOptions. Options that
+only one command has (`run`: --np, the hosts, --tensorboard; `slurm`: nodes,
+time, partition ...) are defined by that command, not here.
+"""
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+ELASTIC = "elastic (Gloo): workers may leave and join while training goes on"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One launcher option.
+
+    Attributes:
+      name: its argparse dest and its launch.command.LaunchOptions field.
+      flag: the command-line flag.
+      help: the --help text.
+      type: converts the flag's value; None for a switch, which takes no
+        value and sets `const`. Switches that share a name exclude each other
+        (`--gloo | --mpi`).
+      default: the value when the flag is not given.
+      const: the value a switch sets.
+      metavar: the value's name in --help.
+      group: the --help section (None: the main list).
+      forward: `launch slurm` takes it too and writes it into the launcher
+        line of the sbatch script; False: only `launch run` has it.
+      path: a file name, made absolute for the job (whose working directory
+        may differ from the submitter's).
+      horovodrun: horovodrun's flag for it; None: not passed to horovodrun.
+      env: the HOROVOD_* variable that carries it when srun starts the ranks.
+      env_scale: the value is multiplied by this for `env` (MB -> bytes).
+    """
+
+    name: str
+    flag: str
+    help: str
+    type: Callable[[str], Any] | None = None
+    default: Any = None
+    const: Any = True
+    metavar: str | None = None
+    group: str | None = None
+    forward: bool = True
+    path: bool = False
+    horovodrun: str | None = None
+    env: str | None = None
+    env_scale: int = 1
+
+
+OPTIONS = (
+    Option("runner", "--srun", "start the ranks with srun (MPI through PMIx) instead of horovodrun; "
+           "needs a Slurm allocation", default="horovodrun", const="srun"),
+    Option("srun_mpi", "--srun-mpi", "srun --mpi plugin (default pmix)", type=str, default="pmix", metavar="PLUGIN"),
+    Option("controller", "--gloo", "Gloo controller (default with horovodrun)", const="gloo"),
+    Option("controller", "--mpi", "MPI controller (default with srun)", const="mpi"),
+    Option("network_interface", "--network-interface", "interfaces for worker traffic, e.g. eth0 (lo: one host)",
+           type=str, metavar="NIC", horovodrun="--network-interface"),
+    Option("timeline", "--timeline", "write a Horovod timeline to this file", type=str, metavar="FILE", path=True,
+           horovodrun="--timeline-filename", env="HOROVOD_TIMELINE"),
+    Option("autotune", "--autotune", "let Horovod autotune fusion and cycle time", default=False,
+           horovodrun="--autotune", env="HOROVOD_AUTOTUNE"),
+    Option("fusion_threshold_mb", "--fusion-threshold-mb", "Horovod tensor fusion buffer, in MB", type=int,
+           metavar="MB", horovodrun="--fusion-threshold-mb", env="HOROVOD_FUSION_THRESHOLD", env_scale=1024 * 1024),
+    Option("cycle_time_ms", "--cycle-time-ms", "Horovod background cycle time (default 1 ms)", type=float, metavar="MS",
+           horovodrun="--cycle-time-ms", env="HOROVOD_CYCLE_TIME"),
+    Option("ssh_port", "--ssh-port", "ssh port of the other hosts (horovodrun reaches them over ssh)", type=int,
+           metavar="PORT", forward=False, horovodrun="--ssh-port"),
+    Option("ssh_identity_file", "--ssh-identity-file", "private key for ssh to the other hosts", type=str,
+           metavar="KEY", forward=False, horovodrun="--ssh-identity-file"),
+    Option("stall_warning_sec", "--stall-warning-sec", "log ranks missing from a collective after this long "
+           "(default 60)", type=int, default=60, metavar="SEC", horovodrun="--stall-check-warning-time-seconds",
+           env="HOROVOD_STALL_CHECK_TIME_SECONDS"),
+    Option("stall_shutdown_sec", "--stall-shutdown-sec", "end the job when a collective waits this long; 0 never "
+           "(default 600)", type=int, default=600, metavar="SEC", horovodrun="--stall-check-shutdown-time-seconds",
+           env="HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"),
+    Option("verbose", "--verbose", "show every line of the workers' output (TensorFlow start-up banners included)",
+           default=False),
+    Option("elastic", "--elastic", "Horovod elastic mode; --np is the starting size", default=False,
+           group=ELASTIC, forward=False),
+    Option("min_np", "--min-np", "fewest workers to keep training with (default --np)", type=int, metavar="N",
+           group=ELASTIC, forward=False),
+    Option("max_np", "--max-np", "most workers to run (default --np)", type=int, metavar="N", group=ELASTIC,
+           forward=False),
+    Option("host_discovery_script", "--host-discovery-script", "executable printing one host:slots line per "
+           "available host", type=str, metavar="FILE", group=ELASTIC, forward=False),
+    Option("reset_limit", "--reset-limit", "end the job after this many resizes", type=int, metavar="R",
+           group=ELASTIC, forward=False),
+)
+
+
+def defaults() -> dict[str, Any]:
+    """Each option's value when its flag is not given, by name."""
+    return {o.name: o.default for o in OPTIONS}
+
+
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """--config and --set, which every command takes."""
+    p.add_argument("--config", required=True, help="YAML experiment file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+
+
+def add_options(p: argparse.ArgumentParser, forwarded_only: bool = False) -> None:
+    """Registers the table's options on `p`, in table order; only the forwarded ones for `launch slurm`."""
+    groups: dict[str | None, Any] = {None: p}
+    exclusive: dict[str, Any] = {}
+    for o in OPTIONS:
+        if forwarded_only and not o.forward:
+            continue
+        if o.group not in groups:
+            groups[o.group] = p.add_argument_group(o.group)
+        where = groups[o.group]
+        if o.type is None:
+            if sum(x.name == o.name for x in OPTIONS) > 1:
+                if o.name not in exclusive:
+                    exclusive[o.name] = where.add_mutually_exclusive_group()
+                where = exclusive[o.name]
+            where.add_argument(o.flag, dest=o.name, action="store_const", const=o.const, default=o.default,
+                               help=o.help)
+        else:
+            where.add_argument(o.flag, dest=o.name, type=o.type, default=o.default, metavar=o.metavar, help=o.help)
+
+
+def text(value: Any) -> str:
+    """A value as a command-line word; floats without a needless `.0`, and without losing digits."""
+    if isinstance(value, float) and float(f"{value:g}") == value:
+        return f"{value:g}"
+    return str(value)
+
+
+def _given(o: Option, value: Any) -> bool:
+    return value == o.const if o.type is None else value is not None
+
+
+def to_argv(values: Any) -> list[str]:
+    """The forwarded options of `values` (a parsed namespace) as launcher arguments, in table order.
+
+    Every set value is written, defaults included, so that a job requeued
+    after the defaults changed still runs with the values it was submitted with.
+    """
+    argv = []
+    for o in (o for o in OPTIONS if o.forward):
+        value = getattr(values, o.name)
+        if not _given(o, value):
+            continue
+        if o.type is None:
+            argv.append(o.flag)
+        else:
+            argv += [o.flag, os.path.abspath(value) if o.path else text(value)]
+    return argv
+
+
+def horovodrun_args(values: Any) -> list[str]:
+    """horovodrun's flags for the options of `values` (LaunchOptions) that map to one."""
+    argv = []
+    for o in OPTIONS:
+        value = getattr(values, o.name)
+        if o.horovodrun and _given(o, value):
+            argv += [o.horovodrun] if o.type is None else [o.horovodrun, text(value)]
+    return argv
+
+
+def horovod_env(values: Any) -> dict[str, str]:
+    """Horovod's environment variables for the options of `values` (LaunchOptions) that map to one."""
+    env = {}
+    for o in OPTIONS:
+        value = getattr(values, o.name)
+        if o.env and _given(o, value):
+            env[o.env] = "1" if o.type is None else text(value * o.env_scale)
+    return env
+
+
+def launch_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The table's options of a parsed `launch run` command line, as LaunchOptions fields."""
+    return {o.name: getattr(args, o.name) for o in OPTIONS}
