@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import run
+from helpers import run
 from data_pipeline import shard_writer
 from data_pipeline.build_shards import build
 from data_pipeline.images import ImageOptions

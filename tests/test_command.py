@@ -2,7 +2,7 @@ import sys
 
 import pytest
 
-from conftest import run
+from helpers import run
 from launch.command import LaunchError, LaunchOptions, build_command
 
 

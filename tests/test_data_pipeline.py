@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run
+from helpers import run
 from data_pipeline.build_shards import build
 from data_pipeline.images import ImageOptions
 from data_pipeline.metadata import DataError, load_metadata, shard_files

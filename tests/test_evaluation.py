@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import tensorflow as tf
 
-from conftest import run
+from helpers import run
 from data_pipeline.reader import shard_records
 from test_horovod import epoch_records, launch_argv, messages
 from trainer.evaluation import is_due

@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import ROOT, run
+from helpers import ROOT, run
 
 pytestmark = pytest.mark.horovod
 

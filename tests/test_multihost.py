@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import free_port, run
+from helpers import free_port, run
 from test_horovod import messages
 
 pytestmark = pytest.mark.horovod

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run
+from helpers import run
 from data_pipeline.metadata import DataError, corrupt_shards, load_metadata
 from data_pipeline.preprocess import Augment, augment, center_crop
 from data_pipeline.reader import (

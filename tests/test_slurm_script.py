@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import run
+from helpers import run
 from launch.command import LaunchError
 from launch.slurm import SlurmOptions, build_script, time_limit_seconds
 
