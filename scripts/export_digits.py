@@ -13,8 +13,8 @@ import numpy as np
 
 
 def export(out_dir: str) -> int:
-    from sklearn.datasets import load_digits
     import tensorflow as tf
+    from sklearn.datasets import load_digits
 
     digits = load_digits()
     tmp = f"{out_dir}.partial-{os.getpid()}"

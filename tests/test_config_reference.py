@@ -3,8 +3,9 @@
 import dataclasses
 import sys
 
-import config_reference
 import pytest
+
+import config_reference
 from config_reference import UndocumentedConfig, collect, docstring_parts, render
 from helpers import ROOT, run
 

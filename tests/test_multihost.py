@@ -29,7 +29,8 @@ def ssh_host(tmp_path):
     if not os.path.exists("/usr/sbin/sshd"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "openssh-server"], check=True, env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "openssh-server"], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
     d = tmp_path / "ssh"
     d.mkdir()
