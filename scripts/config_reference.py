@@ -50,7 +50,10 @@ class UndocumentedConfig(Exception):
 
 def docstring_parts(cls: type) -> tuple[str, str, dict[str, str]]:
     """(summary line, the prose before `Attributes:`, {field name: its entry}) of a class docstring."""
-    lines = (inspect.getdoc(cls) or "").splitlines()
+    doc = inspect.cleandoc(cls.__dict__.get("__doc__") or "")
+    if doc.startswith(f"{cls.__name__}("):
+        doc = ""  # the signature that @dataclass puts in place of a missing docstring
+    lines = doc.splitlines()
     summary = lines[0].strip() if lines else ""
     body, attrs = [], {}
     rest = iter(lines[1:])

@@ -71,6 +71,27 @@ def test_undocumented_field_is_an_error():
     ]
 
 
+@dataclasses.dataclass
+class _Bare:
+    x: int = 0
+
+
+@dataclasses.dataclass
+class _Holder:
+    """Holds a section that has neither an entry here nor a docstring."""
+
+    bare: _Bare = dataclasses.field(default_factory=_Bare)
+
+
+def test_section_without_docstring_or_entry_is_an_error():
+    with pytest.raises(UndocumentedConfig) as e:
+        collect(_Holder)
+    assert e.value.args[0] == [
+        f"bare ({__name__}._Holder): no Attributes entry and no docstring in _Bare",
+        f"bare.x ({__name__}._Bare): no entry under Attributes:",
+    ]
+
+
 def test_docstring_parts_joins_continuation_lines():
     summary, prose, attrs = docstring_parts(_Inner)
     assert (summary, prose, attrs) == ("Inner part.", "", {"a": "documented, over two lines."})
