@@ -4,9 +4,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 ARGS ?=
 
-.PHONY: setup run test test-unit bench clean-runs
+.PHONY: setup run test test-unit lint docs bench clean-runs
 
-$(STAMP): setup.cfg pyproject.toml scripts/setup.sh scripts/horovod-0.28.1-tf2.21-cpu.patch
+$(STAMP): setup.cfg pyproject.toml scripts/setup.sh scripts/requirements.py scripts/horovod-0.28.1-tf2.21-cpu.patch
 	bash scripts/setup.sh
 
 setup:
@@ -16,12 +16,20 @@ setup:
 run: $(STAMP)
 	$(PY) scripts/run_digits.py $(ARGS)
 
-## The whole suite: unit tests and real horovodrun -np 2 integration tests.
+## The whole suite: the linter, then unit tests and real horovodrun -np 2 integration tests.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -m "not horovod and not mpi" $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+## Regenerate docs/configuration.md from the config dataclasses' docstrings.
+docs: $(STAMP)
+	$(PY) scripts/config_reference.py
 
 ## Throughput benchmark (not a test): writes bench/results.json.
 bench: $(STAMP)

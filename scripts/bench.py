@@ -154,8 +154,8 @@ def trainer_bench(args) -> None:
         runs["d_two_plain_keras_1thread_summed"].append(sum(plain_rate(q) for q in pair))
         runs["e_plain_keras_2threads"].append(plain_rate(plain(2, steps)))
         runs["f_trainer_np2_cycle5ms"].append(trainer_rate(2, steps, "--cycle-time-ms", "5"))
-        print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k.split('_')[0]}={v[-1]:.1f}" for k, v in runs.items()),
-              flush=True)
+        latest = ", ".join(f"{k.split('_')[0]}={v[-1]:.1f}" for k, v in runs.items())
+        print(f"repeat {rep + 1}/{args.repeats}: {latest}", flush=True)
 
     a, b, c, d, e, f = (runs[k] for k in runs)
     ratios = {

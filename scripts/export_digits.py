@@ -15,8 +15,8 @@ from data_pipeline import atomic
 
 
 def export(out_dir: str) -> int:
-    from sklearn.datasets import load_digits
     import tensorflow as tf
+    from sklearn.datasets import load_digits
 
     digits = load_digits()
     with atomic.staged_dir(out_dir, mode=0o755) as tmp:

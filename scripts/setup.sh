@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command set-up on Debian 12 (run as root, or with sudo available for apt):
 #   1. apt: Open MPI and a C++ tool chain (for Horovod and mpi4py), Slurm and sshd (for tests);
-#   2. .venv with TensorFlow (CPU), Keras 3, TensorBoard, mpi4py and test tools;
+#   2. .venv with the packages setup.cfg lists: TensorFlow (CPU), Keras 3, TensorBoard,
+#      mpi4py (built against the system Open MPI), test tools and the linter;
 #   3. Horovod 0.28.1 built from its sdist, patched for TF 2.21, with TF ops, Gloo and MPI;
 #   4. a check that `horovodrun --check-build` lists TensorFlow, MPI and Gloo.
 #
@@ -14,13 +15,15 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 VENV=${VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
-HOROVOD_VERSION=0.28.1
-PATCH=$ROOT/scripts/horovod-$HOROVOD_VERSION-tf2.21-cpu.patch
+# The extras of setup.cfg installed besides `cpu` and `horovod-build`.
+EXTRAS=(test demo)
 # slurm-wlm and openssh-server: the Slurm and two-host tests start their own daemons.
 APT_PACKAGES=(libopenmpi-dev openmpi-bin build-essential cmake patch python3-dev slurm-wlm openssh-server)
 
 log() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+# setup.cfg is the one list of Python dependencies; this script installs from it in build order.
+reqs() { "$PYTHON" scripts/requirements.py "$@"; }
 
 # --- 1. system packages -------------------------------------------------------
 missing=()
@@ -37,6 +40,10 @@ fi
 
 # --- 2. virtual environment ---------------------------------------------------
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+HOROVOD_VERSION=$(reqs --only horovod install | sed -n 's/^horovod==//p')
+[ -n "$HOROVOD_VERSION" ] || die "setup.cfg does not pin horovod==VERSION in install_requires"
+PATCH=$ROOT/scripts/horovod-$HOROVOD_VERSION-tf2.21-cpu.patch
+[ -f "$PATCH" ] || die "no Horovod patch for $HOROVOD_VERSION: $PATCH"
 if [ ! -x "$PY" ]; then
   log "creating $VENV with $PYTHON"
   "$PYTHON" -m venv "$VENV"
@@ -45,7 +52,7 @@ PIP=("$PY" -m pip --disable-pip-version-check)
 
 # The stamp records what the environment was built from; a change re-runs pip.
 stamp=$VENV/.setup-stamp
-want=$(cat setup.cfg "$PATCH" scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat setup.cfg "$PATCH" scripts/setup.sh scripts/requirements.py | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "import horovod.tensorflow" 2>/dev/null; then
   touch "$stamp"
   log "environment up to date ($VENV)"
@@ -54,12 +61,13 @@ fi
 
 log "installing Python packages"
 "${PIP[@]}" install -q --upgrade pip setuptools wheel
-# TensorFlow first: Horovod compiles against the TensorFlow in the venv.
-"${PIP[@]}" install -q "tensorflow-cpu~=2.21.0" "keras~=3.15" "tensorboard~=2.21" "pyyaml~=6.0" \
-  "numpy>=1.26,<3" "scikit-learn~=1.9" "pytest~=9.2" cloudpickle psutil packaging cffi \
-  "pillow>=10" "google-crc32c~=1.9"
+# TensorFlow first: Horovod compiles against the TensorFlow in the venv. Everything of
+# setup.cfg but the two packages built below goes in this one pip call.
+mapfile -t first < <(reqs --without horovod --without mpi4py cpu install horovod-build "${EXTRAS[@]}")
+[ ${#first[@]} -gt 0 ] || die "no requirements read from setup.cfg"
+"${PIP[@]}" install -q "${first[@]}"
 # mpi4py from source, so that it links against the same Open MPI as Horovod.
-"$PY" -c "import mpi4py" 2>/dev/null || "${PIP[@]}" install -q --no-binary mpi4py "mpi4py~=4.1"
+"$PY" -c "import mpi4py" 2>/dev/null || "${PIP[@]}" install -q --no-binary mpi4py "$(reqs --only mpi4py install)"
 
 # --- 3. Horovod -----------------------------------------------------------------
 hvd_ok() {
@@ -100,6 +108,7 @@ log "horovodrun --check-build:"
 sed -n '/Available Frameworks/,/Available Tensor Operations/p' "$check_out" | grep -E '\[X\]' | sed 's/^/    /'
 
 # --- 4. this project ------------------------------------------------------------
-"${PIP[@]}" install -q --no-build-isolation -e ".[cpu,test]"
+# Horovod (and mpi4py) are there now, so pip only checks their pins.
+"${PIP[@]}" install -q --no-build-isolation -e ".[cpu,horovod-build,$(IFS=,; echo "${EXTRAS[*]}")]"
 echo "$want" >"$stamp"
 log "done: activate with 'source .venv/bin/activate'"

@@ -1,29 +1,14 @@
-import os
-import socket
-import subprocess
+"""Fixtures shared by the tests; shared plain helpers live in helpers.py."""
+
 import sys
 from pathlib import Path
 
 import pytest
 
+# The worktree first: tests import the project and scripts/ from this checkout, not an installed copy.
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-
-
-def run(argv, timeout=600, **kwargs) -> subprocess.CompletedProcess:
-    """Runs a command from the repository root and captures its output as text."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2", **kwargs.pop("env", {})}
-    return subprocess.run(
-        [str(a) for a in argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs
-    )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` now (a server started next may take it)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import free_port
+from helpers import free_port
 
 CONF = """\
 ClusterName=hvdtest

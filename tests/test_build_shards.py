@@ -11,12 +11,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import run
 from data_pipeline import shard_writer
 from data_pipeline.build_shards import build
 from data_pipeline.images import ImageOptions
 from data_pipeline.metadata import DataError, load_metadata, shard_files
 from data_pipeline.records import parse_example
+from helpers import run
 
 GOOD = {"ant": 5, "bee": 4, "cow": 3}
 BROKEN = {"bee/broken.jpg", "bee/trunc.png", "cow/liar.jpg"}

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from conftest import run
+from helpers import run
 from launch.command import LaunchError, LaunchOptions, build_command, tensorboard_command
 
 
@@ -43,7 +43,8 @@ def test_srun_runner_passes_horovod_options_as_environment():
     argv, env = build_command(opts(runner="srun", timeline="/tmp/tl.json", autotune=True, fusion_threshold_mb=32,
                                    cycle_time_ms=2.5, overrides=("train.epochs=3",)), {"PATH": "/bin"})
     assert argv == ["srun", "--mpi=pmix", "--ntasks", "2", "--kill-on-bad-exit=1", "--label",
-                    "/venv/bin/python", "-m", "trainer.train", "--config", "configs/digits.yaml", "--set", "train.epochs=3"]
+                    "/venv/bin/python", "-m", "trainer.train", "--config", "configs/digits.yaml",
+                    "--set", "train.epochs=3"]
     assert env["HOROVOD_CONTROLLER"] == env["HOROVOD_CPU_OPERATIONS"] == "mpi"
     assert env["HOROVOD_TIMELINE"] == "/tmp/tl.json" and env["HOROVOD_AUTOTUNE"] == "1"
     assert env["HOROVOD_FUSION_THRESHOLD"] == str(32 * 1024 * 1024) and env["HOROVOD_CYCLE_TIME"] == "2.5"
@@ -98,7 +99,8 @@ def test_build_command_does_not_mutate_its_input():
     [
         (dict(np=0), "--np must be at least 1, got 0"),
         (dict(runner="mpirun"), "runner must be one of horovodrun, srun, got 'mpirun'"),
-        (dict(runner="srun", controller="gloo"), "--gloo needs horovodrun's rendezvous; srun starts MPI ranks (use --mpi)"),
+        (dict(runner="srun", controller="gloo"),
+         "--gloo needs horovodrun's rendezvous; srun starts MPI ranks (use --mpi)"),
         (dict(runner="srun", hosts="a:2"), "--hosts does not apply to srun, which runs on the hosts of the allocation"),
         (dict(hosts="a:1,b:0"), "--hosts entry 'b:0' is not host[:slots] with slots >= 1"),
         (dict(hosts="a:x"), "--hosts entry 'a:x' is not host[:slots] with slots >= 1"),
@@ -107,7 +109,8 @@ def test_build_command_does_not_mutate_its_input():
         (dict(fusion_threshold_mb=-1), "--fusion-threshold-mb must be >= 0, got -1"),
         (dict(cycle_time_ms=0), "--cycle-time-ms must be > 0, got 0"),
         (dict(stall_warning_sec=0), "--stall-warning-sec must be >= 1, got 0"),
-        (dict(stall_warning_sec=60, stall_shutdown_sec=30), "--stall-shutdown-sec 30 must exceed --stall-warning-sec 60"),
+        (dict(stall_warning_sec=60, stall_shutdown_sec=30),
+         "--stall-shutdown-sec 30 must exceed --stall-warning-sec 60"),
     ],
 )
 def test_bad_options(kw, message):

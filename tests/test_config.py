@@ -3,7 +3,15 @@ from pathlib import Path
 import pytest
 
 from trainer.config import (
-    ConfigError, ExperimentConfig, MODEL_NAMES, best_mode, check_environment, dump_yaml, load_config, parse_override, validate,
+    MODEL_NAMES,
+    ConfigError,
+    ExperimentConfig,
+    best_mode,
+    check_environment,
+    dump_yaml,
+    load_config,
+    parse_override,
+    validate,
     validate_world,
 )
 

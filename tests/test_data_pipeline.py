@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run
 from data_pipeline.build_shards import build
 from data_pipeline.images import ImageOptions
 from data_pipeline.metadata import DataError, load_metadata, shard_files
 from data_pipeline.reader import make_dataset, shard_records
 from data_pipeline.records import parse_example
+from helpers import run
 
 COUNTS = {"cat": 7, "dog": 5, "eel": 9}
 
@@ -63,7 +63,10 @@ def test_same_input_gives_same_shards(images, tmp_path):
     b = build(str(images), str(tmp_path / "b"), num_shards=2, val_fraction=0.2, seed=3)
     assert a == b
     c = build(str(images), str(tmp_path / "c"), num_shards=2, val_fraction=0.2, seed=4)
-    assert [s["sha256"] for s in c["splits"]["train"]["shards"]] != [s["sha256"] for s in a["splits"]["train"]["shards"]]
+    def digests(meta):
+        return [s["sha256"] for s in meta["splits"]["train"]["shards"]]
+
+    assert digests(c) != digests(a)
 
 
 def test_existing_output_is_kept_unless_overwrite(images, tmp_path):
@@ -87,7 +90,8 @@ def test_strict_stops_at_a_corrupt_image_and_writes_no_output(images, tmp_path):
 
 
 def test_cli_errors_are_one_line_with_exit_2(tmp_path):
-    res = run([sys.executable, "-m", "data_pipeline.build_shards", "--images", tmp_path / "none", "--out", tmp_path / "o"])
+    res = run([sys.executable, "-m", "data_pipeline.build_shards",
+               "--images", tmp_path / "none", "--out", tmp_path / "o"])
     assert res.returncode == 2
     assert res.stderr.strip() == f"build_shards: error: image folder '{tmp_path / 'none'}' does not exist"
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run
+from helpers import ROOT, run
 from launch.command import LaunchError, LaunchOptions, build_command, world_sizes
 
 LINE = re.compile(r"rank(\d+) (\w+) ([\w.]+): (.*)$")

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import tensorflow as tf
 
-from conftest import run
 from data_pipeline.reader import shard_records
+from helpers import run
 from test_horovod import epoch_records, launch_argv, messages
 from trainer.evaluation import is_due
 
@@ -89,8 +89,9 @@ def test_two_rank_validation_equals_one_process_and_the_best_checkpoint_survives
     assert sorted(curves) == ["accuracy", "loss", "top5_accuracy"]
 
     # The same weights in one process, the whole split on one rank.
-    res = run([sys.executable, "-m", "trainer.evaluate", "--config", "configs/digits.yaml", "--set", f"run_dir={run_dir}",
-               "--set", f"data.dir={three_val_files}", "--checkpoint", "best"], timeout=300)
+    res = run([sys.executable, "-m", "trainer.evaluate", "--config", "configs/digits.yaml",
+               "--set", f"run_dir={run_dir}", "--set", f"data.dir={three_val_files}", "--checkpoint", "best"],
+              timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     single = json.loads(res.stdout.split("evaluation ", 1)[1])
     assert single["world_size"] == 1 and single["val_examples"] == n_val

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT
 from data_pipeline.reader import records_per_pass, shard_records, stream_position, training_records
+from helpers import ROOT
 from trainer.callbacks import EpochCheckpoint
 from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.runner import fit_phases

@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import ROOT, run
+from helpers import ROOT, run
 
 pytestmark = pytest.mark.horovod
 
@@ -152,7 +152,8 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits
     # Both ranks stopped at the same step and exited with the documented code.
     assert sorted(stopped) == [0, 1] and stopped[0] == stopped[1]
     step = int(stopped[0][0].split()[0])
-    assert re.search(r"\[0\]<stderr>:.*exiting with 143", first) and re.search(r"\[1\]<stderr>:.*exiting with 143", first)
+    for rank in (0, 1):
+        assert re.search(rf"\[{rank}\]<stderr>:.*exiting with 143", first)
     assert checkpoint_steps(run_dir)[-1] == step
     # The epoch cut short was not validated: its weights are mid-epoch.
     interrupted = epoch_records(first)[0][-1]
@@ -212,7 +213,8 @@ def test_kill_9_of_one_rank_ends_the_whole_job(digits_shards, tmp_path):
     victim = None
     for p in psutil.process_iter(["pid", "cmdline", "environ"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "trainer.train" in cmd and f"run_dir={run_dir}" in cmd and (p.info["environ"] or {}).get("HOROVOD_RANK") == "1":
+        rank = (p.info["environ"] or {}).get("HOROVOD_RANK")
+        if "trainer.train" in cmd and f"run_dir={run_dir}" in cmd and rank == "1":
             victim = p
     assert victim is not None
     before = sorted(checkpoint_steps(run_dir))
@@ -223,7 +225,9 @@ def test_kill_9_of_one_rank_ends_the_whole_job(digits_shards, tmp_path):
     assert proc.returncode != 0
     assert detected < 60
     assert re.search(r"first process to do so was:\s*Process name: 1\s*Exit code: 137", out), out[-2000:]
-    leftovers = [p for p in psutil.process_iter(["cmdline"]) if f"run_dir={run_dir}" in " ".join(p.info["cmdline"] or [])]
+    leftovers = [
+        p for p in psutil.process_iter(["cmdline"]) if f"run_dir={run_dir}" in " ".join(p.info["cmdline"] or [])
+    ]
     assert not leftovers, leftovers
     # The checkpoints written before the kill are intact and loadable.
     steps = checkpoint_steps(run_dir)

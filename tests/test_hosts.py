@@ -4,8 +4,15 @@ import subprocess
 
 import pytest
 
-from launch.hosts import (HostError, allocation_hosts, expand_nodelist, format_hosts, parse_hostfile, parse_hosts,
-                          parse_tasks_per_node)
+from launch.hosts import (
+    HostError,
+    allocation_hosts,
+    expand_nodelist,
+    format_hosts,
+    parse_hostfile,
+    parse_hosts,
+    parse_tasks_per_node,
+)
 
 
 def test_parse_hosts():
@@ -46,7 +53,8 @@ cpu02
     ("a slots=two\n", "hosts.txt line 1: slots='two' is not a number"),
     ("a\nb 4\n", "hosts.txt line 2: '4' is not key=value (expected 'host slots=N')"),
     ("a:x\n", "hosts.txt line 1: 'a:x' is not host:slots"),
-    ("a$(id) slots=1\n", "hosts.txt line 1: host name 'a$(id)' has characters other than letters, digits, '.', '-', '_'"),
+    ("a$(id) slots=1\n",
+     "hosts.txt line 1: host name 'a$(id)' has characters other than letters, digits, '.', '-', '_'"),
     ("# nothing\n\n", "hosts.txt: no hosts in the file"),
     ("a slots=1\na slots=2\n", "hosts.txt: host 'a' is listed twice"),
 ])
@@ -92,7 +100,8 @@ def test_expand_nodelist_agrees_with_scontrol(nodelist, names, tmp_path):
     ("a[[1]]", "node list 'a[[1]]': nested brackets"),
     ("a[x-y]", "node list 'a[x-y]': range 'x-y' is not N or N-M"),
     ("", "node list '' is empty"),
-    ("a[1-2]$(id)", "node list 'a[1-2]$(id)': host name 'a1$(id)' has characters other than letters, digits, '.', '-', '_'"),
+    ("a[1-2]$(id)",
+     "node list 'a[1-2]$(id)': host name 'a1$(id)' has characters other than letters, digits, '.', '-', '_'"),
 ])
 def test_bad_nodelists(nodelist, message):
     with pytest.raises(HostError) as e:

@@ -14,7 +14,8 @@ def test_simple_cnn_on_digits_shape():
     assert model.output_shape == (None, 10)
     # conv 3x3x1x32 and 3x3x32x64 without bias, each with BatchNorm (4 per channel),
     # then dense 1024x128 and 128x10 with biases
-    assert model.count_params() == (9 * 32 + 4 * 32) + (9 * 32 * 64 + 4 * 64) + (4 * 4 * 64 * 128 + 128) + (128 * 10 + 10)
+    conv1, conv2 = 9 * 32 + 4 * 32, 9 * 32 * 64 + 4 * 64
+    assert model.count_params() == conv1 + conv2 + (4 * 4 * 64 * 128 + 128) + (128 * 10 + 10)
     probs = model(np.random.default_rng(0).random((3, 8, 8, 1), dtype=np.float32)).numpy()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
@@ -22,7 +23,7 @@ def test_simple_cnn_on_digits_shape():
 def test_resnet20_is_the_cifar_resnet():
     model = build_model("resnet20", (32, 32, 3), 10)
     assert model.output_shape == (None, 10)
-    convs = [l for l in model.layers if l.__class__.__name__ == "Conv2D" and l.kernel_size == (3, 3)]
+    convs = [layer for layer in model.layers if layer.__class__.__name__ == "Conv2D" and layer.kernel_size == (3, 3)]
     assert len(convs) == 19  # 1 stem + 3 stages x 3 blocks x 2; + dense = 20 weighted layers
     # He et al. report 0.27M parameters for ResNet-20 on CIFAR-10.
     assert 0.26e6 < model.count_params() < 0.28e6

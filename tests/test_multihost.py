@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import free_port, run
+from helpers import free_port, run
 from test_horovod import messages
 
 pytestmark = pytest.mark.horovod
@@ -29,7 +29,8 @@ def ssh_host(tmp_path):
     if not os.path.exists("/usr/sbin/sshd"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "openssh-server"], check=True, env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "openssh-server"], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
     d = tmp_path / "ssh"
     d.mkdir()

@@ -9,13 +9,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run
 from data_pipeline.metadata import DataError, corrupt_shards, load_metadata
 from data_pipeline.preprocess import Augment, augment, center_crop
 from data_pipeline.reader import (
-    corrupt_shard_error, make_dataset, pass_files, records_per_pass, training_records,
+    corrupt_shard_error,
+    make_dataset,
+    pass_files,
+    records_per_pass,
+    training_records,
 )
 from data_pipeline.records import encode_example, parse_example
+from helpers import run
 
 
 def write_shards(tmp_path, counts, size=(6, 9)):
@@ -185,7 +189,8 @@ def test_slow_input_is_measured_and_warned_about(tmp_path, caplog):
         return out, y
 
     ds = tf.data.Dataset.from_tensors((tf.zeros([8, 4]), tf.zeros([8], tf.int32))).repeat().map(slow).prefetch(1)
-    callbacks = [cb.InputWait(), cb.InputBoundWarning(), EpochScalars(tf.summary.create_file_writer(str(tmp_path / "tb")), str(tmp_path / "val"))]
+    scalars = EpochScalars(tf.summary.create_file_writer(str(tmp_path / "tb")), str(tmp_path / "val"))
+    callbacks = [cb.InputWait(), cb.InputBoundWarning(), scalars]
     with caplog.at_level(logging.WARNING, logger="trainer.callbacks"):
         history = model.fit(ds, epochs=2, steps_per_epoch=5, callbacks=callbacks, verbose=0, shuffle=False).history
     # Each batch waits >= 50 ms for a step of about a millisecond.

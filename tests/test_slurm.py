@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run
+from helpers import ROOT, run
 from slurm_cluster import SlurmCluster, install_if_missing
 from test_horovod import checkpoint_steps, epoch_records, messages
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import run
+from helpers import run
 from launch.command import LaunchError
 from launch.slurm import SlurmOptions, build_script, time_limit_seconds
 
@@ -73,7 +73,8 @@ def test_time_formats(text, seconds):
     (dict(partition="gpu;id"), "--partition 'gpu;id': only letters, digits and _.+- are allowed"),
     (dict(account="a b"), "--account 'a b': only letters, digits and _.+- are allowed"),
     (dict(job_name="x/../y"), "--job-name 'x/../y': only letters, digits and _.+- are allowed"),
-    (dict(job_name="x\n#SBATCH --uid=0"), "--job-name 'x\\n#SBATCH --uid=0': only letters, digits and _.+- are allowed"),
+    (dict(job_name="x\n#SBATCH --uid=0"),
+     "--job-name 'x\\n#SBATCH --uid=0': only letters, digits and _.+- are allowed"),
     (dict(run_dir='/runs/a"b'),
      "run_dir '/runs/a\"b/slurm': a path for Slurm may not hold quotes, backslashes or control characters"),
     (dict(run_dir="/runs/a\nb"),

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import run
+from helpers import run
 from launch.command import LaunchOptions, build_command
 
 pytestmark = pytest.mark.horovod

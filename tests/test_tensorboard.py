@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import free_port, run
+from helpers import free_port, run
 from trainer.config import ConfigError, profile_range
 
 EPOCHS, SPE, EVERY = 2, 22, 5

@@ -3,7 +3,7 @@
 import json
 import sys
 
-from conftest import run
+from helpers import run
 
 
 def test_synthetic_resnet20_run_writes_summary(tmp_path):
