@@ -13,7 +13,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT
-from data_pipeline.reader import records_per_pass, shard_records, stream_position, training_records
+from data_pipeline.positions import records_per_pass, stream_position
+from data_pipeline.reader import shard_records, training_records
 from trainer.callbacks import EpochCheckpoint
 from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.runner import fit_phases
