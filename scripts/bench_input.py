@@ -21,9 +21,9 @@ import sys
 import time
 
 import numpy as np
+from bench_common import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # the loader subprocess imports data_pipeline from this checkout
 
 
 def write_images(out: str, count: int, width: int, height: int, classes: int = 10, seed: int = 0) -> None:
