@@ -149,6 +149,7 @@ def training_records(
 
 
 def _train_parse(options: TrainOptions):
+    """(record, augmentation seed) to (augmented image, label)."""
     def parse(serialized, element_seed):
         ex = parse_example(serialized)
         image = decode(ex["image/encoded"], options.channels)
@@ -158,6 +159,7 @@ def _train_parse(options: TrainOptions):
 
 
 def _eval_parse(options: EvalOptions):
+    """Record to (centre-cropped image, label)."""
     def parse(serialized):
         ex = parse_example(serialized)
         image = center_crop(decode(ex["image/encoded"], options.channels), options.image_size, options.crop_fraction)
