@@ -17,123 +17,22 @@ without rewriting completed shards. An existing output is only replaced with
 """
 
 import argparse
-import json
 import logging
-import math
 import os
-import shutil
 import signal
 import sys
-from dataclasses import asdict
-
-import numpy as np
 
 from data_pipeline.cluster import Group, local_size, make_group
 from data_pipeline.images import ENCODINGS, ImageOptions
-from data_pipeline.metadata import FORMAT_VERSION, METADATA_FILE, DataError
-from data_pipeline.shard_writer import DONE_SUFFIX, ShardTask, run_tasks
-from data_pipeline.sources import Inventory, Source, scan_csv, scan_folder, stratified_split
+from data_pipeline.metadata import METADATA_FILE, DataError
+from data_pipeline.shard_output import collect_metadata, publish
+from data_pipeline.shard_plan import plan, plan_fingerprint, prepare_work_dir
+from data_pipeline.shard_writer import ShardTask, run_tasks
+from data_pipeline.sources import scan_csv, scan_folder
 
 log = logging.getLogger("data_pipeline.build_shards")
 
-PLAN_FILE = "plan.json"
 SKIPPED_SHOWN = 20
-
-
-def _shard_count(items: list[Source], requested: int, shard_size_mb: float) -> int:
-    if shard_size_mb:
-        # Estimated from the source files: re-encoding and --max-side change the real size.
-        requested = math.ceil(sum(max(s.size, 0) for s in items) / (shard_size_mb * 2**20))
-    return max(1, min(requested, len(items)))
-
-
-def plan(inv: Inventory, num_shards: int, num_val_shards: int, val_fraction: float, seed: int,
-         shard_size_mb: float) -> list[ShardTask]:
-    """Which image goes into which shard, in which order: record i of a seeded
-    permutation of the split goes to shard i % shards."""
-    if "validation" in inv.splits:
-        train, val = inv.splits["train"], inv.splits["validation"]
-    else:
-        train, val = stratified_split(inv.splits["train"], val_fraction, seed)
-    if not train:
-        raise DataError("no training images found")
-    if not shard_size_mb and len(train) < num_shards:
-        raise DataError(f"--num-shards {num_shards} is more than the {len(train)} training images")
-    if not num_val_shards:
-        num_val_shards = max(1, round(num_shards * len(val) / len(train)))
-    counts = {"train": _shard_count(train, num_shards, shard_size_mb),
-              "validation": _shard_count(val, num_val_shards, shard_size_mb)}
-    tasks = []
-    for split, items in (("train", train), ("validation", val)):
-        if not items:
-            continue
-        n = counts[split]
-        order = np.random.default_rng([seed, len(split)]).permutation(len(items))
-        for k in range(n):
-            chosen = tuple(items[i] for i in order[k::n])
-            tasks.append(ShardTask(split, k, n, chosen, tuple(inv.class_names)))
-    return tasks
-
-
-def _plan_fingerprint(tasks: list[ShardTask], opts: ImageOptions) -> list[str]:
-    return [t.key(opts) for t in tasks]
-
-
-def _prepare_work_dir(work_dir: str, fingerprint: list[str], overwrite: bool) -> None:
-    """Creates the work folder, or checks that an interrupted one was doing the same conversion."""
-    plan_path = os.path.join(work_dir, PLAN_FILE)
-    if os.path.isdir(work_dir):
-        try:
-            with open(plan_path, encoding="utf-8") as f:
-                same = json.load(f) == fingerprint
-        except (OSError, json.JSONDecodeError):
-            same = False
-        if same:
-            return
-        if not overwrite:
-            raise DataError(
-                f"{work_dir!r} holds an interrupted conversion of other files or options: rerun it with "
-                "the same input and options to resume, or pass --overwrite to start over"
-            )
-        shutil.rmtree(work_dir)
-    os.makedirs(os.path.dirname(work_dir), exist_ok=True)
-    os.makedirs(work_dir, mode=0o750)
-    with open(plan_path, "w", encoding="utf-8") as f:
-        json.dump(fingerprint, f)
-
-
-def _metadata(tasks: list[ShardTask], inv: Inventory, work_dir: str, opts: ImageOptions, options: dict) -> dict:
-    """metadata.json from the shards' done-records (which survive a resume)."""
-    splits, skipped, shapes = {}, [], []
-    for t in tasks:
-        with open(os.path.join(work_dir, t.name + DONE_SUFFIX), encoding="utf-8") as f:
-            done = json.load(f)
-        s = splits.setdefault(t.split, {"num_examples": 0, "per_class": [0] * len(inv.class_names),
-                                        "num_skipped": 0, "shards": []})
-        s["num_examples"] += done["num_examples"]
-        s["num_skipped"] += len(done["skipped"])
-        s["per_class"] = [a + b for a, b in zip(s["per_class"], done["per_class"])]
-        s["shards"].append({"file": t.name, "num_examples": done["num_examples"], "sha256": done["sha256"]})
-        skipped.extend(done["skipped"])
-        if done["num_examples"]:
-            shapes.append(tuple(done["shape"]) if done["shape"] else None)
-    for s in splits.values():
-        s["per_class"] = dict(zip(inv.class_names, s["per_class"]))
-    shape = shapes[0] if shapes and None not in shapes and len(set(shapes)) == 1 else None
-    return {
-        "format_version": FORMAT_VERSION,
-        "class_names": inv.class_names,
-        "num_classes": len(inv.class_names),
-        # [h, w, c] when every image has the same size; otherwise null and the
-        # model's input size must be set in the config.
-        "image_shape": list(shape) if shape else None,
-        "channels": opts.channels,
-        "splits": splits,
-        "skipped": sorted(skipped, key=lambda x: x["path"]),
-        "ignored": inv.ignored,
-        "empty_classes": inv.empty_classes,
-        "options": {**options, **asdict(opts)},
-    }
 
 
 def _check(num_shards, val_fraction, num_val_shards, shard_size_mb, workers, opts: ImageOptions) -> None:
@@ -169,6 +68,24 @@ def _collective(group: Group, fn, *args):
     return value
 
 
+def _write_my_shards(tasks: list[ShardTask], work_dir: str, opts: ImageOptions, strict: bool, workers: int,
+                     group: Group) -> str | None:
+    """Writes this rank's share of the shards; returns the error to report, or None."""
+    mine = tasks[group.rank::group.size]
+    if group.size > 1:
+        log.info("rank %d of %d: %d of %d shards", group.rank, group.size, len(mine), len(tasks))
+    try:
+        run_tasks(mine, work_dir, opts, strict, workers, show_progress=group.is_main)
+    except DataError as e:
+        return str(e)
+    except OSError as e:  # disk full, permissions: reported like bad input, so no rank waits forever
+        return f"rank {group.rank}: {e}"
+    except BaseException:
+        log.warning("interrupted: the completed shards in %s are kept; rerun the same command to resume", work_dir)
+        raise
+    return None
+
+
 def build(
     images_dir: str | None,
     out_dir: str,
@@ -202,54 +119,25 @@ def build(
     def scan_and_plan():
         inv = scan_csv(csv_path) if csv_path else scan_folder(images_dir, keep_empty_classes)
         tasks = plan(inv, num_shards, num_val_shards, val_fraction, seed, shard_size_mb)
-        _prepare_work_dir(work_dir, _plan_fingerprint(tasks, opts), overwrite)
+        prepare_work_dir(work_dir, plan_fingerprint(tasks, opts), overwrite)
         return inv, tasks
 
     inv, tasks = _collective(group, scan_and_plan)
-    mine = tasks[group.rank::group.size]
-    if group.size > 1:
-        log.info("rank %d of %d: %d of %d shards", group.rank, group.size, len(mine), len(tasks))
-    error = None
-    try:
-        run_tasks(mine, work_dir, opts, strict, workers, show_progress=group.is_main)
-    except DataError as e:
-        error = str(e)
-    except OSError as e:  # disk full, permissions: reported like bad input, so no rank waits forever
-        error = f"rank {group.rank}: {e}"
-    except BaseException:
-        log.warning("interrupted: the completed shards in %s are kept; rerun the same command to resume", work_dir)
-        raise
-    errors = group.gather(error)
+    errors = group.gather(_write_my_shards(tasks, work_dir, opts, strict, workers, group))
+    options = {"images": images_dir and os.path.abspath(images_dir), "csv": csv_path and os.path.abspath(csv_path),
+               "num_shards": num_shards, "num_val_shards": num_val_shards, "val_fraction": val_fraction,
+               "seed": seed, "shard_size_mb": shard_size_mb, "keep_empty_classes": keep_empty_classes,
+               "strict": strict}
 
     def finish():
         first = next((e for e in errors if e), None)
         if first:
             raise DataError(first)
-        options = {"images": images_dir and os.path.abspath(images_dir), "csv": csv_path and os.path.abspath(csv_path),
-                   "num_shards": num_shards, "num_val_shards": num_val_shards, "val_fraction": val_fraction,
-                   "seed": seed, "shard_size_mb": shard_size_mb, "keep_empty_classes": keep_empty_classes,
-                   "strict": strict}
-        meta = _metadata(tasks, inv, work_dir, opts, options)
-        for t in tasks:
-            os.remove(os.path.join(work_dir, t.name + DONE_SUFFIX))
-        os.remove(os.path.join(work_dir, PLAN_FILE))
-        with open(os.path.join(work_dir, METADATA_FILE), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-        _replace_dir(work_dir, out_dir)
+        meta = collect_metadata(tasks, inv, work_dir, opts, options)
+        publish(tasks, meta, work_dir, out_dir)
         return meta
 
     return _collective(group, finish)
-
-
-def _replace_dir(new: str, target: str) -> None:
-    """Moves `new` to `target`; an old `target` is removed only once `new` is in place."""
-    old = None
-    if os.path.exists(target):
-        old = f"{target}.old-{os.getpid()}"
-        os.rename(target, old)
-    os.rename(new, target)
-    if old:
-        shutil.rmtree(old)
 
 
 def report(meta: dict, out: str) -> None:

@@ -6,25 +6,9 @@ position gets the same crop and flip in a resumed run as in the uninterrupted
 one.
 """
 
-from dataclasses import dataclass
-
 import tensorflow as tf
 
-
-@dataclass(frozen=True)
-class Augment:
-    """Training-time augmentation (off by default: see data.augment in trainer/config.py).
-
-    Attributes:
-      random_resized_crop: crop a random box of crop_area_min..1 of the image
-        area, aspect ratio 3/4..4/3 (Inception-style), then resize it.
-      crop_area_min: smallest crop, as a fraction of the image area.
-      flip: mirror left-right with probability 1/2 (wrong for digits or text).
-    """
-
-    random_resized_crop: bool = False
-    crop_area_min: float = 0.08
-    flip: bool = False
+from data_pipeline.augment import Augment
 
 
 def decode(encoded: tf.Tensor, channels: int) -> tf.Tensor:

@@ -1,15 +1,19 @@
 """Per-rank tf.data input streams over the shards written by build_shards.
 
+    train_stream(files, TrainOptions(...))  # shuffled, augmented, pass after pass
+    eval_stream(files, EvalOptions(...))    # one pass in file order, centre-cropped
+
 A training stream is a sequence of passes. In pass p every pipeline shuffles
 the list of shard files with a seed derived from (seed, p), the same on every
 rank, and reads every `num_shards`-th file of that order (file-level sharding),
 so the ranks read disjoint files and each pass deals the files out anew. With
 fewer files than pipelines every pipeline reads all files and keeps every
 `num_shards`-th record (element-level sharding, slower). Records are then
-shuffled in blocks (seed from (seed, p)), decoded and augmented with stateless ops seeded
-by (seed, p, position in the pass): the stream is a function of the position
-alone, so a resumed run that skips k records reads what the uninterrupted run
-read after its first k.
+shuffled in blocks (seed from (seed, p)), decoded and augmented with stateless
+ops seeded by (seed, p, position in the pass): the stream is a function of the
+position alone, so a resumed run that skips k records reads what the
+uninterrupted run read after its first k. The arithmetic of passes and
+positions is in data_pipeline.positions.
 """
 
 import logging
@@ -18,87 +22,15 @@ import re
 import tensorflow as tf
 
 from data_pipeline.metadata import DataError
-from data_pipeline.preprocess import Augment, augment, center_crop, decode
+from data_pipeline.positions import file_order, pass_seed, shard_files_for, stream_position
+from data_pipeline.preprocess import augment, center_crop, decode
 from data_pipeline.records import parse_example
+from data_pipeline.stream_options import EvalOptions, StreamOptions, TrainOptions
 
 log = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
 MAX_PARALLEL_FILES = 8  # files read at once per pipeline: enough to hide one slow file, few open buffers
-_PASS_SEED_STRIDE = 1_000_003
-
-
-def shard_files_for(files: list[str], num_shards: int, shard_index: int) -> list[str] | None:
-    """The files of input pipeline `shard_index` in the unshuffled order, or None when there are too few files.
-
-    File-level sharding (every `num_shards`-th file) is the cheap way to split
-    data between ranks: each rank opens only its own files. It needs at least
-    one file per rank.
-    """
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index {shard_index} is not in [0, {num_shards})")
-    if len(files) < num_shards:
-        return None
-    return files[shard_index::num_shards]
-
-
-def pass_seed(seed: int, pass_index):
-    """The seed of pass `pass_index` (a Python int or an int64 tensor)."""
-    return seed * _PASS_SEED_STRIDE + pass_index
-
-
-def file_order(num_files: int, seed: int, pass_index) -> tf.Tensor:
-    """The file order of pass `pass_index`: identical on every rank, different in every pass.
-
-    A stateless op, so the pipeline computes it in-graph and records_per_pass
-    eagerly, with the same result.
-    """
-    key = tf.random.stateless_uniform(
-        [num_files], seed=tf.stack([tf.constant(seed, tf.int64), tf.cast(pass_index, tf.int64)])
-    )
-    return tf.argsort(key, stable=True)
-
-
-def pass_files(files: list, num_shards: int, shard_index: int, seed: int, pass_index: int) -> list | None:
-    """The files pipeline `shard_index` reads in pass `pass_index`, or None under element-level sharding."""
-    if len(files) < num_shards:
-        return None
-    order = file_order(len(files), seed, pass_index).numpy()
-    return [files[i] for i in order[shard_index::num_shards]]
-
-
-def records_per_pass(
-    shard_counts: list[int], num_shards: int, shard_index: int, seed: int | None = None, pass_index: int = 0
-) -> int:
-    """How many records pipeline `shard_index` reads in one pass.
-
-    Without `seed`, of the unshuffled file order (shard_records); with it, of
-    pass `pass_index` of a training stream.
-    """
-    if len(shard_counts) < num_shards:  # element-level: every num_shards-th record of the concatenation
-        total = sum(shard_counts)
-        return max(0, (total - shard_index + num_shards - 1) // num_shards)
-    if seed is None:
-        return sum(shard_files_for(list(shard_counts), num_shards, shard_index))
-    return sum(pass_files(list(shard_counts), num_shards, shard_index, seed, pass_index))
-
-
-def stream_position(
-    shard_counts: list[int], num_shards: int, shard_index: int, seed: int, skip: int
-) -> tuple[int, int]:
-    """(pass, records into it) of record `skip` of pipeline `shard_index`'s training stream."""
-    if records_per_pass(shard_counts, num_shards, shard_index) == 0 and len(shard_counts) < num_shards:
-        raise DataError(f"{sum(shard_counts)} training records for {num_shards} input pipelines: "
-                        f"pipeline {shard_index} gets none")
-    if sum(shard_counts) == 0:
-        raise DataError("the training shards hold no records")
-    p = 0
-    while True:
-        n = records_per_pass(shard_counts, num_shards, shard_index, seed, p)
-        if skip < n:
-            return p, skip
-        skip -= n
-        p += 1
 
 
 def _interleave_files(
@@ -216,99 +148,73 @@ def training_records(
     return ds
 
 
-def make_dataset(
-    files: list[str],
-    num_shards: int,
-    shard_index: int,
-    per_replica_batch_size: int,
-    image_size: int,
-    channels: int,
-    *,
-    training: bool,
-    seed: int = 0,
-    shuffle_buffer: int = 1024,
-    drop_remainder: bool = True,
-    skip_records: int = 0,
-    num_records: int = 0,
-    shard_counts: list[int] | None = None,
-    augmentation: Augment | None = None,
-    crop_fraction: float = 1.0,
-    threads: int = 0,
-    deterministic: bool = True,
-    skip_corrupt: bool = False,
-) -> tf.data.Dataset:
-    """The stream of (image, label) batches of one rank.
+def _train_parse(options: TrainOptions):
+    """(record, augmentation seed) to (augmented image, label)."""
+    def parse(serialized, element_seed):
+        ex = parse_example(serialized)
+        image = decode(ex["image/encoded"], options.channels)
+        image = augment(image, element_seed, options.image_size, options.augment, options.crop_fraction)
+        return image, tf.cast(ex["image/class/label"], tf.int32)
+    return parse
 
-    Args:
-      files: every shard of the split, in a fixed order (the same on all ranks).
-      num_shards: number of input pipelines (the world size when training).
-      shard_index: this pipeline's index (the rank).
-      per_replica_batch_size: examples per batch on this rank.
-      image_size, channels: the model's input shape.
-      training: shuffle, augment, and pass over the shards again and again;
-        the caller bounds each epoch with steps_per_epoch, which is what keeps
-        every rank at the same step count. Otherwise one pass in file order,
-        centre-cropped.
-      seed: data-order and augmentation seed, shared by all ranks.
-      shuffle_buffer: serialized records per shuffled block.
-      drop_remainder: keep every batch at the full per-replica size.
-      skip_records, num_records, shard_counts: a training stream of
-        `num_records` records that starts after `skip_records` (a resumed run),
-        given the record count of every file in `files`. Without them the
-        stream goes on forever. With shard_counts, a file holding fewer
-        records than listed is an error.
-      augmentation: training-time crop and flip (None: none).
-      crop_fraction: the central fraction of the shorter side kept when not
-        cropping at random.
-      threads: size of this pipeline's private thread pool (0: TensorFlow's
-        shared pool); pass the rank's share of the host's cores.
-      deterministic: produce elements in order even when parallel reads or
-        decodes finish out of order (slower when one file or image is slow).
-      skip_corrupt: skip undecodable images and the rest of a shard after a
-        corrupt record, instead of failing.
-    """
-    aug = augmentation or Augment()
-    if training:
-        first, offset = 0, 0
-        if num_records:
-            if shard_counts is None or len(shard_counts) != len(files):
-                raise ValueError("a bounded training stream needs the record count of every file")
-            first, offset = stream_position(shard_counts, num_shards, shard_index, seed, skip_records)
-        ds = training_records(
-            files, num_shards, shard_index, seed=seed, shuffle_buffer=shuffle_buffer, first_pass=first,
-            offset=offset, count=num_records, shard_counts=shard_counts, deterministic=deterministic,
-            skip_corrupt=skip_corrupt,
-        )
 
-        def parse(serialized, element_seed):
-            ex = parse_example(serialized)
-            image = augment(decode(ex["image/encoded"], channels), element_seed, image_size, aug, crop_fraction)
-            return image, tf.cast(ex["image/class/label"], tf.int32)
-    else:
-        ds = shard_records(files, num_shards, shard_index, shard_counts=shard_counts, deterministic=deterministic,
-                           skip_corrupt=skip_corrupt)
+def _eval_parse(options: EvalOptions):
+    """Record to (centre-cropped image, label)."""
+    def parse(serialized):
+        ex = parse_example(serialized)
+        image = center_crop(decode(ex["image/encoded"], options.channels), options.image_size, options.crop_fraction)
+        return image, tf.cast(ex["image/class/label"], tf.int32)
+    return parse
 
-        def parse(serialized):
-            ex = parse_example(serialized)
-            image = center_crop(decode(ex["image/encoded"], channels), image_size, crop_fraction)
-            return image, tf.cast(ex["image/class/label"], tf.int32)
 
+def _decode_and_batch(ds: tf.data.Dataset, parse, options: StreamOptions, drop_remainder: bool) -> tf.data.Dataset:
+    """Records to (image, label) batches, on the pipeline's share of the cores."""
+    threads, deterministic = options.threads, options.deterministic
     # With a known share of the cores, decode on all of it and keep two batches
     # ready; autotuning would cost a quarter of the pipeline's CPU (measured)
     # to find much the same figures.
     ds = ds.map(parse, num_parallel_calls=threads or AUTOTUNE, deterministic=deterministic)
-    if skip_corrupt:
+    if options.skip_corrupt:
         ds = ds.ignore_errors(log_warning=True)
-    ds = ds.batch(per_replica_batch_size, drop_remainder=drop_remainder)
+    ds = ds.batch(options.per_replica_batch_size, drop_remainder=drop_remainder)
     ds = ds.prefetch(2 if threads else AUTOTUNE)
-    options = tf.data.Options()
-    options.deterministic = deterministic
+    tf_options = tf.data.Options()
+    tf_options.deterministic = deterministic
     if threads:
         # N ranks on one host each get their share of its cores, not all of them.
-        options.threading.private_threadpool_size = threads
-        options.threading.max_intra_op_parallelism = 1
-        options.autotune.enabled = False
-    return ds.with_options(options)
+        tf_options.threading.private_threadpool_size = threads
+        tf_options.threading.max_intra_op_parallelism = 1
+        tf_options.autotune.enabled = False
+    return ds.with_options(tf_options)
+
+
+def train_stream(files: list[str], options: TrainOptions) -> tf.data.Dataset:
+    """This pipeline's training (image, label) batches: shuffled, augmented, pass after pass.
+
+    `files` is every shard of the split, in a fixed order (the same on all
+    ranks). Every batch has the full per-replica size.
+    """
+    o = options
+    first, offset = 0, 0
+    if o.num_records:
+        if o.shard_counts is None or len(o.shard_counts) != len(files):
+            raise ValueError("a bounded training stream needs the record count of every file")
+        first, offset = stream_position(list(o.shard_counts), o.num_shards, o.shard_index, o.seed, o.skip_records)
+    ds = training_records(
+        files, o.num_shards, o.shard_index, seed=o.seed, shuffle_buffer=o.shuffle_buffer, first_pass=first,
+        offset=offset, count=o.num_records, shard_counts=None if o.shard_counts is None else list(o.shard_counts),
+        deterministic=o.deterministic, skip_corrupt=o.skip_corrupt,
+    )
+    return _decode_and_batch(ds, _train_parse(o), o, drop_remainder=True)
+
+
+def eval_stream(files: list[str], options: EvalOptions) -> tf.data.Dataset:
+    """This pipeline's disjoint part of `files`, one pass in file order, centre-cropped, with its last partial batch."""
+    o = options
+    ds = shard_records(files, o.num_shards, o.shard_index,
+                       shard_counts=None if o.shard_counts is None else list(o.shard_counts),
+                       deterministic=o.deterministic, skip_corrupt=o.skip_corrupt)
+    return _decode_and_batch(ds, _eval_parse(o), o, drop_remainder=False)
 
 
 _OP_NOISE = re.compile(r"^\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*$", re.S)

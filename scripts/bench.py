@@ -30,7 +30,6 @@ memory); `loader` and `input` use scripts/bench_input.py.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,8 +38,8 @@ import time
 
 import bench_conversion
 import bench_input
+from bench_common import RESULTS, ROOT, machine, merge_results, stats, timestamp
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 BATCH = 64
 EPOCHS = 3  # the first is warm-up; the other two are the steady-state measurement
@@ -81,28 +80,12 @@ def trainer_rate(np_: int, steps: int, *launch_options: str, sets: tuple[str, ..
             return json.load(f)["images_per_sec"]
 
 
-def stats(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "samples": [round(v, 3) for v in values]}
-
-
 def calibrate(epoch_seconds: float) -> int:
     """Steps per epoch such that one epoch of (a) takes about `epoch_seconds`."""
     probe = plain_rate(plain(1, 5))
     steps = max(5, round(epoch_seconds * probe / BATCH))
     print(f"calibration: plain Keras {probe:.1f} images/s -> {steps} steps per epoch", flush=True)
     return steps
-
-
-def merge_results(path: str, key: str, result: dict) -> None:
-    results = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            results = json.load(f)
-    results[key] = result
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
 
 
 def loader_bench(args, work: str) -> dict:
@@ -115,7 +98,7 @@ def loader_bench(args, work: str) -> dict:
           f"{statistics.median(r['images_per_sec'] for r in runs):.1f} images/s wall with 1 tf.data thread", flush=True)
     return {"loader_images_per_sec_per_core": per_core, "runs": runs, "images": args.loader_images,
             "image_size": "500x375 JPEG -> 224x224", "preprocessing": "random resized crop (0.08-1) + flip",
-            "published_range": "40-120", "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "published_range": "40-120", "machine": machine(), "date": timestamp()}
 
 
 def input_bench(args, work: str) -> dict:
@@ -137,7 +120,7 @@ def input_bench(args, work: str) -> dict:
     return {"input_efficiency": ratio, "images_per_sec": {"g_trainer_np1_real_shards": stats(real),
             "h_trainer_np1_synthetic": stats(synthetic)}, "model": "resnet20", "per_replica_batch_size": BATCH,
             "steps_per_epoch": steps, "target": 0.95, "augment": "random resized crop (0.35-1) + flip",
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "machine": machine(), "date": timestamp()}
 
 
 def trainer_bench(args) -> None:
@@ -171,8 +154,8 @@ def trainer_bench(args) -> None:
         "images_per_sec": {k: stats(v) for k, v in runs.items()},
         **ratios,
         "targets": targets,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": machine(),
+        "date": timestamp(),
         "bench_seconds": round(time.time() - started, 1),
     }
     merge_results(args.out, "trainer_throughput", result)
@@ -195,7 +178,7 @@ def main() -> int:
     p.add_argument("--conversion-images", type=int, default=1000, help="images in the conversion's 1x set")
     p.add_argument("--loader-images", type=int, default=1000, help="JPEGs generated for the loader benchmark")
     p.add_argument("--loader-seconds", type=float, default=20.0, help="length of one loader measurement")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results.json"))
+    p.add_argument("--out", default=RESULTS)
     args = p.parse_args()
     parts = set(args.only.split(","))
     if not parts or parts - {"conversion", "trainer", "loader", "input"}:

@@ -15,7 +15,6 @@ after the training benchmark).
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -23,9 +22,9 @@ import time
 
 import numpy as np
 import psutil
+from bench_common import RESULTS, ROOT, machine, merge_results, timestamp
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = 10
 
 
@@ -118,8 +117,8 @@ def run(images: int) -> dict:
         "runs": runs,
         "peak_rss_ratio_x4_vs_x1": round(runs["x4_parallel"]["peak_rss_mb"] / runs["x1_parallel"]["peak_rss_mb"], 3),
         "parallel_speedup": round(runs["x1_parallel"]["images_per_sec"] / runs["x1_one_worker"]["images_per_sec"], 3),
-        "machine": {"cpus": cores, "platform": platform.platform(), "python": platform.python_version()},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": machine(),
+        "date": timestamp(),
     }
     print(f"peak RSS 4x / 1x: {result['peak_rss_ratio_x4_vs_x1']}, "
           f"{cores} workers / 1 worker: {result['parallel_speedup']}x")
@@ -127,11 +126,9 @@ def run(images: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from bench import merge_results  # scripts/ is on sys.path: this script's folder
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=1000, help="images in the 1x set (the 4x set has 4 times more)")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results.json"))
+    p.add_argument("--out", default=RESULTS)
     args = p.parse_args(argv)
     merge_results(args.out, "conversion", run(args.images))
     print(f"written to {args.out}")

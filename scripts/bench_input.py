@@ -1,6 +1,6 @@
 """Input pipeline benchmarks, run by scripts/bench.py (`make bench`, or `--only loader,input`).
 
-loader: the reader alone (data_pipeline.reader.make_dataset) on ImageNet-like
+loader: the reader alone (data_pipeline.reader.train_stream) on ImageNet-like
   JPEGs (about 500x375) with the 224x224 training preprocessing (random resized
   crop, flip), in a process of its own with a tf.data pool of `threads`
   threads. `loader_images_per_sec_per_core` = images / CPU seconds the process
@@ -21,9 +21,9 @@ import sys
 import time
 
 import numpy as np
+from bench_common import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # the loader subprocess imports data_pipeline from this checkout
 
 
 def write_images(out: str, count: int, width: int, height: int, classes: int = 10, seed: int = 0) -> None:
@@ -55,17 +55,19 @@ def build_shards(images: str, out: str, num_shards: int) -> None:
 
 def measure_loader(shards: str, threads: int, seconds: float, batch: int = 64) -> dict:
     """Images/s and images per CPU second of the training reader, after a warm-up."""
+    from data_pipeline.augment import Augment
     from data_pipeline.metadata import load_metadata, shard_files
-    from data_pipeline.preprocess import Augment
-    from data_pipeline.reader import make_dataset
+    from data_pipeline.reader import train_stream
+    from data_pipeline.stream_options import TrainOptions
 
     meta = load_metadata(shards)
     counts = [s["num_examples"] for s in meta["splits"]["train"]["shards"]]
-    ds = make_dataset(
-        shard_files(shards, meta, "train"), 1, 0, batch, 224, 3, training=True, seed=0, shuffle_buffer=1024,
-        augmentation=Augment(random_resized_crop=True, crop_area_min=0.08, flip=True), threads=threads,
+    options = TrainOptions(
+        per_replica_batch_size=batch, image_size=224, channels=3, seed=0, shuffle_buffer=1024,
+        augment=Augment(random_resized_crop=True, crop_area_min=0.08, flip=True), threads=threads,
         deterministic=False, num_records=10**9, shard_counts=counts,
     )
+    ds = train_stream(shard_files(shards, meta, "train"), options)
     it = iter(ds)
     for _ in range(5):  # warm-up: graph building, buffers
         next(it)

@@ -9,8 +9,9 @@ import tensorflow as tf
 from data_pipeline.build_shards import build
 from data_pipeline.images import ImageOptions
 from data_pipeline.metadata import DataError, load_metadata, shard_files
-from data_pipeline.reader import make_dataset, shard_records
+from data_pipeline.reader import eval_stream, shard_records, train_stream
 from data_pipeline.records import parse_example
+from data_pipeline.stream_options import EvalOptions, TrainOptions
 from helpers import run
 
 COUNTS = {"cat": 7, "dog": 5, "eel": 9}
@@ -110,7 +111,8 @@ def test_training_stream_batches(images, tmp_path):
     meta = build(str(images), str(tmp_path / "out"), num_shards=4, val_fraction=0.2)
     files = shard_files(str(tmp_path / "out"), meta, "train")
     for rank in range(2):
-        ds = make_dataset(files, 2, rank, per_replica_batch_size=4, image_size=8, channels=3, training=True, seed=5)
+        ds = train_stream(files, TrainOptions(num_shards=2, shard_index=rank, per_replica_batch_size=4, image_size=8,
+                                              channels=3, seed=5))
         # Repeats forever: any number of steps is available on every rank,
         # whatever its shards hold.
         batches = list(ds.take(12))
@@ -124,8 +126,7 @@ def test_training_stream_batches(images, tmp_path):
 def test_evaluation_stream_keeps_every_example_once(images, tmp_path):
     meta = build(str(images), str(tmp_path / "out"), num_shards=2, val_fraction=0.4)
     files = shard_files(str(tmp_path / "out"), meta, "validation")
-    ds = make_dataset(files, 1, 0, per_replica_batch_size=4, image_size=6, channels=3, training=False,
-                      drop_remainder=False)
+    ds = eval_stream(files, EvalOptions(per_replica_batch_size=4, image_size=6, channels=3))
     labels = np.concatenate([y.numpy() for _, y in ds])
     expected = meta["splits"]["validation"]["per_class"]
     assert np.bincount(labels, minlength=3).tolist() == [expected[c] for c in meta["class_names"]]
@@ -141,5 +142,5 @@ def test_pixels_survive_the_round_trip(tmp_path):
     meta = build(str(tmp_path / "img"), str(tmp_path / "out"), num_shards=1, val_fraction=0.0, image_options=opts)
     assert meta["image_shape"] == [4, 4, 1]
     files = shard_files(str(tmp_path / "out"), meta, "train")
-    x, _ = next(iter(make_dataset(files, 1, 0, 2, 4, 1, training=False)))
+    x, _ = next(iter(eval_stream(files, EvalOptions(per_replica_batch_size=2, image_size=4, channels=1))))
     np.testing.assert_allclose(x.numpy()[0], pixels / 255.0, atol=1e-6)

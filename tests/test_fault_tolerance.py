@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_pipeline.reader import records_per_pass, shard_records, stream_position, training_records
+from data_pipeline.positions import records_per_pass, stream_position
+from data_pipeline.reader import shard_records, training_records
 from helpers import ROOT
 from trainer.callbacks import EpochCheckpoint
 from trainer.checkpoint import CheckpointError, CheckpointManager

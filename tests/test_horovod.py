@@ -105,14 +105,15 @@ def test_exported_model_serves_the_evaluated_accuracy(trained, digits_shards):
     import tensorflow as tf
 
     from data_pipeline.metadata import load_metadata, shard_files
-    from data_pipeline.reader import make_dataset
+    from data_pipeline.reader import eval_stream
+    from data_pipeline.stream_options import EvalOptions
 
     run_dir, _ = trained
     summary = json.loads((run_dir / "summary.json").read_text())
     served = tf.saved_model.load(str(run_dir / "export"))
     meta = load_metadata(str(digits_shards))
-    ds = make_dataset(shard_files(str(digits_shards), meta, "validation"), 1, 0, 50, 8, 1, training=False,
-                      drop_remainder=False)
+    ds = eval_stream(shard_files(str(digits_shards), meta, "validation"),
+                     EvalOptions(per_replica_batch_size=50, image_size=8, channels=1))
     correct = total = 0
     for x, y in ds:
         pred = np.argmax(served.serve(x).numpy(), axis=1)

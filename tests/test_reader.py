@@ -9,16 +9,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from data_pipeline.augment import Augment
 from data_pipeline.metadata import DataError, corrupt_shards, load_metadata
-from data_pipeline.preprocess import Augment, augment, center_crop
-from data_pipeline.reader import (
-    corrupt_shard_error,
-    make_dataset,
-    pass_files,
-    records_per_pass,
-    training_records,
-)
+from data_pipeline.positions import pass_files, records_per_pass
+from data_pipeline.preprocess import augment, center_crop
+from data_pipeline.reader import corrupt_shard_error, eval_stream, train_stream, training_records
 from data_pipeline.records import encode_example, parse_example
+from data_pipeline.stream_options import EvalOptions, TrainOptions
 from helpers import run
 
 
@@ -64,8 +61,9 @@ def test_uneven_shards_give_every_rank_exactly_its_steps(tmp_path, caplog):
     for ranks in (2, 6):  # file-level, then element-level sharding
         per_replica = global_batch // 2 if ranks == 2 else 1
         for rank in range(ranks):
-            ds = make_dataset(files, ranks, rank, per_replica, 4, 3, training=True, seed=1, shuffle_buffer=16,
-                              num_records=steps * per_replica, shard_counts=counts, threads=1)
+            ds = train_stream(files, TrainOptions(
+                num_shards=ranks, shard_index=rank, per_replica_batch_size=per_replica, image_size=4, channels=3,
+                seed=1, shuffle_buffer=16, num_records=steps * per_replica, shard_counts=counts, threads=1))
             shapes = [x.shape for x, _ in ds]
             assert len(shapes) == steps and set(shapes) == {(per_replica, 4, 4, 3)}
     assert "4 shard files for 6 input pipelines: sharding by element, so every pipeline reads all files" in caplog.text
@@ -77,8 +75,10 @@ def test_augmented_stream_resumes_exactly(tmp_path):
     aug = Augment(random_resized_crop=True, crop_area_min=0.2, flip=True)
 
     def batches(skip_steps):
-        ds = make_dataset(files, 2, 1, 3, 5, 3, training=True, seed=4, shuffle_buffer=4, augmentation=aug,
-                          skip_records=skip_steps * 3, num_records=(10 - skip_steps) * 3, shard_counts=counts)
+        ds = train_stream(files, TrainOptions(
+            num_shards=2, shard_index=1, per_replica_batch_size=3, image_size=5, channels=3, seed=4,
+            shuffle_buffer=4, augment=aug, skip_records=skip_steps * 3, num_records=(10 - skip_steps) * 3,
+            shard_counts=counts))
         return [x.numpy() for x, _ in ds]
 
     full = batches(0)
@@ -87,8 +87,8 @@ def test_augmented_stream_resumes_exactly(tmp_path):
         resumed = batches(skip)
         assert all(np.array_equal(a, b) for a, b in zip(resumed, full[skip:])), skip
     # The crops differ from the plain centre crop.
-    plain = make_dataset(files, 2, 1, 3, 5, 3, training=True, seed=4, shuffle_buffer=4,
-                         num_records=30, shard_counts=counts)
+    plain = train_stream(files, TrainOptions(num_shards=2, shard_index=1, per_replica_batch_size=3, image_size=5,
+                                             channels=3, seed=4, shuffle_buffer=4, num_records=30, shard_counts=counts))
     assert any(not np.array_equal(a, b.numpy()) for a, (b, _) in zip(full, plain))
 
 
@@ -117,9 +117,33 @@ def test_evaluation_takes_the_centre_crop():
 
 def test_thread_pool_is_per_pipeline(tmp_path):
     files = write_shards(tmp_path, [3, 3])
-    ds = make_dataset(files, 2, 0, 2, 4, 3, training=False, threads=1)
+    ds = eval_stream(files, EvalOptions(num_shards=2, shard_index=0, per_replica_batch_size=2, image_size=4,
+                                        channels=3, threads=1))
     assert ds.options().threading.private_threadpool_size == 1
     assert ds.options().threading.max_intra_op_parallelism == 1
+
+
+def test_stream_options_are_frozen_and_checked():
+    from dataclasses import FrozenInstanceError
+
+    from trainer.config import load_config
+
+    cfg = load_config(None, ["data.augment.flip=true"])
+    options = TrainOptions(per_replica_batch_size=2, image_size=4, channels=3, shard_counts=[3, 4],
+                           augment=cfg.data.augment)
+    cfg.data.augment.flip = False  # the config stays mutable; a built stream's options do not follow it
+    assert options.augment == Augment(flip=True) and options.shard_counts == (3, 4)
+    with pytest.raises(FrozenInstanceError):
+        options.seed = 1
+    with pytest.raises(ValueError, match=r"shard_index 2 is not in \[0, 2\)"):
+        EvalOptions(per_replica_batch_size=2, image_size=4, channels=3, num_shards=2, shard_index=2)
+
+
+def test_config_reads_without_tensorflow():
+    # The launcher checks a config before any worker starts: the shared Augment must not pull TensorFlow in.
+    code = "import sys, trainer.config; print(sorted(m for m in sys.modules if m.startswith('tensorflow')))"
+    res = run([sys.executable, "-c", code], timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr[-2000:]
 
 
 def truncate(path, keep=0.5):
@@ -137,10 +161,12 @@ def test_corrupt_shard_is_found_named_or_skipped(tmp_path):
     assert str(err).startswith(f"shard {files[1]!r} is corrupt (")
     # Cut at a record boundary, the file reads as a shorter valid one: the listed count catches it.
     with pytest.raises((tf.errors.DataLossError, tf.errors.FailedPreconditionError)):
-        for _ in make_dataset(files, 1, 0, 4, 4, 3, training=False, shard_counts=counts):
+        for _ in eval_stream(files, EvalOptions(per_replica_batch_size=4, image_size=4, channels=3,
+                                                shard_counts=counts)):
             pass
     # Skipped: the training stream still holds every record it was asked for.
-    ds = make_dataset(files, 1, 0, 4, 4, 3, training=True, num_records=60, shard_counts=counts, skip_corrupt=True)
+    ds = train_stream(files, TrainOptions(per_replica_batch_size=4, image_size=4, channels=3, num_records=60,
+                                          shard_counts=counts, skip_corrupt=True))
     assert sum(1 for _ in ds) == 15
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from data_pipeline.augment import Augment as AugmentConfig  # one definition, shared with the reader
+
 MODEL_NAMES = ("simple_cnn", "resnet20", "resnet50")
 OPTIMIZERS = ("adam", "sgd")
 LR_DECAYS = ("cosine", "constant")
@@ -27,26 +29,6 @@ BEST_MODES = ("auto", "max", "min")
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; str(e) is a one-line message."""
-
-
-@dataclass
-class AugmentConfig:
-    """Training-time augmentation, seeded per record (exact on resume).
-
-    Off by default: right for small or symmetric-sensitive images such as the
-    8x8 digits (a mirrored digit is another glyph, and a crop loses strokes).
-    For natural photos (ImageNet-like) turn both on.
-
-    Attributes:
-      random_resized_crop: train on a random box of crop_area_min..1 of the
-        image area, aspect ratio 3/4..4/3, resized to model.image_size.
-      crop_area_min: smallest crop, as a fraction of the image area.
-      flip: mirror left-right with probability 1/2.
-    """
-
-    random_resized_crop: bool = False
-    crop_area_min: float = 0.08
-    flip: bool = False
 
 
 @dataclass

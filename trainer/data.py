@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from data_pipeline import metadata as md
-from data_pipeline.preprocess import Augment
-from data_pipeline.reader import make_dataset, pass_files, stream_position, synthetic_dataset
+from data_pipeline.positions import files_at
+from data_pipeline.reader import eval_stream, synthetic_dataset, train_stream
+from data_pipeline.stream_options import EvalOptions, TrainOptions
 from trainer.config import ConfigError, ExperimentConfig
 from trainer.distributed import DistContext
 from trainer.evaluation import Evaluator
@@ -82,17 +83,17 @@ def train_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_r
     if cfg.data.synthetic:
         return synthetic_dataset(per_replica, size, channels, spec.num_classes, ctx.rank)
     d = cfg.data
-    first_pass, _ = stream_position(list(spec.train_shard_counts), ctx.size, ctx.rank, d.seed, start_step * per_replica)
-    mine = pass_files(spec.train_files, ctx.size, ctx.rank, d.seed, first_pass)
-    log.info("train shards read by this rank: %s", ",".join(os.path.basename(f) for f in mine or spec.train_files))
-    return make_dataset(
-        spec.train_files, ctx.size, ctx.rank, per_replica, size, channels, training=True, seed=d.seed,
-        shuffle_buffer=d.shuffle_buffer, skip_records=start_step * per_replica,
-        num_records=(cfg.train.epochs * spec.steps_per_epoch - start_step) * per_replica,
-        shard_counts=list(spec.train_shard_counts), augmentation=Augment(**vars(d.augment)),
-        crop_fraction=d.crop_fraction, deterministic=cfg.runtime.deterministic, skip_corrupt=d.skip_corrupt_records,
-        threads=ctx.input_threads,
+    counts, skip = list(spec.train_shard_counts), start_step * per_replica
+    mine = files_at(spec.train_files, counts, ctx.size, ctx.rank, d.seed, skip)
+    log.info("train shards read by this rank: %s", ",".join(os.path.basename(f) for f in mine))
+    options = TrainOptions(
+        per_replica_batch_size=per_replica, image_size=size, channels=channels,
+        num_shards=ctx.size, shard_index=ctx.rank, shard_counts=counts, crop_fraction=d.crop_fraction,
+        threads=ctx.input_threads, deterministic=cfg.runtime.deterministic, skip_corrupt=d.skip_corrupt_records,
+        seed=d.seed, shuffle_buffer=d.shuffle_buffer, skip_records=skip,
+        num_records=(cfg.train.epochs * spec.steps_per_epoch - start_step) * per_replica, augment=d.augment,
     )
+    return train_stream(spec.train_files, options)
 
 
 def eval_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, batch_size: int) -> tf.data.Dataset:
@@ -104,10 +105,12 @@ def eval_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, batch_
     if not files:
         log.warning("no validation shards in %s: evaluating on the training shards", cfg.data.dir)
         files = spec.train_files
-    d = cfg.data
-    return make_dataset(files, ctx.size, ctx.rank, batch_size, size, channels, training=False, drop_remainder=False,
-                        crop_fraction=d.crop_fraction, skip_corrupt=d.skip_corrupt_records,
-                        threads=ctx.input_threads)
+    options = EvalOptions(
+        per_replica_batch_size=batch_size, image_size=size, channels=channels, num_shards=ctx.size,
+        shard_index=ctx.rank, crop_fraction=cfg.data.crop_fraction, threads=ctx.input_threads,
+        skip_corrupt=cfg.data.skip_corrupt_records,
+    )
+    return eval_stream(files, options)
 
 
 def make_evaluator(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, batch_size: int) -> Evaluator:

@@ -1,0 +1,42 @@
+"""What the benchmark scripts share: the results file, the statistics of repeated runs, the machine record.
+
+bench.py, bench_conversion.py and bench_input.py import this module and never
+each other's helpers, so the benchmarks form no import circle.
+"""
+
+import json
+import os
+import platform
+import statistics
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results.json")
+
+
+def stats(values: list[float]) -> dict:
+    """Median, min and max of repeated measurements (the machine is noisy: one figure would mislead)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "samples": [round(v, 3) for v in values]}
+
+
+def merge_results(path: str, key: str, result: dict) -> None:
+    """Sets `key` in the JSON results file, keeping the entries of the other benchmarks."""
+    results = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    results[key] = result
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+
+
+def machine() -> dict:
+    """The machine a figure was measured on: figures from different machines do not compare."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+
+
+def timestamp() -> str:
+    """The local date and time of a measurement, as stored in results.json."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
