@@ -14,8 +14,9 @@ time, partition ...) are defined by that command, not here.
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 ELASTIC = "elastic (Gloo): workers may leave and join while training goes on"
 

@@ -26,7 +26,8 @@ import sys
 
 from launch.command import LaunchError, tensorboard_command
 from launch.options import add_config_options, add_options, to_argv
-from launch.slurm import SlurmOptions, build_script, tasks_per_node, validate as validate_slurm
+from launch.slurm import SlurmOptions, build_script, tasks_per_node
+from launch.slurm import validate as validate_slurm
 from trainer.config import ConfigError, check_environment, load_config, validate, validate_world
 
 DESCRIPTION = "Write an sbatch script that runs `python -m launch run` in the allocation, and submit it."

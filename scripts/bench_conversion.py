@@ -22,8 +22,9 @@ import time
 
 import numpy as np
 import psutil
-from bench_common import RESULTS, ROOT, machine, merge_results, timestamp
 from PIL import Image
+
+from bench_common import RESULTS, ROOT, machine, merge_results, timestamp
 
 CLASSES = 10
 

@@ -21,6 +21,7 @@ import sys
 import time
 
 import numpy as np
+
 from bench_common import ROOT
 
 sys.path.insert(0, ROOT)  # the loader subprocess imports data_pipeline from this checkout
