@@ -23,6 +23,7 @@ import signal
 import sys
 
 from data_pipeline.cluster import Group, local_size, make_group
+from data_pipeline.collective import on_root
 from data_pipeline.images import ENCODINGS, ImageOptions
 from data_pipeline.metadata import METADATA_FILE, DataError
 from data_pipeline.shard_output import collect_metadata, publish
@@ -52,20 +53,18 @@ def _check(num_shards, val_fraction, num_val_shards, shard_size_mb, workers, opt
             raise DataError(message)
 
 
-def _collective(group: Group, fn, *args):
-    """Runs fn on rank 0 and gives every rank its result, or the same DataError."""
-    result = None
-    if group.is_main:
-        try:
-            result = ("ok", fn(*args))
-        except DataError as e:
-            result = ("error", str(e))
-        except OSError as e:  # an unreadable folder or a full disk: one line, and no rank left waiting
-            result = ("error", f"{e.strerror or type(e).__name__}: {e.filename!r}" if e.filename else str(e))
-    status, value = group.bcast(result)
-    if status == "error":
-        raise DataError(value)
-    return value
+def _os_error_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.strerror or type(e).__name__}: {e.filename!r}"
+    return str(e)
+
+
+def _collective(group: Group, fn):
+    """Runs fn on rank 0 and gives every rank its result, or the same DataError.
+
+    An unreadable folder or a full disk (OSError) becomes one line too, and no rank is left waiting.
+    """
+    return on_root(group.is_main, group.bcast, fn, DataError, catch=(OSError,), describe=_os_error_line)
 
 
 def _write_my_shards(tasks: list[ShardTask], work_dir: str, opts: ImageOptions, strict: bool, workers: int,

@@ -2,9 +2,9 @@
 
 import json
 import os
-import shutil
 from dataclasses import asdict
 
+from data_pipeline import atomic
 from data_pipeline.images import ImageOptions
 from data_pipeline.metadata import FORMAT_VERSION, METADATA_FILE
 from data_pipeline.shard_plan import PLAN_FILE
@@ -51,17 +51,6 @@ def publish(tasks: list[ShardTask], meta: dict, work_dir: str, out_dir: str) -> 
     for t in tasks:
         os.remove(os.path.join(work_dir, t.name + DONE_SUFFIX))
     os.remove(os.path.join(work_dir, PLAN_FILE))
-    with open(os.path.join(work_dir, METADATA_FILE), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-    replace_dir(work_dir, out_dir)
+    atomic.write_json(os.path.join(work_dir, METADATA_FILE), meta)
+    atomic.replace_dir(work_dir, out_dir)
 
-
-def replace_dir(new: str, target: str) -> None:
-    """Moves `new` to `target`; an old `target` is removed only once `new` is in place."""
-    old = None
-    if os.path.exists(target):
-        old = f"{target}.old-{os.getpid()}"
-        os.rename(target, old)
-    os.rename(new, target)
-    if old:
-        shutil.rmtree(old)
