@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from data_pipeline import atomic
 from data_pipeline.images import BrokenImage, ImageOptions, normalise
 from data_pipeline.metadata import FORMAT_VERSION, DataError, sha256_file, shard_name
 from data_pipeline.record_writer import TFRecordFile, encode_example
@@ -104,9 +105,7 @@ def write_shard(task: ShardTask, work_dir: str, opts: ImageOptions, strict: bool
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    with open(shard + DONE_SUFFIX + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(done, f)
-    os.replace(shard + DONE_SUFFIX + ".tmp", shard + DONE_SUFFIX)
+    atomic.write_text(shard + DONE_SUFFIX, json.dumps(done))
     return done
 
 
