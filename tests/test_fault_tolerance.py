@@ -16,7 +16,7 @@ from conftest import ROOT
 from data_pipeline.reader import records_per_pass, shard_records, stream_position, training_records
 from trainer.callbacks import EpochCheckpoint
 from trainer.checkpoint import CheckpointError, CheckpointManager
-from trainer.runner import fit_phases
+from trainer.resume import fit_phases
 
 SIGNATURE = {"name": "tiny", "input_shape": [4], "num_classes": 3}
 
