@@ -77,7 +77,8 @@ def validate(cfg) -> None:
     if d.synthetic:
         for key in ("image_size", "channels", "num_classes"):
             _check(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be set (> 0) with data.synthetic")
-        _check(t.steps_per_epoch > 0, "train.steps_per_epoch", t.steps_per_epoch, "must be set (> 0) with data.synthetic")
+        _check(t.steps_per_epoch > 0, "train.steps_per_epoch", t.steps_per_epoch,
+               "must be set (> 0) with data.synthetic")
         return
     _check(bool(d.dir), "data.dir", d.dir, "must be set (or data.synthetic: true)")
 
@@ -97,7 +98,8 @@ def check_environment(cfg) -> None:
         "has no metadata.json (build it with python -m data_pipeline.build_shards)",
     )
     _check(
-        bool(glob.glob(os.path.join(d.dir, "train-*-of-*.tfrecord"))), "data.dir", d.dir, "has no train-*.tfrecord shards"
+        bool(glob.glob(os.path.join(d.dir, "train-*-of-*.tfrecord"))), "data.dir", d.dir,
+        "has no train-*.tfrecord shards",
     )
 
 
