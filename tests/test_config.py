@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,14 @@ def test_best_mode_auto_minimises_losses_and_maximises_the_rest():
     assert best_mode(synthetic_cfg().train) == "max"  # val_accuracy, the default
     assert best_mode(synthetic_cfg("train.best_metric=val_loss").train) == "min"
     assert best_mode(synthetic_cfg("train.best_metric=val_loss", "train.best_mode=max").train) == "max"
+
+
+def test_config_imports_without_tensorflow():
+    # The launcher checks a config before it starts any worker: trainer.config
+    # (and all it imports) must not pull in TensorFlow, Keras or Horovod.
+    code = ("import sys, trainer.config; "
+            "print(sorted(m for m in ('tensorflow', 'keras', 'horovod') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

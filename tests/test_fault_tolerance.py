@@ -17,7 +17,7 @@ from data_pipeline.reader import shard_records, training_records
 from helpers import ROOT
 from trainer.callbacks import EpochCheckpoint
 from trainer.checkpoint import CheckpointError, CheckpointManager
-from trainer.runner import fit_phases
+from trainer.resume import fit_phases
 
 SIGNATURE = {"name": "tiny", "input_shape": [4], "num_classes": 3}
 

@@ -5,8 +5,10 @@ from trainer.config import MODEL_NAMES
 from trainer.models import BUILDERS, build_model
 
 
-def test_registry_matches_config_choices():
-    assert set(BUILDERS) == set(MODEL_NAMES)
+def test_every_config_choice_has_its_builder():
+    # One list of names (trainer.model_names): the config accepts exactly the models that can be built.
+    assert tuple(BUILDERS) == MODEL_NAMES
+    assert all(BUILDERS[name].__name__ == name for name in MODEL_NAMES)
 
 
 def test_simple_cnn_on_digits_shape():

@@ -6,29 +6,22 @@
     validate_world(cfg, world_size)    # checks that depend on the number of ranks
 
 Every problem raises ConfigError with one line that names the key and the
-value. This module imports neither TensorFlow nor Horovod, so the launcher can
-check a config before it starts any worker.
+value. The checks live in trainer.config_checks and the YAML reading in
+trainer.config_yaml; both are re-exported here, the import to use. None of
+these modules imports TensorFlow or Horovod, so the launcher can check a
+config before it starts any worker (a test keeps it so).
 """
 
-import dataclasses
-import glob
-import os
 import typing
 from dataclasses import dataclass, field
 
-import yaml
-
-from data_pipeline.augment import Augment as AugmentConfig  # one definition, shared with the reader
-
-MODEL_NAMES = ("simple_cnn", "resnet20", "resnet50")
-OPTIMIZERS = ("adam", "sgd")
-LR_DECAYS = ("cosine", "constant")
-BEST_METRICS = ("val_accuracy", "val_loss", "val_top5_accuracy")
-BEST_MODES = ("auto", "max", "min")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot be used; str(e) is a one-line message."""
+from data_pipeline.augment import Augment  # one definition, shared with the reader
+from trainer.config_checks import (  # noqa: F401  (re-exported: callers import them from here)
+    BEST_METRICS, BEST_MODES, LR_DECAYS, OPTIMIZERS, ConfigError, best_mode, check_environment, profile_range,
+    validate, validate_world,
+)
+from trainer.config_yaml import dump_yaml, load_into, parse_override, to_dict  # noqa: F401  (re-exported)
+from trainer.model_names import MODEL_NAMES  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -46,7 +39,7 @@ class DataConfig:
         train.steps_per_epoch.
       shuffle_buffer: serialized records held by each rank's shuffle buffer.
       seed: data-order and augmentation seed; all ranks share it.
-      augment: training-time augmentation (see AugmentConfig).
+      augment: training-time augmentation (see data_pipeline/augment.py).
       crop_fraction: evaluation (and unaugmented training) keeps the central
         square of this fraction of the shorter side, resized to
         model.image_size (0.875 is the usual ImageNet figure; 1 only resizes
@@ -63,7 +56,7 @@ class DataConfig:
     synthetic: bool = False
     shuffle_buffer: int = 2048
     seed: int = 0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: Augment = field(default_factory=Augment)
     crop_fraction: float = 1.0
     verify_checksums: bool = True
     skip_corrupt_records: bool = False
@@ -212,178 +205,6 @@ class ExperimentConfig:
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
 
 
-def _coerce(key: str, raw, typ):
-    """Checks (and, for str fields, converts) one value against a field type."""
-    if typ is bool:
-        if isinstance(raw, bool):
-            return raw
-    elif typ is int:
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            return raw
-    elif typ is float:
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
-    elif typ is str:
-        if raw is None:
-            return ""
-        if not isinstance(raw, (dict, list)):
-            return str(raw)
-    raise ConfigError(f"{key}={raw!r}: expected {typ.__name__}")
-
-
-def _apply(obj, key: str, value) -> None:
-    """Sets dotted `key` on a nested dataclass, checking the key and the type."""
-    *parents, leaf = key.split(".")
-    target = obj
-    for i, part in enumerate(parents):
-        sub = getattr(target, part, None) if part in {f.name for f in dataclasses.fields(target)} else None
-        if not dataclasses.is_dataclass(sub):
-            raise ConfigError(f"unknown config key {'.'.join(parents[: i + 1])!r}")
-        target = sub
-    hints = typing.get_type_hints(type(target))
-    if leaf not in {f.name for f in dataclasses.fields(target)}:
-        raise ConfigError(f"unknown config key {key!r}")
-    typ = hints[leaf]
-    if dataclasses.is_dataclass(typ):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r}: expected a mapping")
-        for k, v in value.items():
-            _apply(obj, f"{key}.{k}", v)
-        return
-    setattr(target, leaf, _coerce(key, value, typ))
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    """`a.b=value` to (key, value); the value is read as a YAML scalar."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {text!r} is not key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
 def load_config(path: str | None, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
     """Reads a YAML experiment file (or the defaults, for None) and applies overrides."""
-    cfg = ExperimentConfig()
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except OSError as e:
-            raise ConfigError(f"config file {path!r}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file {path!r}{where}: not valid YAML") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path!r}: expected a mapping at the top level")
-        for key, value in data.items():
-            _apply(cfg, str(key), value)
-    for text in overrides:
-        _apply(cfg, *parse_override(text))
-    return cfg
-
-
-def to_dict(cfg: ExperimentConfig) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def dump_yaml(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def _check(ok: bool, key: str, value, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r}: {why}")
-
-
-def profile_range(text: str) -> tuple[int, int] | None:
-    """`tensorboard.profile_steps` as (first, last) global steps, or None when empty."""
-    if not text.strip():
-        return None
-    parts = text.split(",")
-    try:
-        first, last = (int(x) for x in parts)
-    except ValueError:
-        first = last = 0
-    _check(1 <= first <= last, "tensorboard.profile_steps", text, "must be 'first,last' steps with 1 <= first <= last")
-    return first, last
-
-
-def validate(cfg: ExperimentConfig) -> None:
-    """Static checks of the values alone: no file system, no world size."""
-    _check(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must be set")
-    d, m, t, r = cfg.data, cfg.model, cfg.train, cfg.runtime
-    _check(d.global_batch_size > 0, "data.global_batch_size", d.global_batch_size, "must be > 0")
-    _check(d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer, "must be > 0")
-    _check(0 < d.augment.crop_area_min <= 1, "data.augment.crop_area_min", d.augment.crop_area_min, "must be in (0, 1]")
-    _check(0 < d.crop_fraction <= 1, "data.crop_fraction", d.crop_fraction, "must be in (0, 1]")
-    _check(m.name in MODEL_NAMES, "model.name", m.name, f"must be one of {', '.join(MODEL_NAMES)}")
-    for key in ("image_size", "channels", "num_classes"):
-        _check(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0")
-    _check(m.channels in (0, 1, 3), "model.channels", m.channels, "must be 1, 3 or 0 (from the data)")
-    _check(t.epochs > 0, "train.epochs", t.epochs, "must be > 0")
-    _check(t.base_learning_rate > 0, "train.base_learning_rate", t.base_learning_rate, "must be > 0")
-    _check(t.reference_batch_size > 0, "train.reference_batch_size", t.reference_batch_size, "must be > 0")
-    _check(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "must be >= 0")
-    _check(t.lr_decay in LR_DECAYS, "train.lr_decay", t.lr_decay, f"must be one of {', '.join(LR_DECAYS)}")
-    _check(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
-    _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
-    _check(t.steps_per_epoch >= 0, "train.steps_per_epoch", t.steps_per_epoch, "must be >= 0")
-    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
-    _check(t.validate_every_epochs >= 0, "train.validate_every_epochs", t.validate_every_epochs, "must be >= 0")
-    _check(t.best_metric in ("", *BEST_METRICS), "train.best_metric", t.best_metric,
-           f"must be one of {', '.join(BEST_METRICS)} or empty")
-    _check(t.best_mode in BEST_MODES, "train.best_mode", t.best_mode, f"must be one of {', '.join(BEST_MODES)}")
-    _check(t.elastic_commit_steps >= 0, "train.elastic_commit_steps", t.elastic_commit_steps, "must be >= 0")
-    _check(r.intra_op_threads >= 0, "runtime.intra_op_threads", r.intra_op_threads, "must be >= 0")
-    _check(r.inter_op_threads >= 0, "runtime.inter_op_threads", r.inter_op_threads, "must be >= 0")
-    tb = cfg.tensorboard
-    _check(tb.step_frequency >= 0, "tensorboard.step_frequency", tb.step_frequency, "must be >= 0")
-    _check(tb.sample_images >= 0, "tensorboard.sample_images", tb.sample_images, "must be >= 0")
-    profile_range(tb.profile_steps)
-    if d.synthetic:
-        for key in ("image_size", "channels", "num_classes"):
-            _check(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be set (> 0) with data.synthetic")
-        _check(t.steps_per_epoch > 0, "train.steps_per_epoch", t.steps_per_epoch, "must be set (> 0) with data.synthetic")
-        return
-    _check(bool(d.dir), "data.dir", d.dir, "must be set (or data.synthetic: true)")
-
-
-def check_environment(cfg: ExperimentConfig) -> None:
-    """Checks against this machine's file system: the shard folder and its files.
-
-    Separate from validate() so that a job can be checked and submitted from a
-    host that does not see the data (`launch slurm --no-data-check`).
-    """
-    d = cfg.data
-    if d.synthetic:
-        return
-    _check(os.path.isdir(d.dir), "data.dir", d.dir, "folder does not exist")
-    _check(
-        os.path.isfile(os.path.join(d.dir, "metadata.json")), "data.dir", d.dir,
-        "has no metadata.json (build it with python -m data_pipeline.build_shards)",
-    )
-    _check(
-        bool(glob.glob(os.path.join(d.dir, "train-*-of-*.tfrecord"))), "data.dir", d.dir, "has no train-*.tfrecord shards"
-    )
-
-
-def best_mode(t: TrainConfig) -> str:
-    """`max` or `min`: the direction in which train.best_metric improves."""
-    if t.best_mode != "auto":
-        return t.best_mode
-    return "min" if t.best_metric.endswith("loss") else "max"
-
-
-def validate_world(cfg: ExperimentConfig, world_size: int) -> None:
-    """Checks that depend on the number of ranks."""
-    gbs = cfg.data.global_batch_size
-    _check(
-        gbs % world_size == 0, "data.global_batch_size", gbs, f"is not divisible by the world size {world_size}"
-    )
+    return load_into(ExperimentConfig(), path, overrides)

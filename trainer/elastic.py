@@ -130,27 +130,32 @@ def run(func):
     return run_fn(wrapper, _reset)
 
 
-def train(ctx, model, steps_per_epoch: int, commit_steps: int, resume, fit, outputs_for):
-    """Runs `fit` under Horovod elastic; returns (final context, its outputs, history).
+def train(ctx, training, commit_steps: int = 0):
+    """Runs `training`, a trainer.runner.TrainingRun, under Horovod elastic; returns (context, outputs, history).
 
-    `resume(ctx, outputs)` gives the global step to start at (collective, run
-    once per job); `fit(ctx, outputs, start_step, extra_callbacks)` trains to
-    the end and returns the history since the last reset, or None when there
-    was nothing to train;
-    `outputs_for(ctx)` gives the writer for a rank, which may change on reset.
+    The context and outputs returned are those of the final worker set.
+
+    Each attempt takes `training.make_outputs(ctx)`, the writer for this
+    worker's rank, which may change on reset. `training.resume(ctx, outputs)`
+    gives the global step to start at (collective, run once per job);
+    `training.train(ctx, outputs, start_step, extra_callbacks)` trains to the
+    end and returns the history since the last reset, or None when there was
+    nothing to train. The state is committed every `commit_steps` steps
+    (0: at epoch ends only).
     """
-    state = KerasState(model, ctx, epoch=0, batch=0, resumed=False)
+    spe = training.steps_per_epoch
+    state = KerasState(training.model, ctx, epoch=0, batch=0, resumed=False)
 
     @run
     def attempt(state: KerasState):
         ctx = state.ctx
-        outputs = outputs_for(ctx)
+        outputs = training.make_outputs(ctx)
         if not state.resumed:
-            state.epoch, state.batch = divmod(resume(ctx, outputs), steps_per_epoch)
+            state.epoch, state.batch = divmod(training.resume(ctx, outputs), spe)
             state.resumed = True
-        start = state.epoch * steps_per_epoch + state.batch
+        start = state.epoch * spe + state.batch
         log.info("elastic: world size %d, rank %d, continuing at epoch %d step %d (global step %d)",
                  ctx.size, ctx.rank, state.epoch + 1, state.batch, start)
-        return ctx, outputs, fit(ctx, outputs, start, [CommitState(state, steps_per_epoch, commit_steps)])
+        return ctx, outputs, training.train(ctx, outputs, start, [CommitState(state, spe, commit_steps)])
 
     return attempt(state)

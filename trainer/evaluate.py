@@ -33,9 +33,10 @@ def parse_args(argv):
 
 
 def evaluate_checkpoint(cfg, ctx, which: str, export_dir: str) -> None:
-    from trainer.outputs import make_outputs
+    from trainer.assembly import build_compiled_model, model_signature
     from trainer.data import make_evaluator, resolve_data
-    from trainer.runner import broadcast_restore, build_compiled_model, model_signature
+    from trainer.outputs import make_outputs
+    from trainer.resume import broadcast_restore
     from trainer.schedule import make_schedule
 
     spec = resolve_data(cfg)

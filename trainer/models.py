@@ -2,11 +2,14 @@
 
 Each builder returns a functional Keras model from images in [0, 1] of shape
 (image_size, image_size, channels) to class probabilities. The models know
-nothing of Horovod: trainer.step wraps them.
+nothing of Horovod: trainer.step wraps them. The names come from
+trainer.model_names; each has a builder function of the same name here.
 """
 
 import keras
 from keras import layers
+
+from trainer.model_names import MODEL_NAMES
 
 L2 = 1e-4  # weight decay of the ResNets, as in He et al. 2016
 
@@ -74,7 +77,16 @@ def resnet50(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model
     return keras.Model(inputs, outputs, name="resnet50")
 
 
-BUILDERS = {"simple_cnn": simple_cnn, "resnet20": resnet20, "resnet50": resnet50}
+def _builders() -> dict:
+    """The builder of every name in MODEL_NAMES, looked up by function name."""
+    missing = [name for name in MODEL_NAMES if not callable(globals().get(name))]
+    if missing:
+        # Fails at import, not at the first run that asks for the model.
+        raise ImportError(f"trainer.model_names lists {', '.join(missing)} but trainer.models has no such builder")
+    return {name: globals()[name] for name in MODEL_NAMES}
+
+
+BUILDERS = _builders()
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:

@@ -17,16 +17,23 @@ _FLOATS = ("float16", "bfloat16", "float32", "float64")
 class DataParallelModel(keras.Model):
     """A functional model whose training step averages gradients across all ranks."""
 
-    def __init__(self, *args, fp16_allreduce: bool = False, **kwargs):
+    def __init__(self, *args, fp16_allreduce: bool = False, stop_request=None, time_input: bool = True, **kwargs):
+        """`stop_request`: a trainer.preemption.StopRequest whose flag rides on the allreduce, or None.
+
+        `time_input`: time each step's wait for its batch; off under op
+        determinism, where TensorFlow refuses tf.timestamp.
+        """
         super().__init__(*args, **kwargs)
         self.fp16_allreduce = fp16_allreduce
-        self.stop_request = None  # a trainer.preemption.StopRequest, set by the runner
-        self.time_input = True  # off under op determinism, where TensorFlow refuses tf.timestamp
+        self.stop_request = stop_request
+        self.time_input = time_input
 
     @classmethod
-    def wrap(cls, net: keras.Model, fp16_allreduce: bool = False) -> "DataParallelModel":
+    def wrap(cls, net: keras.Model, fp16_allreduce: bool = False, stop_request=None,
+             time_input: bool = True) -> "DataParallelModel":
         """The same layers and weights as `net`, with the distributed train_step."""
-        return cls(inputs=net.input, outputs=net.output, name=net.name, fp16_allreduce=fp16_allreduce)
+        return cls(inputs=net.input, outputs=net.output, name=net.name, fp16_allreduce=fp16_allreduce,
+                   stop_request=stop_request, time_input=time_input)
 
     def get_config(self):
         return {**super().get_config(), "fp16_allreduce": self.fp16_allreduce}

@@ -1,0 +1,118 @@
+"""The value checks of an experiment config (trainer.config), each failing with one ConfigError line.
+
+    validate(cfg)                      # static checks of the values alone
+    check_environment(cfg)             # the data folder and its files, on this machine
+    validate_world(cfg, world_size)    # checks that depend on the number of ranks
+
+The functions take an ExperimentConfig (or, for best_mode, its TrainConfig)
+but do not import trainer.config, which re-exports them: one direction of
+import, no circle. Like trainer.config, this module needs no TensorFlow.
+"""
+
+import glob
+import os
+
+from trainer.model_names import MODEL_NAMES
+
+OPTIMIZERS = ("adam", "sgd")
+LR_DECAYS = ("cosine", "constant")
+BEST_METRICS = ("val_accuracy", "val_loss", "val_top5_accuracy")
+BEST_MODES = ("auto", "max", "min")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; str(e) is a one-line message."""
+
+
+def _check(ok: bool, key: str, value, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def profile_range(text: str) -> tuple[int, int] | None:
+    """`tensorboard.profile_steps` as (first, last) global steps, or None when empty."""
+    if not text.strip():
+        return None
+    parts = text.split(",")
+    try:
+        first, last = (int(x) for x in parts)
+    except ValueError:
+        first = last = 0
+    _check(1 <= first <= last, "tensorboard.profile_steps", text, "must be 'first,last' steps with 1 <= first <= last")
+    return first, last
+
+
+def validate(cfg) -> None:
+    """Static checks of the values alone: no file system, no world size."""
+    _check(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must be set")
+    d, m, t, r = cfg.data, cfg.model, cfg.train, cfg.runtime
+    _check(d.global_batch_size > 0, "data.global_batch_size", d.global_batch_size, "must be > 0")
+    _check(d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer, "must be > 0")
+    _check(0 < d.augment.crop_area_min <= 1, "data.augment.crop_area_min", d.augment.crop_area_min, "must be in (0, 1]")
+    _check(0 < d.crop_fraction <= 1, "data.crop_fraction", d.crop_fraction, "must be in (0, 1]")
+    _check(m.name in MODEL_NAMES, "model.name", m.name, f"must be one of {', '.join(MODEL_NAMES)}")
+    for key in ("image_size", "channels", "num_classes"):
+        _check(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0")
+    _check(m.channels in (0, 1, 3), "model.channels", m.channels, "must be 1, 3 or 0 (from the data)")
+    _check(t.epochs > 0, "train.epochs", t.epochs, "must be > 0")
+    _check(t.base_learning_rate > 0, "train.base_learning_rate", t.base_learning_rate, "must be > 0")
+    _check(t.reference_batch_size > 0, "train.reference_batch_size", t.reference_batch_size, "must be > 0")
+    _check(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "must be >= 0")
+    _check(t.lr_decay in LR_DECAYS, "train.lr_decay", t.lr_decay, f"must be one of {', '.join(LR_DECAYS)}")
+    _check(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
+    _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
+    _check(t.steps_per_epoch >= 0, "train.steps_per_epoch", t.steps_per_epoch, "must be >= 0")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    _check(t.validate_every_epochs >= 0, "train.validate_every_epochs", t.validate_every_epochs, "must be >= 0")
+    _check(t.best_metric in ("", *BEST_METRICS), "train.best_metric", t.best_metric,
+           f"must be one of {', '.join(BEST_METRICS)} or empty")
+    _check(t.best_mode in BEST_MODES, "train.best_mode", t.best_mode, f"must be one of {', '.join(BEST_MODES)}")
+    _check(t.elastic_commit_steps >= 0, "train.elastic_commit_steps", t.elastic_commit_steps, "must be >= 0")
+    _check(r.intra_op_threads >= 0, "runtime.intra_op_threads", r.intra_op_threads, "must be >= 0")
+    _check(r.inter_op_threads >= 0, "runtime.inter_op_threads", r.inter_op_threads, "must be >= 0")
+    tb = cfg.tensorboard
+    _check(tb.step_frequency >= 0, "tensorboard.step_frequency", tb.step_frequency, "must be >= 0")
+    _check(tb.sample_images >= 0, "tensorboard.sample_images", tb.sample_images, "must be >= 0")
+    profile_range(tb.profile_steps)
+    if d.synthetic:
+        for key in ("image_size", "channels", "num_classes"):
+            _check(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be set (> 0) with data.synthetic")
+        _check(t.steps_per_epoch > 0, "train.steps_per_epoch", t.steps_per_epoch,
+               "must be set (> 0) with data.synthetic")
+        return
+    _check(bool(d.dir), "data.dir", d.dir, "must be set (or data.synthetic: true)")
+
+
+def check_environment(cfg) -> None:
+    """Checks against this machine's file system: the shard folder and its files.
+
+    Separate from validate() so that a job can be checked and submitted from a
+    host that does not see the data (`launch slurm --no-data-check`).
+    """
+    d = cfg.data
+    if d.synthetic:
+        return
+    _check(os.path.isdir(d.dir), "data.dir", d.dir, "folder does not exist")
+    _check(
+        os.path.isfile(os.path.join(d.dir, "metadata.json")), "data.dir", d.dir,
+        "has no metadata.json (build it with python -m data_pipeline.build_shards)",
+    )
+    _check(
+        bool(glob.glob(os.path.join(d.dir, "train-*-of-*.tfrecord"))), "data.dir", d.dir,
+        "has no train-*.tfrecord shards",
+    )
+
+
+def best_mode(t) -> str:
+    """`max` or `min`: the direction in which train.best_metric improves."""
+    if t.best_mode != "auto":
+        return t.best_mode
+    return "min" if t.best_metric.endswith("loss") else "max"
+
+
+def validate_world(cfg, world_size: int) -> None:
+    """Checks that depend on the number of ranks."""
+    gbs = cfg.data.global_batch_size
+    _check(
+        gbs % world_size == 0, "data.global_batch_size", gbs, f"is not divisible by the world size {world_size}"
+    )
