@@ -2,6 +2,7 @@
 
 import logging
 
+from data_pipeline.collective import on_root
 from trainer.checkpoint import CheckpointError
 from trainer.config import ExperimentConfig
 from trainer.distributed import DistContext
@@ -10,15 +11,8 @@ log = logging.getLogger(__name__)
 
 
 def broadcast_restore(ctx: DistContext, restore) -> dict | None:
-    """Runs `restore` (which loads a checkpoint on rank 0 only); every rank gets its state or its error."""
-    try:
-        result = {"state": restore()}
-    except CheckpointError as e:
-        result = {"error": str(e)}
-    result = ctx.broadcast_object(result, "resume.state")
-    if "error" in result:
-        raise CheckpointError(result["error"])
-    return result["state"]
+    """Runs `restore` (which loads a checkpoint) on rank 0 only; every rank gets its state or its error."""
+    return on_root(ctx.is_chief, lambda v: ctx.broadcast_object(v, "resume.state"), restore, CheckpointError)
 
 
 def resume_state(ctx: DistContext, cfg: ExperimentConfig, outputs, model, signature: dict) -> dict | None:
