@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 
+from launch import console
 from launch.command import LaunchError, LaunchOptions, build_command, tensorboard_command, world_sizes
 from launch.hosts import HostError, allocation_hosts, expand_nodelist, format_hosts, parse_hostfile
 from trainer.config import ConfigError, load_config, check_environment, validate, validate_world
@@ -53,6 +54,7 @@ def parse_args(argv) -> argparse.Namespace:
     el.add_argument("--host-discovery-script", help="executable printing one host:slots line per available host")
     el.add_argument("--reset-limit", type=int, help="end the job after this many resizes")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, run nothing")
+    p.add_argument("--verbose", action="store_true", help="show the workers' output unfiltered (see launch.console)")
     p.add_argument("--tensorboard", type=int, metavar="PORT",
                    help="also run TensorBoard on this host over the run's events while the job runs")
     p.add_argument("--tensorboard-host", default="127.0.0.1",
@@ -128,17 +130,18 @@ def options_from_args(args: argparse.Namespace, np: int, hosts: str | None) -> L
 
 
 def execute(argv: list[str], env: dict[str, str], requeue_job: str | None = None,
-            board: list[str] | None = None) -> int:
+            board: list[str] | None = None, verbose: bool = True) -> int:
     """Runs horovodrun (or srun), passing SIGINT/SIGTERM on to it, and returns its exit code.
 
     SIGUSR1 (what Slurm sends before the time limit, see launch.slurm) stops
     the workers with SIGTERM, which makes them checkpoint; with `requeue_job`
     that Slurm job is then requeued, and resumes from the checkpoint.
     `board`, a TensorBoard command, runs alongside and is stopped when the job ends.
+    Unless `verbose`, the job's output goes through launch.console.
     """
     server = subprocess.Popen(board) if board else None
     try:
-        return _run_job(argv, env, requeue_job)
+        return _run_job(argv, env, requeue_job, verbose)
     finally:
         if server is not None:
             server.terminate()
@@ -149,8 +152,8 @@ def execute(argv: list[str], env: dict[str, str], requeue_job: str | None = None
                 server.wait()
 
 
-def _run_job(argv: list[str], env: dict[str, str], requeue_job: str | None) -> int:
-    proc = subprocess.Popen(argv, env=env)
+def _run_job(argv: list[str], env: dict[str, str], requeue_job: str | None, verbose: bool = True) -> int:
+    proc, pumps = console.start(argv, env, verbose)
     timed_out = []
 
     def forward(signum, _frame):
@@ -166,6 +169,7 @@ def _run_job(argv: list[str], env: dict[str, str], requeue_job: str | None) -> i
     previous = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
         code = proc.wait()
+        console.finish(pumps)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -222,6 +226,6 @@ def main(argv=None) -> int:
     print(f"launch: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     if args.tensorboard is None:
         print(f"launch: watch with: {shlex.join(['tensorboard', *board[3:]])}", file=sys.stderr, flush=True)
-        return execute(cmd, env, requeue_job)
+        return execute(cmd, env, requeue_job, verbose=args.verbose)
     print(f"launch: TensorBoard: {shlex.join(board)}", file=sys.stderr, flush=True)
-    return execute(cmd, env, requeue_job, board)
+    return execute(cmd, env, requeue_job, board, verbose=args.verbose)
