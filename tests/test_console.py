@@ -47,7 +47,7 @@ Process 1 exit with status code 137.
 
 # Lines the brief's user must never see; the test below does not reuse launch.console.BANNERS.
 BANNER_WORDS = re.compile(r"oneDNN custom operations|This TensorFlow binary is optimized|absl::InitializeLog|cuda"
-                          r"|Unable to register", re.I)
+                          r"|Unable to register", re.IGNORECASE)
 
 
 class Terminal(io.StringIO):
