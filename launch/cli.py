@@ -22,6 +22,7 @@ import subprocess
 import sys
 from typing import NamedTuple
 
+from launch import console
 from launch.command import LaunchError, LaunchOptions, build_command, tensorboard_command, world_sizes
 from launch.hosts import HostError, allocation_hosts, expand_nodelist, format_hosts, parse_hostfile
 from launch.options import add_config_options, add_options, launch_values
@@ -102,17 +103,18 @@ def options_from_args(args: argparse.Namespace, np: int, hosts: str | None) -> L
 
 
 def execute(argv: list[str], env: dict[str, str], requeue_job: str | None = None,
-            board: list[str] | None = None) -> int:
+            board: list[str] | None = None, verbose: bool = True) -> int:
     """Runs horovodrun (or srun), passing SIGINT/SIGTERM on to it, and returns its exit code.
 
     SIGUSR1 (what Slurm sends before the time limit, see launch.slurm) stops
     the workers with SIGTERM, which makes them checkpoint; with `requeue_job`
     that Slurm job is then requeued, and resumes from the checkpoint.
     `board`, a TensorBoard command, runs alongside and is stopped when the job ends.
+    Unless `verbose`, the job's output goes through launch.console.
     """
     server = subprocess.Popen(board) if board else None
     try:
-        return _run_job(argv, env, requeue_job)
+        return _run_job(argv, env, requeue_job, verbose)
     finally:
         if server is not None:
             server.terminate()
@@ -123,8 +125,8 @@ def execute(argv: list[str], env: dict[str, str], requeue_job: str | None = None
                 server.wait()
 
 
-def _run_job(argv: list[str], env: dict[str, str], requeue_job: str | None) -> int:
-    proc = subprocess.Popen(argv, env=env)
+def _run_job(argv: list[str], env: dict[str, str], requeue_job: str | None, verbose: bool = True) -> int:
+    proc, pumps = console.start(argv, env, verbose)
     timed_out = []
 
     def forward(signum, _frame):
@@ -140,6 +142,7 @@ def _run_job(argv: list[str], env: dict[str, str], requeue_job: str | None) -> i
     previous = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
         code = proc.wait()
+        console.finish(pumps)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -216,9 +219,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"launch: {shlex.join(job.argv)}", file=sys.stderr, flush=True)
     if args.tensorboard is None:
         print(f"launch: watch with: {shlex.join(job.board)}", file=sys.stderr, flush=True)
-        return execute(job.argv, job.env, job.requeue_job)
+        return execute(job.argv, job.env, job.requeue_job, verbose=job.options.verbose)
     print(f"launch: TensorBoard: {shlex.join(job.board)}", file=sys.stderr, flush=True)
-    return execute(job.argv, job.env, job.requeue_job, job.board)
+    return execute(job.argv, job.env, job.requeue_job, job.board, verbose=job.options.verbose)
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,7 @@ import pytest
 
 from helpers import ROOT, run
 from launch.command import LaunchError, LaunchOptions, build_command, world_sizes
+from test_horovod import epoch_records
 
 LINE = re.compile(r"rank(\d+) (\w+) ([\w.]+): (.*)$")
 
@@ -122,18 +123,18 @@ def test_workers_leave_and_join_and_training_reaches_the_target(digits_shards, t
     timer = threading.Timer(400, proc.kill)  # never hang the suite
     timer.start()
     lines, sizes, events = [], [], {}
-    epochs_at_one = 0
+    epochs_at_one = seen = 0
     try:
         for line in proc.stdout:
             lines.append(line)
             rank, msg = parse(line)
-            if rank != 0 or msg is None:
-                continue
-            if msg.startswith("elastic: world size"):
+            if rank == 0 and msg is not None and msg.startswith("elastic: world size"):
                 sizes.append(int(msg.split()[3].rstrip(",")))
                 events.setdefault(f"size{len(sizes)}", time.monotonic())
-            elif msg.startswith("epoch_metrics"):
-                epoch = json.loads(msg[len("epoch_metrics"):])["epoch"]
+            # Rank 0 appends each epoch's record to metrics.jsonl just before it prints the epoch's line.
+            new = epoch_records(tmp_path / "run", skip=seen)
+            seen += len(new)
+            for epoch in (r["epoch"] for r in new):
                 if epoch == 2 and "removed" not in events:
                     hosts.write_text("localhost:1\n")
                     events["removed"] = time.monotonic()
@@ -153,8 +154,7 @@ def test_workers_leave_and_join_and_training_reaches_the_target(digits_shards, t
     print(f"removed -> training at 1: {events['size2'] - events['removed']:.1f} s; "
           f"added -> training at 2: {events['size3'] - events['added']:.1f} s")
 
-    records = [json.loads(m[len("epoch_metrics"):]) for r, m in map(parse, lines) if r == 0 and m
-               and m.startswith("epoch_metrics")]
+    records = epoch_records(tmp_path / "run")
     # Resizes happen at commits (epoch ends): no epoch is lost or repeated.
     assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
     # The global batch is kept, so the schedule goes on by step, as without a resize.

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from data_pipeline.reader import shard_records
 from helpers import run
-from test_horovod import epoch_records, launch_argv, messages
+from test_horovod import epoch_records, launch_argv, messages, rank_records
 from trainer.evaluation import is_due
 
 
@@ -57,16 +57,16 @@ def test_two_rank_validation_equals_one_process_and_the_best_checkpoint_survives
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
 
-    records = epoch_records(out)
-    for a, b in zip(records[0], records[1], strict=True):
+    records = epoch_records(run_dir)
+    for a, b in zip(records, rank_records(out)[1], strict=True):
         assert a["val_loss"] == b["val_loss"] and a["val_accuracy"] == b["val_accuracy"]
-    assert [r["epoch"] for r in records[0]] == [1, 2, 3]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
     evaluated = messages(out, "evaluated")
     counts = {r: {tuple(int(x) for x in m.replace("(", " ").split()[0:3:2]) for m in ms} for r, ms in evaluated.items()}
     # Every evaluation counted all records; the ranks' own parts differ and add up to them.
     assert counts == {0: {(n_val, 239)}, 1: {(n_val, 120)}}
 
-    by_loss = max(records[0], key=lambda r: r["val_loss"])
+    by_loss = max(records, key=lambda r: r["val_loss"])
     summary = json.loads((run_dir / "summary.json").read_text())
     spe = summary["steps_per_epoch"]
     assert by_loss["epoch"] < 3
@@ -76,7 +76,7 @@ def test_two_rank_validation_equals_one_process_and_the_best_checkpoint_survives
         "best.json", best["checkpoint"], f"step-{3 * spe:09d}"]
     state = json.loads((run_dir / "checkpoints" / best["checkpoint"] / "state.json").read_text())
     assert state["validation"] == {k: by_loss[k] for k in ("val_accuracy", "val_loss", "val_top5_accuracy")}
-    assert summary["val_examples"] == n_val and summary["val_loss"] == records[0][-1]["val_loss"]
+    assert summary["val_examples"] == n_val and summary["val_loss"] == records[-1]["val_loss"]
     assert summary["best_checkpoint"] == str(run_dir / "checkpoints" / best["checkpoint"])
 
     # TensorBoard: one validation curve point per epoch, beside the training curves.
@@ -85,7 +85,7 @@ def test_two_rank_validation_equals_one_process_and_the_best_checkpoint_survives
     for event in tf.compat.v1.train.summary_iterator(str(events)):
         for v in event.summary.value:
             curves.setdefault(v.tag, []).append((event.step, float(tf.make_ndarray(v.tensor))))
-    assert curves["accuracy"] == [(r["epoch"], pytest.approx(r["val_accuracy"])) for r in records[0]]
+    assert curves["accuracy"] == [(r["epoch"], pytest.approx(r["val_accuracy"])) for r in records]
     assert sorted(curves) == ["accuracy", "loss", "top5_accuracy"]
 
     # The same weights in one process, the whole split on one rank.

@@ -11,7 +11,7 @@ import pytest
 
 from helpers import ROOT, run
 from slurm_cluster import SlurmCluster, install_if_missing
-from test_horovod import checkpoint_steps, epoch_records, messages
+from test_horovod import checkpoint_steps, epoch_records, messages, rank_records
 
 pytestmark = [pytest.mark.horovod, pytest.mark.slurm]
 
@@ -111,14 +111,16 @@ def test_time_limit_requeue_scancel_and_resubmission_resume_from_checkpoints(slu
     print(f"USR1 stopped at step {step1}, requeued; scancel stopped at step {step2}; job {info['JobState']}")
 
     # A new submission resumes from the scancel checkpoint, with srun starting MPI ranks this time.
+    before = len(epoch_records(run_dir))
     job2, _ = submit(slurm, run_dir, digits_shards, *epochs, "--srun")
     info = slurm.wait(job2, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
     log2 = job_log(run_dir, job2)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log2[-3000:]
     assert "srun --mpi=pmix --ntasks 2" in log2
     assert f"resumed from {run_dir}/checkpoints/step-{step2:09d}" in log2, log2[-3000:]
-    records = epoch_records(log2)
-    assert [r["epoch"] for r in records[0]] == [r["epoch"] for r in records[1]] == list(range(step2 // 22 + 1, 5))
+    records = epoch_records(run_dir, skip=before)  # the resumed job appends to metrics.jsonl
+    rank1 = rank_records(log2)[1]
+    assert [r["epoch"] for r in records] == [r["epoch"] for r in rank1] == list(range(step2 // 22 + 1, 5))
     assert checkpoint_steps(run_dir)[-1] == 4 * 22
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
 

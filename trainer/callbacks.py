@@ -9,10 +9,13 @@ import json
 import logging
 import socket
 import statistics
+import sys
 import time
 
 import keras
 import numpy as np
+
+from trainer.console import format_epoch_line, format_progress
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +187,12 @@ class AverageMetrics(keras.callbacks.Callback):
 
 
 class EpochLog(keras.callbacks.Callback):
-    """One machine-readable log line per epoch: `epoch_metrics {json}`."""
+    """Every rank's epoch record as a DEBUG log line, `epoch_metrics {json}`.
+
+    Shown only with runtime.log_all_ranks, where it lets ranks be compared
+    (AverageMetrics makes them equal); rank 0's records also go to
+    RUN_DIR/metrics.jsonl (MetricsFile), which is what programs should read.
+    """
 
     def __init__(self, rank: int):
         super().__init__()
@@ -192,7 +200,72 @@ class EpochLog(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         record = {"epoch": epoch + 1, "rank": self.rank, **{k: float(v) for k, v in sorted(logs.items())}}
-        log.info("epoch_metrics %s", json.dumps(record))
+        log.debug("epoch_metrics %s", json.dumps(record))
+
+
+class MetricsFile(keras.callbacks.Callback):
+    """Appends one JSON object per epoch to a JSONL file: `{"epoch": N, <every epoch log>}`.
+
+    Opened and closed at each epoch so that every record is on disk before the
+    next epoch starts; a resumed run appends to the same file.
+    """
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch, logs=None):
+        record = {"epoch": epoch + 1, **{k: float(v) for k, v in sorted((logs or {}).items()) if np.ndim(v) == 0}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class EpochLine(keras.callbacks.Callback):
+    """Prints the person's line per epoch on stdout (see trainer.console.format_epoch_line)."""
+
+    def __init__(self, epochs: int, stream=None):
+        super().__init__()
+        self.epochs = epochs
+        self.stream = stream
+
+    def on_epoch_end(self, epoch, logs=None):
+        print(format_epoch_line(epoch + 1, self.epochs, logs or {}), file=self.stream or sys.stdout, flush=True)
+
+
+class ProgressBar(keras.callbacks.Callback):
+    """A progress bar on stdout, redrawn at most every `interval` seconds.
+
+    Each drawing ends in a carriage return, not a newline: horovodrun forwards
+    a worker's output at either, so the launcher receives every redraw at once.
+    """
+
+    def __init__(self, epochs: int, interval: float = 0.1, stream=None):
+        super().__init__()
+        self.epochs = epochs
+        self.interval = interval
+        self.stream = stream
+        self._epoch, self._last = 0, 0.0
+
+    def _write(self, text: str) -> None:
+        stream = self.stream or sys.stdout
+        stream.write(text)
+        stream.flush()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch, self._last = epoch + 1, 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        steps = (self.params or {}).get("steps") or 0
+        now = time.monotonic()
+        if now - self._last < self.interval and batch + 1 < steps:
+            return
+        self._last = now
+        loss = (logs or {}).get("loss")
+        text = format_progress(self._epoch, self.epochs, batch + 1, steps, None if loss is None else float(loss))
+        self._write(text + "\x1b[K\r")  # clear what a longer drawing left, back to the line's start
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._write("\x1b[K\r")  # the epoch line comes next, on a clean line
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
@@ -219,4 +292,4 @@ class EpochCheckpoint(keras.callbacks.Callback):
             log.error("checkpoint at step %d failed: %s; training continues, last good checkpoint: %s",
                       step, e, self.manager.latest())
             return
-        log.info("checkpoint written: %s", path)
+        log.debug("checkpoint written: %s", path)

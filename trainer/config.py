@@ -155,7 +155,8 @@ class RuntimeConfig:
         machine between its local ranks, so ranks do not oversubscribe them.
       inter_op_threads: ops run at once; 0 as above.
       deterministic: enable TensorFlow op determinism (slower; exact reruns).
-      log_all_ranks: log INFO from every rank, not only from rank 0.
+      log_all_ranks: log INFO from every rank, not only from rank 0, and the
+        per-epoch details (evaluations, checkpoints written, metric records) at DEBUG.
     """
 
     intra_op_threads: int = 0

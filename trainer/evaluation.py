@@ -95,8 +95,8 @@ class Evaluator:
             result[f"top{self.top_k}_accuracy"] = total["top_k_correct"] / n
         result["examples"] = n
         result["time_sec"] = elapsed
-        log.info("evaluated %d examples (%d on this rank) in %.2f s: loss %.6f, accuracy %.6f",
-                 n, int(local[2]), result["time_sec"], result["loss"], result["accuracy"])
+        log.debug("evaluated %d examples (%d on this rank) in %.2f s: loss %.6f, accuracy %.6f",
+                  n, int(local[2]), result["time_sec"], result["loss"], result["accuracy"])
         return result
 
 

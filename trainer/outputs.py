@@ -11,6 +11,7 @@ RUN_DIR/
   tensorboard/train/     epoch and step scalars, rank timing, input images,
                          histograms, profiler traces (see trainer.summaries)
   tensorboard/validation/ validation scalars of the evaluated epochs
+  metrics.jsonl          one JSON object per epoch (appended; a resumed run goes on)
   summary.json           final metrics and throughput
   export/                TensorFlow SavedModel for serving
 """
@@ -27,10 +28,12 @@ from trainer import callbacks as cb
 from trainer import summaries
 from trainer.checkpoint import CheckpointManager
 from trainer.config import ExperimentConfig, best_mode, dump_yaml, profile_range
+from trainer.console import progress_wanted
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -41,9 +44,9 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 class RunOutputs:
-    """A rank that is not the chief: no files, no progress bar."""
+    """A rank that is not the chief: no files, no console lines, no progress bar."""
 
-    verbose = 0
+    verbose = 0  # for model.fit on every rank: the console lines are trainer.console's
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
@@ -79,9 +82,8 @@ class RunOutputs:
 
 
 class ChiefOutputs(RunOutputs):
-    """Rank 0: checkpoints, TensorBoard, config, evaluation, summary, export, progress bar."""
+    """Rank 0: checkpoints, TensorBoard, config, metrics file, epoch lines, progress bar, summary, export."""
 
-    verbose = 1 if sys.stdout.isatty() else 2
     _writer = None  # tensorboard/train, see train_writer
 
     def start(self) -> None:
@@ -124,7 +126,13 @@ class ChiefOutputs(RunOutputs):
         profile = profile_range(tb.profile_steps)
         if profile:
             extra.append(summaries.ProfileSteps(os.path.join(self.run_dir, "tensorboard", "train"), step, *profile))
+        epochs = self.cfg.train.epochs
+        console = [cb.MetricsFile(os.path.join(self.run_dir, METRICS_FILE))]
+        if progress_wanted(os.environ, sys.stdout.isatty()):
+            console.append(cb.ProgressBar(epochs))
+        console.append(cb.EpochLine(epochs))
         return [
+            *console,
             cb.InputBoundWarning(),
             cb.EpochCheckpoint(self.checkpoints, state_fn),
             summaries.EpochScalars(self.train_writer, os.path.join(self.run_dir, "tensorboard", "validation")),

@@ -48,10 +48,19 @@ class RankFilter(logging.Filter):
 
 
 def setup_logging(rank_fn, all_ranks: bool) -> None:
+    """Log lines on stderr, labelled with the rank; with `all_ranks`, the per-epoch details (DEBUG) too.
+
+    The per-epoch details (evaluations, checkpoints written, every rank's
+    metric record) would bury rank 0's one line per epoch; runtime.log_all_ranks
+    is the setting for looking into the ranks, so it shows them.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s rank%(rank)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RankFilter(rank_fn, all_ranks))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.getLogger("trainer").setLevel(logging.DEBUG if all_ranks else logging.INFO)
+    # TensorFlow's own INFO lines ("Assets written to ...") repeat what trainer.outputs says.
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
 
 
 def run_reporting_bad_input(call):
