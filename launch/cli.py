@@ -26,7 +26,7 @@ from launch import console
 from launch.command import LaunchError, LaunchOptions, build_command, tensorboard_command, world_sizes
 from launch.hosts import HostError, allocation_hosts, expand_nodelist, format_hosts, parse_hostfile
 from launch.options import add_config_options, add_options, launch_values
-from trainer.config import ConfigError, load_config, check_environment, validate, validate_world
+from trainer.config import ConfigError, check_environment, load_config, validate, validate_world
 
 DESCRIPTION = "Start data-parallel workers with horovodrun (or srun inside a Slurm allocation)."
 
@@ -150,7 +150,8 @@ def _run_job(argv: list[str], env: dict[str, str], requeue_job: str | None, verb
     if timed_out and requeue_job and code != 0:
         res = subprocess.run(["scontrol", "requeue", requeue_job], capture_output=True, text=True, check=False)
         if res.returncode == 0:
-            print(f"launch: requeued Slurm job {requeue_job}; it resumes from the checkpoint", file=sys.stderr, flush=True)
+            print(f"launch: requeued Slurm job {requeue_job}; it resumes from the checkpoint",
+                  file=sys.stderr, flush=True)
         else:
             print(f"launch: error: scontrol requeue {requeue_job} failed: {res.stderr.strip()}", file=sys.stderr)
     return code

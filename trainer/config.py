@@ -17,8 +17,16 @@ from dataclasses import dataclass, field
 
 from data_pipeline.augment import Augment  # one definition, shared with the reader
 from trainer.config_checks import (  # noqa: F401  (re-exported: callers import them from here)
-    BEST_METRICS, BEST_MODES, LR_DECAYS, OPTIMIZERS, ConfigError, best_mode, check_environment, profile_range,
-    validate, validate_world,
+    BEST_METRICS,
+    BEST_MODES,
+    LR_DECAYS,
+    OPTIMIZERS,
+    ConfigError,
+    best_mode,
+    check_environment,
+    profile_range,
+    validate,
+    validate_world,
 )
 from trainer.config_yaml import dump_yaml, load_into, parse_override, to_dict  # noqa: F401  (re-exported)
 from trainer.model_names import MODEL_NAMES  # noqa: F401  (re-exported)

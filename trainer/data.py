@@ -46,7 +46,8 @@ def resolve_data(cfg: ExperimentConfig) -> DataSpec:
     shape = meta.get("image_shape")
     image_size = m.image_size or (shape[0] if shape and shape[0] == shape[1] else 0)
     if not image_size:
-        raise ConfigError(f"model.image_size=0: the images in {cfg.data.dir!r} differ in size or are not square; set it")
+        raise ConfigError(
+            f"model.image_size=0: the images in {cfg.data.dir!r} differ in size or are not square; set it")
     channels = m.channels or int(meta["channels"])
     num_classes = m.num_classes or len(meta["class_names"])
     if num_classes < len(meta["class_names"]):

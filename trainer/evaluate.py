@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 
-from trainer.config import ConfigError, load_config, check_environment, validate
+from trainer.config import ConfigError, check_environment, load_config, validate
 from trainer.train import run_reporting_bad_input, setup_logging
 
 

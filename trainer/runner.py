@@ -22,7 +22,7 @@ from trainer.data import check_shards, make_evaluator, resolve_data, train_datas
 from trainer.distributed import DistContext, weights_digest
 from trainer.evaluation import PeriodicValidation, validation_logs
 from trainer.outputs import make_outputs
-from trainer.preemption import StopOnRequest, StopRequest, Stopped
+from trainer.preemption import StopOnRequest, Stopped, StopRequest
 from trainer.resume import fit_phases, resume_state, resume_step
 from trainer.schedule import make_schedule
 

@@ -9,7 +9,6 @@ import horovod.tensorflow as hvd
 import keras
 import tensorflow as tf
 
-
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from trainer.config import ConfigError, load_config, check_environment, validate, validate_world
+from trainer.config import ConfigError, check_environment, load_config, validate, validate_world
 
 
 def parse_args(argv):
