@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import run
+from helpers import run
 from launch import console
 from trainer.console import PROGRESS_ENV, format_epoch_line, format_progress, progress_wanted
 
