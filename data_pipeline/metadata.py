@@ -29,9 +29,7 @@ def load_metadata(data_dir: str) -> dict:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{path!r} is not readable JSON: {e}") from None
-    for key in ("class_names", "image_shape", "splits"):
-        if key not in meta:
-            raise DataError(f"{path!r} has no {key!r}")
+    check_metadata(meta, path)
     for split in SPLITS:
         shards = meta["splits"].get(split, {}).get("shards", [])
         for shard in shards:
@@ -40,6 +38,50 @@ def load_metadata(data_dir: str) -> dict:
     if not meta["splits"].get("train", {}).get("shards"):
         raise DataError(f"no train shards in {data_dir!r}")
     return meta
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_metadata(meta, path: str) -> None:
+    """Checks that `meta` holds what the reader and the trainer use, of the right types and consistent.
+
+    A metadata.json edited by hand, cut short or written by another tool then
+    stops the run with one line naming the key, not a KeyError deep inside.
+    """
+    def fail(what: str):
+        raise DataError(f"{path!r}: {what}")
+
+    if not isinstance(meta, dict):
+        fail("expected a JSON object")
+    for key in ("class_names", "image_shape", "channels", "splits"):
+        if key not in meta:
+            fail(f"has no {key!r}")
+    names = meta["class_names"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        fail(f"class_names={names!r}: expected a non-empty list of names")
+    if len(set(names)) != len(names):
+        fail(f"class_names={names!r}: a name appears twice")
+    if meta["channels"] not in (1, 3):
+        fail(f"channels={meta['channels']!r}: expected 1 or 3")
+    shape = meta["image_shape"]
+    if shape is not None and not (isinstance(shape, list) and len(shape) == 3
+                                  and all(_is_count(d) and d > 0 for d in shape)):
+        fail(f"image_shape={shape!r}: expected null or [height, width, channels]")
+    if not isinstance(meta["splits"], dict):
+        fail("splits: expected an object")
+    for split in SPLITS:
+        info = meta["splits"].get(split, {})
+        shards = info.get("shards", [])
+        if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("file"), str) and _is_count(s.get("num_examples"))
+            for s in shards
+        ):
+            fail(f"splits.{split}.shards: expected a list of {{file, num_examples}}")
+        total = sum(s["num_examples"] for s in shards)
+        if info.get("num_examples", total) != total:
+            fail(f"splits.{split}.num_examples={info.get('num_examples')!r}: its shards hold {total}")
 
 
 def num_examples(meta: dict, split: str) -> int:

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -8,7 +9,7 @@ import tensorflow as tf
 
 from data_pipeline.build_shards import build
 from data_pipeline.images import ImageOptions
-from data_pipeline.metadata import DataError, load_metadata, shard_files
+from data_pipeline.metadata import DataError, check_metadata, load_metadata, shard_files
 from data_pipeline.reader import eval_stream, shard_records, train_stream
 from data_pipeline.records import parse_example
 from data_pipeline.stream_options import EvalOptions, TrainOptions
@@ -144,3 +145,37 @@ def test_pixels_survive_the_round_trip(tmp_path):
     files = shard_files(str(tmp_path / "out"), meta, "train")
     x, _ = next(iter(eval_stream(files, EvalOptions(per_replica_batch_size=2, image_size=4, channels=1))))
     np.testing.assert_allclose(x.numpy()[0], pixels / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("channels"), "has no 'channels'"),
+    (lambda m: m.update(channels=4), "channels=4: expected 1 or 3"),
+    (lambda m: m.update(class_names=[]), "class_names=[]: expected a non-empty list of names"),
+    (lambda m: m["class_names"].__setitem__(1, m["class_names"][0]), "a name appears twice"),
+    (lambda m: m.update(image_shape=[8, 8]), "image_shape=[8, 8]: expected null or [height, width, channels]"),
+    (lambda m: m["splits"]["train"]["shards"][0].pop("num_examples"),
+     "splits.train.shards: expected a list of {file, num_examples}"),
+    (lambda m: m["splits"]["validation"].update(num_examples=1), "splits.validation.num_examples=1: its shards hold"),
+])
+def test_metadata_that_does_not_hold_together_is_one_line(digits_shards, tmp_path, edit, message):
+    meta = json.loads((digits_shards / "metadata.json").read_text())
+    check_metadata(meta, "metadata.json")  # as written by build_shards
+    edit(meta)
+    with pytest.raises(DataError) as e:
+        check_metadata(meta, "metadata.json")
+    assert str(e.value).startswith("'metadata.json': ") and message in str(e.value)
+
+
+def test_worker_on_a_broken_metadata_json_exits_2_with_one_line(digits_shards, tmp_path):
+    data = tmp_path / "shards"
+    shutil.copytree(digits_shards, data)
+    meta = json.loads((data / "metadata.json").read_text())
+    del meta["channels"]  # read by the trainer: a KeyError traceback before this check
+    (data / "metadata.json").write_text(json.dumps(meta))
+    res = run([sys.executable, "-m", "trainer.train", "--config", "configs/digits.yaml",
+               "--set", f"run_dir={tmp_path}/run", "--set", f"data.dir={data}"])
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"config error: data.dir='{data}': '{data}/metadata.json': has no 'channels'")
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
