@@ -19,11 +19,11 @@ RUN_DIR/
 import json
 import logging
 import os
-import shutil
 import sys
 
 import tensorflow as tf
 
+from data_pipeline import atomic
 from trainer import callbacks as cb
 from trainer import summaries
 from trainer.checkpoint import CheckpointManager
@@ -34,13 +34,6 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class RunOutputs:
@@ -88,7 +81,7 @@ class ChiefOutputs(RunOutputs):
 
     def start(self) -> None:
         os.makedirs(self.run_dir, mode=0o750, exist_ok=True)
-        _write_atomic(os.path.join(self.run_dir, "config.yaml"), dump_yaml(self.cfg))
+        atomic.write_text(os.path.join(self.run_dir, "config.yaml"), dump_yaml(self.cfg))
 
     def restore_latest(self, model, expect_model: dict) -> dict | None:
         path = self.checkpoints.latest()
@@ -165,7 +158,7 @@ class ChiefOutputs(RunOutputs):
             summary["best_checkpoint"] = best
         if self.cfg.train.export:
             summary["export_dir"] = self._export(model, os.path.join(self.run_dir, "export"))
-        _write_atomic(os.path.join(self.run_dir, SUMMARY_FILE), json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        atomic.write_json(os.path.join(self.run_dir, SUMMARY_FILE), summary)
         return summary
 
     def report_evaluation(self, model, result: dict, export_dir: str = "") -> None:
@@ -176,12 +169,8 @@ class ChiefOutputs(RunOutputs):
 
     def _export(self, model, final: str) -> str:
         """A SavedModel with a `serve` endpoint, replaced only once the new one is complete."""
-        tmp = f"{final}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.export(tmp, format="tf_saved_model", verbose=False)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        with atomic.staged_dir(final) as tmp:
+            model.export(tmp, format="tf_saved_model", verbose=False)
         log.info("exported SavedModel for serving: %s", final)
         return final
 
