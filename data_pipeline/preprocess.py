@@ -38,6 +38,15 @@ def center_crop(image: tf.Tensor, image_size: int, crop_fraction: float = 1.0) -
     return _to_float(image[top : top + side, left : left + side], image_size)
 
 
+def eval_image(encoded: tf.Tensor, channels: int, image_size: int, crop_fraction: float = 1.0) -> tf.Tensor:
+    """Encoded bytes to the evaluation input, float32 [image_size, image_size, channels] in [0, 1].
+
+    The one definition for the evaluation stream and the serving export
+    (trainer.export): a served model sees exactly the pixels it was validated on.
+    """
+    return center_crop(decode(encoded, channels), image_size, crop_fraction)
+
+
 def augment(image: tf.Tensor, seed: tf.Tensor, image_size: int, aug: Augment, crop_fraction: float = 1.0) -> tf.Tensor:
     """Training geometry: random resized crop and/or flip, seeded by `seed` (int64 [2])."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from data_pipeline.metadata import DataError
 from data_pipeline.positions import file_order, pass_seed, shard_files_for, stream_position
-from data_pipeline.preprocess import augment, center_crop, decode
+from data_pipeline.preprocess import augment, decode, eval_image
 from data_pipeline.records import parse_example
 from data_pipeline.stream_options import EvalOptions, StreamOptions, TrainOptions
 
@@ -162,7 +162,7 @@ def _eval_parse(options: EvalOptions):
     """Record to (centre-cropped image, label)."""
     def parse(serialized):
         ex = parse_example(serialized)
-        image = center_crop(decode(ex["image/encoded"], options.channels), options.image_size, options.crop_fraction)
+        image = eval_image(ex["image/encoded"], options.channels, options.image_size, options.crop_fraction)
         return image, tf.cast(ex["image/class/label"], tf.int32)
     return parse
 

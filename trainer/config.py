@@ -117,7 +117,10 @@ class TrainConfig:
       best_mode: `max` or `min` for best_metric; `auto` is min for losses,
         max otherwise.
       seed: model initialisation seed (rank 0's weights are broadcast).
-      export: write a TensorFlow SavedModel for serving at the end.
+      export: write a TensorFlow SavedModel for serving at the end (RUN_DIR/export;
+        see docs/serving.md).
+      export_top_k: how many of the most probable classes (indices and names)
+        the export's signatures return per image; at most the class count.
       elastic_commit_steps: in elastic mode (launch --elastic), also commit the
         training state every this many steps (0: at epoch ends only). A commit
         copies the variables to host memory and checks for added or removed
@@ -139,6 +142,7 @@ class TrainConfig:
     best_mode: str = "auto"
     seed: int = 42
     export: bool = True
+    export_top_k: int = 5
     elastic_commit_steps: int = 0
 
 

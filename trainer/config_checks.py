@@ -63,6 +63,7 @@ def validate(cfg) -> None:
     _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
     _check(t.steps_per_epoch >= 0, "train.steps_per_epoch", t.steps_per_epoch, "must be >= 0")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    _check(t.export_top_k >= 1, "train.export_top_k", t.export_top_k, "must be >= 1")
     _check(t.validate_every_epochs >= 0, "train.validate_every_epochs", t.validate_every_epochs, "must be >= 0")
     _check(t.best_metric in ("", *BEST_METRICS), "train.best_metric", t.best_metric,
            f"must be one of {', '.join(BEST_METRICS)} or empty")

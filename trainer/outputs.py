@@ -13,7 +13,7 @@ RUN_DIR/
   tensorboard/validation/ validation scalars of the evaluated epochs
   metrics.jsonl          one JSON object per epoch (appended; a resumed run goes on)
   summary.json           final metrics and throughput
-  export/                TensorFlow SavedModel for serving
+  export/                SavedModel for serving: encoded images in, class names out (trainer.export)
 """
 
 import json
@@ -157,20 +157,26 @@ class ChiefOutputs(RunOutputs):
         if best:
             summary["best_checkpoint"] = best
         if self.cfg.train.export:
-            summary["export_dir"] = self._export(model, os.path.join(self.run_dir, "export"))
+            summary["export_dir"] = self._export(model, os.path.join(self.run_dir, "export"), summary)
         atomic.write_json(os.path.join(self.run_dir, SUMMARY_FILE), summary)
         return summary
 
     def report_evaluation(self, model, result: dict, export_dir: str = "") -> None:
         """Prints an evaluation as one JSON line on stdout, and exports the model if asked."""
         if export_dir:
-            result["export_dir"] = self._export(model, export_dir)
+            result["export_dir"] = self._export(model, export_dir, result)
         print("evaluation " + json.dumps(result, sort_keys=True), flush=True)
 
-    def _export(self, model, final: str) -> str:
-        """A SavedModel with a `serve` endpoint, replaced only once the new one is complete."""
-        with atomic.staged_dir(final) as tmp:
-            model.export(tmp, format="tf_saved_model", verbose=False)
+    def _export(self, model, final: str, result: dict) -> str:
+        """The serving SavedModel (trainer.export), replaced only once the new one is complete.
+
+        `result` holds the validation metrics, and an evaluated checkpoint's step and config hash.
+        """
+        from trainer.assembly import config_hash
+        from trainer.export import export_info, export_serving
+
+        sha = result.get("config_sha256") or config_hash(self.cfg)
+        export_serving(model, final, export_info(self.cfg, model, result, sha))
         log.info("exported SavedModel for serving: %s", final)
         return final
 
