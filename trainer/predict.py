@@ -1,0 +1,207 @@
+"""Classifies image files with an exported model (trainer.export), with TensorFlow alone.
+
+    python -m trainer.predict --model RUN_DIR/export IMAGES_OR_FOLDERS... [--top-k 3]
+        [--batch-size 64] [--output predictions.csv | predictions.jsonl]
+
+Folders are read recursively; hidden files and folders, and files whose
+extension is not .jpg, .jpeg, .png, .gif or .bmp, are skipped. Files are read
+by tf.data, several at once, a batch at a time, and go through the export's
+`serving_default` signature, which decodes and preprocesses them in the graph:
+the answers are the ones a TensorFlow Serving deployment of the same export
+gives. A file the signature refuses (not an image, truncated) is reported on
+stderr, counted and skipped; the others are written, one row per image: the
+path and the top-k class names with their probabilities, to --output (CSV, or
+JSON lines for a .jsonl name) or to stdout as CSV. A summary line on stderr
+gives the counts. A progress bar shows on stderr when it is a terminal.
+
+Nothing of the training stack is imported (no Horovod, no Keras model code).
+
+Exit codes: 0 done (bad files skipped and counted); 2 bad arguments, a missing
+or unreadable model, or no image files; 1 anything else, or no file predicted.
+"""
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+SIGNATURE = "serving_default"
+PARALLEL_READS = 8  # file reads wait on storage, not on a core
+
+log = logging.getLogger("trainer.predict")
+
+
+class UsageError(Exception):
+    """Bad arguments, model or inputs: one line on stderr, exit code 2."""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m trainer.predict", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="an export folder (RUN_DIR/export)")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS", help="image files and folders")
+    parser.add_argument("--top-k", type=int, default=3, help="classes per image (default 3)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per call of the model (default 64)")
+    parser.add_argument("--output", default="", help="predictions.csv or predictions.jsonl (default: CSV on stdout)")
+    return parser.parse_args(argv)
+
+
+def list_images(inputs: list[str]) -> tuple[list[str], int]:
+    """(image files in a stable order, number of other files skipped); a missing input is a UsageError."""
+    found, skipped = [], 0
+    for given in inputs:
+        if os.path.isfile(given):
+            candidates = [given]
+        elif os.path.isdir(given):
+            candidates = []
+            for root, dirs, files in os.walk(given):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                candidates += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+        else:
+            raise UsageError(f"{given!r}: no such file or folder")
+        for path in candidates:
+            if path.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(path)
+            else:
+                skipped += 1
+    return found, skipped
+
+
+def load_model(path: str, top_k: int):
+    """(the bytes signature, class names) of an export; a UsageError if it is missing or too small for top_k."""
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        raise UsageError(f"--model {path!r}: no SavedModel there (expected RUN_DIR/export)")
+    loaded = tf.saved_model.load(path)
+    if SIGNATURE not in loaded.signatures or not hasattr(loaded, "metadata"):
+        raise UsageError(f"--model {path!r}: not a serving export of this trainer (no {SIGNATURE} over image bytes)")
+    names = json.loads(loaded.metadata().numpy())["class_names"]
+    if not 1 <= top_k <= len(names):
+        raise UsageError(f"--top-k {top_k}: must be between 1 and the model's {len(names)} classes")
+    return loaded, names
+
+
+def file_batches(paths: list[str], batch_size: int) -> tf.data.Dataset:
+    """(paths, encoded bytes) batches; files are read a few at a time, never all at once."""
+    ds = tf.data.Dataset.from_tensor_slices(paths)
+    ds = ds.map(lambda p: (p, tf.io.read_file(p)), num_parallel_calls=PARALLEL_READS, deterministic=True)
+    return ds.batch(batch_size).prefetch(2)
+
+
+def top_k_rows(probabilities: np.ndarray, names: list[str], k: int) -> list[list[tuple[str, float]]]:
+    """Per image, the k most probable (name, probability), ties to the lower index as tf.math.top_k."""
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return [[(names[i], float(p[i])) for i in row] for p, row in zip(probabilities, order)]
+
+
+def predict_batch(signature, paths: list[str], data: list[bytes], on_bad) -> list[tuple[str, np.ndarray]]:
+    """(path, probabilities) of each decodable image; `on_bad(path, reason)` for the others.
+
+    One call for the batch; only when the signature refuses it are the images
+    sent one by one, to find out which files are bad.
+    """
+    try:
+        probs = signature(image_bytes=tf.constant(data))["probabilities"].numpy()
+        return list(zip(paths, probs))
+    except tf.errors.InvalidArgumentError:
+        pass
+    results = []
+    for path, one in zip(paths, data):
+        try:
+            results.append((path, signature(image_bytes=tf.constant([one]))["probabilities"].numpy()[0]))
+        except tf.errors.InvalidArgumentError as e:
+            on_bad(path, _reason(e))
+    return results
+
+
+def _reason(error: Exception) -> str:
+    """The first line of a TensorFlow error, without its graph node noise."""
+    text = getattr(error, "message", str(error))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(("[[", "Detected",
+                                                                                               "<stack", "Graph"))]
+    return lines[0] if lines else type(error).__name__
+
+
+class RowWriter:
+    """CSV (path, name_1, probability_1, ...) or JSON lines ({"path", "top_k": [{"name", "probability"}]})."""
+
+    def __init__(self, stream, jsonl: bool, k: int):
+        self.stream, self.jsonl = stream, jsonl
+        if not jsonl:
+            self.csv = csv.writer(stream)
+            self.csv.writerow(["path"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("class", "probability")])
+
+    def write(self, path: str, top: list[tuple[str, float]]) -> None:
+        if self.jsonl:
+            self.stream.write(json.dumps({"path": path, "top_k": [{"name": n, "probability": p} for n, p in top]})
+                              + "\n")
+        else:
+            self.csv.writerow([path] + [v for n, p in top for v in (n, f"{p:.6f}")])
+
+
+def run(args, progress) -> dict:
+    """Predicts every image of args.inputs into args.output (or stdout); returns the counts."""
+    paths, not_images = list_images(args.inputs)
+    if not paths:
+        raise UsageError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {' '.join(args.inputs)}")
+    loaded, names = load_model(args.model, args.top_k)
+    if not args.output:
+        return _predict_all(args, loaded, names, paths, not_images, sys.stdout, progress)
+    with open(args.output, "w", newline="", encoding="utf-8") as out:
+        return _predict_all(args, loaded, names, paths, not_images, out, progress)
+
+
+def _predict_all(args, loaded, names, paths, not_images, out, progress) -> dict:
+    signature = loaded.signatures[SIGNATURE]
+    writer = RowWriter(out, args.output.endswith(".jsonl"), args.top_k)
+    counts = {"images": len(paths), "predicted": 0, "bad": 0, "skipped_not_images": not_images}
+
+    def on_bad(path, reason):
+        counts["bad"] += 1
+        print(f"bad image {path}: {reason}", file=sys.stderr)
+
+    for batch_paths, batch_data in file_batches(paths, args.batch_size):
+        batch_paths = [p.decode() for p in batch_paths.numpy()]
+        results = predict_batch(signature, batch_paths, list(batch_data.numpy()), on_bad)
+        if results:
+            rows = top_k_rows(np.stack([r for _, r in results]), names, args.top_k)
+            for (path, _), top in zip(results, rows):
+                writer.write(path, top)
+        counts["predicted"] += len(results)
+        progress(counts["predicted"] + counts["bad"], len(paths))
+    return counts
+
+
+def _progress_bar(enabled: bool):
+    def show(done: int, total: int) -> None:
+        if enabled:
+            filled = 30 * done // total
+            end = "\n" if done == total else ""
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total}{end}")
+            sys.stderr.flush()
+    return show
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.batch_size < 1:
+            raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
+        if args.output and not args.output.endswith((".csv", ".jsonl")):
+            raise UsageError(f"--output {args.output!r}: name a .csv or a .jsonl file")
+        counts = run(args, _progress_bar(sys.stderr.isatty()))
+    except UsageError as e:
+        print(f"predict: error: {e}", file=sys.stderr)
+        return 2
+    print("predict: {images} image files: {predicted} predicted, {bad} bad (skipped); "
+          "{skipped_not_images} other files skipped".format(**counts), file=sys.stderr)
+    return 0 if counts["predicted"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
