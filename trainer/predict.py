@@ -32,6 +32,7 @@ import tensorflow as tf
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 SIGNATURE = "serving_default"
+NOT_AN_IMAGE = "not a JPEG, PNG, GIF or BMP image"
 PARALLEL_READS = 8  # file reads wait on storage, not on a core
 
 log = logging.getLogger("trainer.predict")
@@ -121,8 +122,10 @@ def predict_batch(signature, paths: list[str], data: list[bytes], on_bad) -> lis
 def _reason(error: Exception) -> str:
     """The first line of a TensorFlow error, without its graph node noise."""
     text = getattr(error, "message", str(error))
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(("[[", "Detected",
-                                                                                               "<stack", "Graph"))]
+    if NOT_AN_IMAGE in text:  # the export's own check (trainer.export)
+        return NOT_AN_IMAGE
+    lines = [ln.strip() for ln in text.splitlines()
+             if ln.strip() and not ln.strip().startswith(("[[", "Detected", "<stack", "Graph"))]
     return lines[0] if lines else type(error).__name__
 
 
