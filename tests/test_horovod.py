@@ -129,7 +129,7 @@ def test_exported_model_serves_the_evaluated_accuracy(trained, digits_shards):
                      EvalOptions(per_replica_batch_size=50, image_size=8, channels=1))
     correct = total = 0
     for x, y in ds:
-        pred = np.argmax(served.serve(x).numpy(), axis=1)
+        pred = np.argmax(served.signatures["serving_images"](images=x)["probabilities"].numpy(), axis=1)
         correct += int((pred == y.numpy()).sum())
         total += len(y)
     assert total == meta["splits"]["validation"]["num_examples"] == summary["val_examples"]
