@@ -17,6 +17,10 @@ the training channels, centre-cropped by data.crop_fraction and resized exactly
 as the validation images were. A string that is not a JPEG, PNG, GIF or BMP
 fails the whole call with InvalidArgumentError naming its batch index.
 
+`loaded.preprocess(one_file_bytes)` is the per-image part of serving_default
+(check, decode, crop, resize, scale), for callers that decode in their own
+tf.data pipeline and then call serving_images (trainer.predict does).
+
 Metadata (class names, input size and channels, crop fraction, top-k, the
 run's config hash, the checkpoint's step and validation metrics) is in
 assets/serving.json and returned as a JSON string by `loaded.metadata()`.
@@ -118,6 +122,9 @@ class ServingModule(tf.Module):
         self.serve_images = tf.function(
             self._from_images, input_signature=[tf.TensorSpec([None, size, size, channels], tf.float32, name="images")])
         self.metadata = tf.function(self._metadata, input_signature=[])
+        # One file to the model's input, as serving_default does it: for callers that
+        # decode in their own tf.data pipeline (trainer.predict), then use serving_images.
+        self.preprocess = tf.function(self._preprocess, input_signature=[tf.TensorSpec([], tf.string)])
 
     def _outputs(self, images: tf.Tensor) -> dict:
         probabilities = tf.cast(self._predict(images), tf.float32)
@@ -125,13 +132,19 @@ class ServingModule(tf.Module):
         names = tf.gather(tf.constant(list(self.info.class_names)), top.indices)
         return {"probabilities": probabilities, "top_k_indices": top.indices, "top_k_names": names}
 
+    def _preprocess(self, encoded):
+        i = self.info
+        # decode_image reads more formats (WebP): the check keeps `preprocess` to the four of serving_default.
+        with tf.control_dependencies([check_image_bytes(encoded[tf.newaxis])]):
+            encoded = tf.identity(encoded)
+        return eval_image(encoded, i.channels, i.image_size, i.crop_fraction)
+
     def _from_bytes(self, image_bytes):
         i = self.info
         with tf.control_dependencies([check_image_bytes(image_bytes)]):
             image_bytes = tf.identity(image_bytes)
-        images = tf.map_fn(
-            lambda encoded: eval_image(encoded, i.channels, i.image_size, i.crop_fraction), image_bytes,
-            fn_output_signature=tf.TensorSpec([i.image_size, i.image_size, i.channels], tf.float32))
+        images = tf.map_fn(self._preprocess, image_bytes,
+                           fn_output_signature=tf.TensorSpec([i.image_size, i.image_size, i.channels], tf.float32))
         return self._outputs(images)
 
     def _from_images(self, images):

@@ -5,11 +5,12 @@
 
 Folders are read recursively; hidden files and folders, and files whose
 extension is not .jpg, .jpeg, .png, .gif or .bmp, are skipped. Files are read
-by tf.data, several at once, a batch at a time, and go through the export's
-`serving_default` signature, which decodes and preprocesses them in the graph:
-the answers are the ones a TensorFlow Serving deployment of the same export
-gives. A file the signature refuses (not an image, truncated) is reported on
-stderr, counted and skipped; the others are written, one row per image: the
+and decoded by tf.data, several at once, a few batches ahead at most, with the
+export's own `preprocess` (the function its serving_default signature maps over
+its input), and batched into its `serving_images` signature: the answers are
+the ones a TensorFlow Serving deployment of the same export gives. A file that
+cannot be read or decoded (not an image, truncated) is reported on stderr with
+serving_default's message, counted and skipped; the others are written, one row per image: the
 path and the top-k class names with their probabilities, to --output (CSV, or
 JSON lines for a .jsonl name) or to stdout as CSV. A summary line on stderr
 gives the counts. A progress bar shows on stderr when it is a terminal.
@@ -32,8 +33,8 @@ import tensorflow as tf
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 SIGNATURE = "serving_default"
+IMAGES_SIGNATURE = "serving_images"
 NOT_AN_IMAGE = "not a JPEG, PNG, GIF or BMP image"
-PARALLEL_READS = 8  # file reads wait on storage, not on a core
 
 log = logging.getLogger("trainer.predict")
 
@@ -78,7 +79,7 @@ def load_model(path: str, top_k: int):
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
         raise UsageError(f"--model {path!r}: no SavedModel there (expected RUN_DIR/export)")
     loaded = tf.saved_model.load(path)
-    if SIGNATURE not in loaded.signatures or not hasattr(loaded, "metadata"):
+    if {SIGNATURE, IMAGES_SIGNATURE} - set(loaded.signatures) or not hasattr(loaded, "preprocess"):
         raise UsageError(f"--model {path!r}: not a serving export of this trainer (no {SIGNATURE} over image bytes)")
     names = json.loads(loaded.metadata().numpy())["class_names"]
     if not 1 <= top_k <= len(names):
@@ -86,11 +87,17 @@ def load_model(path: str, top_k: int):
     return loaded, names
 
 
-def file_batches(paths: list[str], batch_size: int) -> tf.data.Dataset:
-    """(paths, encoded bytes) batches; files are read a few at a time, never all at once."""
+def image_batches(preprocess, paths: list[str], batch_size: int) -> tf.data.Dataset:
+    """(paths, model inputs) batches, files read and decoded in parallel, a few batches ahead at most.
+
+    `preprocess` is the export's own (the one serving_default maps over its
+    input). A file that cannot be read or decoded is left out; its path is
+    then missing from the stream, which is how the caller finds it.
+    """
     ds = tf.data.Dataset.from_tensor_slices(paths)
-    ds = ds.map(lambda p: (p, tf.io.read_file(p)), num_parallel_calls=PARALLEL_READS, deterministic=True)
-    return ds.batch(batch_size).prefetch(2)
+    ds = ds.map(lambda p: (p, preprocess(tf.io.read_file(p))), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    return ds.ignore_errors().batch(batch_size).prefetch(2)
 
 
 def top_k_rows(probabilities: np.ndarray, names: list[str], k: int) -> list[list[tuple[str, float]]]:
@@ -99,24 +106,16 @@ def top_k_rows(probabilities: np.ndarray, names: list[str], k: int) -> list[list
     return [[(names[i], float(p[i])) for i in row] for p, row in zip(probabilities, order)]
 
 
-def predict_batch(signature, paths: list[str], data: list[bytes], on_bad) -> list[tuple[str, np.ndarray]]:
-    """(path, probabilities) of each decodable image; `on_bad(path, reason)` for the others.
-
-    One call for the batch; only when the signature refuses it are the images
-    sent one by one, to find out which files are bad.
-    """
+def why_bad(signature, path: str) -> str:
+    """What the bytes signature (as a server would) says about a file the pipeline left out."""
     try:
-        probs = signature(image_bytes=tf.constant(data))["probabilities"].numpy()
-        return list(zip(paths, probs))
-    except tf.errors.InvalidArgumentError:
-        pass
-    results = []
-    for path, one in zip(paths, data):
-        try:
-            results.append((path, signature(image_bytes=tf.constant([one]))["probabilities"].numpy()[0]))
-        except tf.errors.InvalidArgumentError as e:
-            on_bad(path, _reason(e))
-    return results
+        with open(path, "rb") as f:
+            signature(image_bytes=tf.constant([f.read()]))
+    except OSError as e:
+        return e.strerror or str(e)
+    except tf.errors.InvalidArgumentError as e:
+        return _reason(e)
+    return "could not be decoded"
 
 
 def _reason(error: Exception) -> str:
@@ -159,23 +158,27 @@ def run(args, progress) -> dict:
 
 
 def _predict_all(args, loaded, names, paths, not_images, out, progress) -> dict:
-    signature = loaded.signatures[SIGNATURE]
+    by_images = loaded.signatures[IMAGES_SIGNATURE]
     writer = RowWriter(out, args.output.endswith(".jsonl"), args.top_k)
     counts = {"images": len(paths), "predicted": 0, "bad": 0, "skipped_not_images": not_images}
+    expected = iter(paths)  # the stream keeps this order, less the bad files
 
-    def on_bad(path, reason):
+    def bad(path):
         counts["bad"] += 1
-        print(f"bad image {path}: {reason}", file=sys.stderr)
+        print(f"bad image {path}: {why_bad(loaded.signatures[SIGNATURE], path)}", file=sys.stderr)
 
-    for batch_paths, batch_data in file_batches(paths, args.batch_size):
+    for batch_paths, images in image_batches(loaded.preprocess, paths, args.batch_size):
         batch_paths = [p.decode() for p in batch_paths.numpy()]
-        results = predict_batch(signature, batch_paths, list(batch_data.numpy()), on_bad)
-        if results:
-            rows = top_k_rows(np.stack([r for _, r in results]), names, args.top_k)
-            for (path, _), top in zip(results, rows):
-                writer.write(path, top)
-        counts["predicted"] += len(results)
+        rows = top_k_rows(by_images(images=images)["probabilities"].numpy(), names, args.top_k)
+        for path, top in zip(batch_paths, rows):
+            for missing in iter(lambda: next(expected), path):
+                bad(missing)
+            writer.write(path, top)
+        counts["predicted"] += len(batch_paths)
         progress(counts["predicted"] + counts["bad"], len(paths))
+    for missing in expected:
+        bad(missing)
+    progress(len(paths), len(paths))
     return counts
 
 
