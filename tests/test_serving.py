@@ -150,6 +150,7 @@ def test_predict_skips_and_counts_bad_files_and_exits_2_on_bad_arguments(trained
         (["--model", model, folder / "notes.txt"], "no image files"),
         (["--model", model, tmp_path / "missing"], "no such file or folder"),
         (["--model", model, folder, "--top-k", "11"], "--top-k 11: must be between 1 and the model's 10 classes"),
+        (["--model", model, folder, "--output", tmp_path / "no" / "p.csv"], "its folder does not exist"),
     ):
         res = run([sys.executable, "-m", "trainer.predict", *argv])
         assert res.returncode == 2 and message in res.stderr, (argv, res.returncode, res.stderr[-2000:])

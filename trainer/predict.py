@@ -200,6 +200,8 @@ def main(argv=None) -> int:
             raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
         if args.output and not args.output.endswith((".csv", ".jsonl")):
             raise UsageError(f"--output {args.output!r}: name a .csv or a .jsonl file")
+        if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+            raise UsageError(f"--output {args.output!r}: its folder does not exist")
         counts = run(args, _progress_bar(sys.stderr.isatty()))
     except UsageError as e:
         print(f"predict: error: {e}", file=sys.stderr)
