@@ -12,6 +12,7 @@ import shutil
 
 import numpy as np
 
+from data_pipeline import atomic
 from data_pipeline.images import ImageOptions
 from data_pipeline.metadata import DataError
 from data_pipeline.shard_writer import ShardTask
@@ -78,5 +79,4 @@ def prepare_work_dir(work_dir: str, fingerprint: list[str], overwrite: bool) -> 
         shutil.rmtree(work_dir)
     os.makedirs(os.path.dirname(work_dir), exist_ok=True)
     os.makedirs(work_dir, mode=0o750)
-    with open(plan_path, "w", encoding="utf-8") as f:
-        json.dump(fingerprint, f)
+    atomic.write_json(plan_path, fingerprint)

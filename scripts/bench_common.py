@@ -10,6 +10,8 @@ import platform
 import statistics
 import time
 
+from data_pipeline import atomic
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results.json")
 
@@ -28,8 +30,7 @@ def merge_results(path: str, key: str, result: dict) -> None:
             results = json.load(f)
     results[key] = result
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+    atomic.write_json(path, results)
 
 
 def machine() -> dict:

@@ -168,7 +168,8 @@ class RuntimeConfig:
       inter_op_threads: ops run at once; 0 as above.
       deterministic: enable TensorFlow op determinism (slower; exact reruns).
       log_all_ranks: log INFO from every rank, not only from rank 0, and the
-        per-epoch details (evaluations, checkpoints written, metric records) at DEBUG.
+        details at DEBUG: per epoch (evaluations, checkpoints written, metric
+        records) and per start (weight digests, the shards each rank reads).
     """
 
     intra_op_threads: int = 0

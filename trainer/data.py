@@ -86,7 +86,7 @@ def train_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_r
     d = cfg.data
     counts, skip = list(spec.train_shard_counts), start_step * per_replica
     mine = files_at(spec.train_files, counts, ctx.size, ctx.rank, d.seed, skip)
-    log.info("train shards read by this rank: %s", ",".join(os.path.basename(f) for f in mine))
+    log.debug("train shards read by this rank: %s", ",".join(os.path.basename(f) for f in mine))
     options = TrainOptions(
         per_replica_batch_size=per_replica, image_size=size, channels=channels,
         num_shards=ctx.size, shard_index=ctx.rank, shard_counts=counts, crop_fraction=d.crop_fraction,

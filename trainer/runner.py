@@ -105,7 +105,7 @@ class TrainingRun:
         spe, epochs = self.steps_per_epoch, self.cfg.train.epochs
         if start_step >= epochs * spe:
             return None
-        log.info("weights before broadcast: %s", weights_digest(self.model.variables))
+        log.debug("weights before broadcast: %s", weights_digest(self.model.variables))
         timer = cb.StepTimer(ctx, self.global_batch)
         # Built per context: an elastic resize changes which records each rank evaluates.
         validation = PeriodicValidation(self.evaluator(ctx), self.cfg.train.validate_every_epochs, epochs)
@@ -208,7 +208,7 @@ class TrainingRun:
 def check_replicas_agree(ctx: DistContext, model) -> None:
     """Fails loudly if the ranks' models differ after training (they must not)."""
     digest = weights_digest(model.variables)
-    log.info("weights after training: %s", digest)
+    log.debug("weights after training: %s", digest)
     digests = ctx.allgather_object(digest, "final.digest")
     if len(set(digests)) != 1:
         raise RuntimeError(f"replicas diverged: weight digests by rank {digests}")
