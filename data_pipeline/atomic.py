@@ -13,8 +13,29 @@ import os
 import shutil
 
 
+def fsync_dir(path: str) -> None:
+    """Makes a folder's entries (a rename, a new file) survive a power loss, not only its files' bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str) -> None:
+    """fsyncs every file and folder under `path`, and `path` itself."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
 def write_text(path: str, text: str, durable: bool = False) -> None:
-    """Replaces the file `path` with `text`; `durable` also fsyncs it before the rename."""
+    """Replaces the file `path` with `text`; `durable` also fsyncs it before the rename, and the rename."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -23,6 +44,8 @@ def write_text(path: str, text: str, durable: bool = False) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:
+            fsync_dir(os.path.dirname(path) or ".")
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -46,18 +69,24 @@ def replace_dir(new: str, target: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(final: str, mode: int = 0o750):
+def staged_dir(final: str, mode: int = 0o750, durable: bool = False):
     """Yields an empty temporary folder beside `final`, which becomes `final` when the block ends.
 
     If the block raises, the temporary folder is removed and `final` (new or
-    old) is untouched.
+    old) is untouched. `durable` fsyncs every file and folder before the
+    rename, and the parent after it: without that, a power loss can leave a
+    renamed folder whose files are empty or short.
     """
     tmp = f"{final}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp, mode=mode)
     try:
         yield tmp
+        if durable:
+            fsync_tree(tmp)
         replace_dir(tmp, final)
+        if durable:
+            fsync_dir(os.path.dirname(final) or ".")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

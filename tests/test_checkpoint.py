@@ -1,11 +1,15 @@
 import json
+import logging
 import os
 
 import keras
 import numpy as np
 import pytest
 
+from data_pipeline import atomic
+from trainer import outputs
 from trainer.checkpoint import CheckpointError, CheckpointManager
+from trainer.config import ExperimentConfig
 
 
 def small_model(seed):
@@ -114,3 +118,120 @@ def test_without_a_best_metric_only_the_latest_are_kept(tmp_path):
         plain.resolve("best")
     with pytest.raises(CheckpointError, match=r"^'step-000000001' is not a checkpoint$"):
         plain.resolve("step-000000001")
+
+
+def fake_checkpoint(directory, name, epoch, global_step, spe, **extra):
+    """A folder with only state.json: enough for ordering, pruning and the best."""
+    path = directory / name
+    path.mkdir(parents=True)
+    state = {"epoch": epoch, "global_step": global_step, "steps_per_epoch": spe, **extra}
+    (path / "state.json").write_text(json.dumps(state))
+    return str(path)
+
+
+def test_order_and_pruning_follow_progress_not_the_step_in_the_name(tmp_path):
+    # 4 epochs of 22 steps at global batch 32, then a resume at 128: 5 steps an epoch, re-based to step 20.
+    for epoch in (3, 4):
+        fake_checkpoint(tmp_path, f"step-{epoch * 22:09d}", epoch, epoch * 22, 22)
+    fake_checkpoint(tmp_path, "step-000000025", 5, 25, 5)
+    mgr = CheckpointManager(str(tmp_path), keep=2)
+    assert mgr.latest() == str(tmp_path / "step-000000025")
+    model = small_model(0)
+    train_a_little(model, 1)
+    model.optimizer.iterations.assign(30)
+    assert mgr.save(model, {"epoch": 6, "steps_per_epoch": 5}) == str(tmp_path / "step-000000030")
+    assert sorted(os.listdir(tmp_path)) == ["step-000000025", "step-000000030"]
+    assert mgr.latest() == mgr.resolve("latest") == str(tmp_path / "step-000000030")
+    # Mid-epoch progress counts as a fraction of the epoch, whatever its steps per epoch.
+    fake_checkpoint(tmp_path, "step-000000140", 6, 140, 22)  # 8 of 22 steps into the 7th epoch
+    fake_checkpoint(tmp_path, "step-000000033", 6, 33, 5)  # 3 of 5
+    assert mgr.latest() == str(tmp_path / "step-000000033")
+
+
+def test_a_save_never_replaces_a_checkpoint_of_other_progress(tmp_path):
+    first = fake_checkpoint(tmp_path, "step-000000044", 2, 44, 22)
+    model = small_model(0)
+    train_a_little(model, 1)
+    model.optimizer.iterations.assign(44)
+    path = CheckpointManager(str(tmp_path), keep=5).save(model, {"epoch": 11, "steps_per_epoch": 4})
+    assert path == str(tmp_path / "step-000000044-2")
+    assert json.loads((tmp_path / "step-000000044" / "state.json").read_text())["epoch"] == 2
+    mgr = CheckpointManager(str(tmp_path))
+    assert mgr.latest() == mgr.resolve("step-000000044-2") == path and mgr.resolve("step-000000044") == first
+    # The same progress again (a resume from an earlier checkpoint) replaces its own folder.
+    assert mgr.save(model, {"epoch": 11, "steps_per_epoch": 4}) == path
+    assert sorted(os.listdir(tmp_path)) == ["step-000000044", "step-000000044-2"]
+
+
+def saved(mgr, model, epoch):
+    model.optimizer.iterations.assign(epoch)
+    return mgr.save(model, {"epoch": epoch, "steps_per_epoch": 1})
+
+
+@pytest.mark.parametrize("tear", ["truncated weights", "unreadable state"])
+def test_a_torn_newest_checkpoint_falls_back_to_the_one_before_with_a_warning(tmp_path, caplog, tear):
+    model = small_model(0)
+    train_a_little(model, 1)
+    mgr = CheckpointManager(str(tmp_path), keep=3)
+    before = saved(mgr, model, 1)
+    expected = [v.numpy() for v in model.weights]
+    train_a_little(model, 1)
+    newest = saved(mgr, model, 2)
+    if tear == "truncated weights":
+        with open(os.path.join(newest, "model.weights.h5"), "r+b") as f:
+            f.truncate(100)
+    else:
+        with open(os.path.join(newest, "state.json"), "w") as f:
+            f.write('{"epoch": ')
+    other = small_model(3)
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        state = mgr.restore_latest(other, None)
+    assert state["path"] == before and state["epoch"] == 1
+    for want, got in zip(expected, other.weights):
+        np.testing.assert_array_equal(want, got.numpy())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and newest in warnings[0] and before in warnings[0], warnings
+    # Nothing readable at all is an error, not a fresh start.
+    with open(os.path.join(before, "state.json"), "w") as f:
+        f.write("")
+    with pytest.raises(CheckpointError, match="no readable checkpoint in"):
+        mgr.restore_latest(other, None)
+
+
+def test_nan_or_inf_never_becomes_the_best(tmp_path):
+    for step, acc in ((1, 0.5), (2, float("nan")), (3, float("inf")), (4, 0.4)):
+        fake_checkpoint(tmp_path, f"step-{step:09d}", step, step, 1, validation={"val_accuracy": acc})
+    assert CheckpointManager(str(tmp_path), best_metric="val_accuracy").best() == str(tmp_path / "step-000000001")
+    assert CheckpointManager(str(tmp_path), best_metric="val_accuracy", best_mode="min").best() == \
+        str(tmp_path / "step-000000004")
+
+
+def test_leftovers_of_killed_saves_are_removed_at_start(tmp_path):
+    fake_checkpoint(tmp_path, "step-000000001", 1, 1, 1)
+    fake_checkpoint(tmp_path, "step-000000002.tmp-77", 2, 2, 1)
+    (tmp_path / "best.json.tmp-77").write_text("{")
+    fake_checkpoint(tmp_path, "step-000000001.old-78", 1, 1, 1)  # its replacement is in place
+    fake_checkpoint(tmp_path, "step-000000003.old-79", 3, 3, 1)  # killed between the two renames
+    CheckpointManager(str(tmp_path)).remove_leftovers()
+    assert sorted(os.listdir(tmp_path)) == ["step-000000001", "step-000000003"]
+    cfg = ExperimentConfig()
+    cfg.run_dir = str(tmp_path / "run")
+    fake_checkpoint(tmp_path / "run" / "checkpoints", "step-000000004.tmp-80", 4, 4, 1)
+    outputs.ChiefOutputs(cfg).start()
+    assert os.listdir(tmp_path / "run" / "checkpoints") == []
+
+
+def test_a_checkpoint_is_fsynced_file_by_file_and_folder_before_its_rename(tmp_path, monkeypatch):
+    events = []
+    fsync, rename = os.fsync, os.rename
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                        fsync(fd))[1])
+    monkeypatch.setattr(atomic.os, "rename", lambda a, b: (events.append(("rename", a)), rename(a, b))[1])
+    model = small_model(0)
+    train_a_little(model, 1)
+    final = CheckpointManager(str(tmp_path)).save(model, {"epoch": 1})
+    (moved,) = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    tmp = events[moved][1]
+    synced = {os.path.relpath(p, tmp) for kind, p in events[:moved] if kind == "fsync"}
+    assert synced == {".", *os.listdir(final)}
+    assert ("fsync", str(tmp_path)) in events[moved:]

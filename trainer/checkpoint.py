@@ -1,7 +1,8 @@
 """Checkpoints: model weights, optimizer state and progress, written atomically.
 
 A checkpoint is a folder `RUN_DIR/checkpoints/step-000000132/`, named by the
-global step, holding
+global step (`step-000000132-2`, `-3`... when that name already holds other
+progress, as after a resume with another global batch), holding
   model.weights.h5   Keras weights (BatchNorm statistics included),
   optimizer.npz      optimizer variables, among them the step counter that
                      positions the learning-rate schedule,
@@ -9,19 +10,25 @@ global step, holding
   state.json         epoch, global step, steps per epoch, world size, batch,
                      data seed, a hash of the config, and the model signature
                      (name, input shape, classes) that a resume must match.
-It is written under a temporary name and renamed into place, so a crash at any
-moment leaves the earlier checkpoints as they were; `latest()` only sees
-complete ones. Nothing is unpickled: HDF5, npz with allow_pickle=False and JSON.
+It is written under a temporary name, every file and the folder fsynced, and
+renamed into place, so a crash or power loss at any moment leaves the earlier
+checkpoints as they were; `latest()` only sees complete ones. Nothing is
+unpickled: HDF5, npz with allow_pickle=False and JSON.
 
-The last `keep` checkpoints are kept, and with a `best_metric` also the one
-whose state.json holds the best value of it (under "validation"), however
-old; `checkpoints/best.json` names it. The best is found from the state.json
+Order is training progress as state.json records it (epoch, then the fraction
+of the next epoch done), never the folder name: a resume with a larger global
+batch re-bases the global step lower, and its newer checkpoints must still
+count as newer. The last `keep` checkpoints in that order are kept, and with a `best_metric` also the one
+whose state.json holds the best finite value of it (under "validation"),
+however old; `checkpoints/best.json` names it. The best is found from the state.json
 files themselves, so a crash between a save and the pointer update loses
 nothing: the pointer is rewritten at the next save.
 """
 
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -32,7 +39,7 @@ from data_pipeline import atomic
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^step-(\d{9,})$")
+_NAME = re.compile(r"^step-(\d{9,})(-\d+)?$")
 STATE_FILE = "state.json"
 BEST_FILE = "best.json"
 WEIGHTS_FILE = "model.weights.h5"
@@ -54,6 +61,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit this run; str(e) is one line."""
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """A checkpoint whose files cannot be read (torn by a crash or a full disk): an earlier one may do."""
+
+
+def progress(state: dict) -> tuple[int, float]:
+    """(completed epochs, fraction of the next epoch done): comparable across steps-per-epoch changes."""
+    epoch, step = int(state["epoch"]), int(state["global_step"])
+    spe = int(state.get("steps_per_epoch") or 0)
+    return epoch, (step - epoch * spe) / spe if spe > 0 else 0.0
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -66,45 +84,72 @@ class CheckpointManager:
         self.best_metric = best_metric
         self.best_mode = best_mode
 
-    def _steps(self) -> list[int]:
+    def remove_leftovers(self) -> None:
+        """Deletes `*.tmp-*` of killed writes; puts back a `*.old-*` whose replacement never arrived.
+
+        For rank 0 at the start of a run (ChiefOutputs.start): no save is under way then.
+        """
         if not os.path.isdir(self.directory):
-            return []
-        found = []
+            return
+        for name in sorted(os.listdir(self.directory)):
+            path = os.path.join(self.directory, name)
+            old = re.match(r"^(.*)\.old-\d+$", name)
+            if old and not os.path.exists(os.path.join(self.directory, old.group(1))):
+                log.warning("restoring %s, left aside by a save that was killed", old.group(1))
+                os.rename(path, os.path.join(self.directory, old.group(1)))
+            elif old or re.search(r"\.tmp-\d+$", name):
+                log.info("removing %s, left by a save that was killed", path)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+
+    def _scan(self) -> tuple[list[tuple[tuple, str, dict]], list[tuple[str, str]]]:
+        """(order key, path, state) of the readable checkpoints, oldest progress first; (path, why) of the rest.
+
+        Equal progress (a resume from an earlier checkpoint that reached it again) goes by write time.
+        """
+        if not os.path.isdir(self.directory):
+            return [], []
+        found, unreadable = [], []
         for name in os.listdir(self.directory):
-            m = _NAME.match(name)
-            if m and os.path.isfile(os.path.join(self.directory, name, STATE_FILE)):
-                found.append(int(m.group(1)))
-        return sorted(found)
+            path = os.path.join(self.directory, name)
+            if not _NAME.match(name) or not os.path.isfile(os.path.join(path, STATE_FILE)):
+                continue
+            try:
+                state = self.read_state(path)
+                key = (*progress(state), os.stat(os.path.join(path, STATE_FILE)).st_mtime_ns, name)
+            except (CheckpointError, OSError, KeyError, TypeError, ValueError) as e:
+                unreadable.append((path, str(e) if isinstance(e, CheckpointError) else
+                                   f"cannot read checkpoint {path!r}: state.json has no valid {_first_line(e)}"))
+                continue
+            found.append((key, path, state))
+        return sorted(found, key=lambda entry: entry[0]), sorted(unreadable)
 
     def path(self, global_step: int) -> str:
         return os.path.join(self.directory, f"step-{global_step:09d}")
 
     def latest(self) -> str | None:
-        steps = self._steps()
-        return self.path(steps[-1]) if steps else None
+        found, _ = self._scan()
+        return found[-1][1] if found else None
 
-    def _best_step(self) -> tuple[int, dict] | None:
-        """(step, state) of the checkpoint with the best best_metric; the earliest of equals."""
+    def _best(self, found: list) -> tuple[str, dict] | None:
+        """(path, state) of the checkpoint with the best finite best_metric; the earliest of equals."""
         if not self.best_metric:
             return None
         best = None
-        for step in self._steps():
-            try:
-                state = self.read_state(self.path(step))
-            except CheckpointError as e:
-                log.warning("%s; not a candidate for the best checkpoint", e)
-                continue
+        for _, path, state in found:
             value = (state.get("validation") or {}).get(self.best_metric)
-            if value is None:
-                continue
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue  # not validated, or a diverged run's NaN/inf: never the best
             if best is None or (value > best[2] if self.best_mode == "max" else value < best[2]):
-                best = (step, state, value)
+                best = (path, state, value)
         return best[:2] if best else None
 
     def best(self) -> str | None:
         """The best checkpoint by best_metric, or None (no metric, or nothing validated yet)."""
-        found = self._best_step()
-        return self.path(found[0]) if found else None
+        found = self._best(self._scan()[0])
+        return found[0] if found else None
 
     def recorded_best(self) -> str | None:
         """The checkpoint best.json names (the metric of the run that wrote it), else best()."""
@@ -125,19 +170,36 @@ class CheckpointManager:
             raise CheckpointError(f"{what} in {self.directory!r}" if path is None else what)
         return path
 
-    def _write_best_pointer(self, found: tuple[int, dict] | None) -> None:
+    def _write_best_pointer(self, found: tuple[str, dict] | None) -> None:
         pointer = os.path.join(self.directory, BEST_FILE)
         if found is None:
             if os.path.exists(pointer):
                 os.remove(pointer)
             return
-        step, state = found
+        path, state = found
         info = {
-            "checkpoint": os.path.basename(self.path(step)), "global_step": step, "epoch": state.get("epoch"),
+            "checkpoint": os.path.basename(path), "global_step": state["global_step"], "epoch": state.get("epoch"),
             "metric": self.best_metric, "mode": self.best_mode, "value": state["validation"][self.best_metric],
             "validation": state["validation"],
         }
-        atomic.write_json(pointer, info)
+        atomic.write_json(pointer, info, durable=True)
+
+    def _target(self, state: dict) -> str:
+        """The folder for `state`: its step's name, or the first free suffix when that holds other progress.
+
+        Replacing is only ever of the same progress (a resume that reached it again).
+        """
+        base = self.path(state["global_step"])
+        for n in itertools.count(1):
+            path = base if n == 1 else f"{base}-{n}"
+            if not os.path.exists(path):
+                return path
+            try:
+                if progress(self.read_state(path)) == progress(state):
+                    return path
+            except (CheckpointError, KeyError, TypeError, ValueError):
+                pass  # unreadable: kept as it is, for a person to look at
+        raise AssertionError("unreachable")
 
     def save(self, model, state: dict) -> str:
         """Writes a checkpoint at the optimizer's current step and prunes old ones.
@@ -145,10 +207,10 @@ class CheckpointManager:
         `state` is stored in state.json beside the global step. Raises OSError
         when the write fails; the earlier checkpoints are then untouched.
         """
-        global_step = int(model.optimizer.iterations.numpy())
+        state = {**state, "global_step": int(model.optimizer.iterations.numpy())}
         os.makedirs(self.directory, mode=0o750, exist_ok=True)
-        final = self.path(global_step)
-        with atomic.staged_dir(final) as tmp:
+        final = self._target(state)
+        with atomic.staged_dir(final, durable=True) as tmp:
             model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
             store: dict = {}
             model.optimizer.save_own_variables(store)
@@ -156,15 +218,34 @@ class CheckpointManager:
             np.savez(os.path.join(tmp, RNG_FILE), *[v.numpy() for v in rng_variables(model)])
             # state.json last: its presence marks the folder complete.
             with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-                json.dump({**state, "global_step": global_step}, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-        best = self._best_step()
+                json.dump(state, f, indent=2, sort_keys=True)
+        found, _ = self._scan()
+        best = self._best(found)
         self._write_best_pointer(best)
-        for old in self._steps()[: -self.keep]:
+        for _, old, _ in found[: -self.keep]:
             if best is None or old != best[0]:
-                shutil.rmtree(self.path(old), ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def restore_latest(self, model, expect_model: dict | None = None) -> dict | None:
+        """Restores the newest checkpoint that can be read, warning about each newer one that cannot.
+
+        Returns its state with its "path", or None when there is no checkpoint.
+        A checkpoint of another model is an error, not a reason to go back.
+        """
+        found, skipped = self._scan()
+        for _, path, _ in reversed(found):
+            try:
+                state = self.restore(model, path, expect_model)
+            except UnreadableCheckpoint as e:
+                skipped.append((path, str(e)))
+                continue
+            for _, why in skipped:
+                log.warning("%s; restoring %s instead", why, path)
+            return {**state, "path": path}
+        if skipped:
+            raise UnreadableCheckpoint(f"no readable checkpoint in {self.directory!r}: {skipped[-1][1]}")
+        return None
 
     @staticmethod
     def read_state(path: str) -> dict:
@@ -172,7 +253,7 @@ class CheckpointManager:
             with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
                 return json.load(f)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read checkpoint {path!r}: {_first_line(e)}") from None
+            raise UnreadableCheckpoint(f"cannot read checkpoint {path!r}: {_first_line(e)}") from None
 
     def restore(self, model, path: str, expect_model: dict | None = None) -> dict:
         """Loads weights and optimizer state from `path` into a compiled model.
@@ -203,7 +284,7 @@ class CheckpointManager:
                 for i, v in enumerate(rng):
                     v.assign(npz[f"arr_{i}"])
         except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"cannot restore checkpoint {path!r}: {_first_line(e)}") from None
+            raise UnreadableCheckpoint(f"cannot restore checkpoint {path!r}: {_first_line(e)}") from None
         return state
 
 

@@ -81,14 +81,15 @@ class ChiefOutputs(RunOutputs):
 
     def start(self) -> None:
         os.makedirs(self.run_dir, mode=0o750, exist_ok=True)
+        self.checkpoints.remove_leftovers()  # only rank 0 saves, so no save of this run is under way
         atomic.write_text(os.path.join(self.run_dir, "config.yaml"), dump_yaml(self.cfg))
 
     def restore_latest(self, model, expect_model: dict) -> dict | None:
-        path = self.checkpoints.latest()
-        if path is None:
+        """The newest checkpoint by progress; an earlier one (with a warning) when it is torn."""
+        state = self.checkpoints.restore_latest(model, expect_model)
+        if state is None:
             return None
-        state = self.checkpoints.restore(model, path, expect_model)
-        log.info("resumed from %s (epoch %d, step %d)", path, state["epoch"], state["global_step"])
+        log.info("resumed from %s (epoch %d, step %d)", state.pop("path"), state["epoch"], state["global_step"])
         return state
 
     def restore(self, model, which: str, expect_model: dict) -> dict:
