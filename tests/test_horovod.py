@@ -285,6 +285,27 @@ def test_resume_at_another_world_size_and_refusal_of_another_model(digits_shards
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
+def test_a_larger_global_batch_re_bases_the_step_lower_and_resumes_still_go_forward(digits_shards, tmp_path):
+    from trainer.checkpoint import CheckpointManager
+
+    run_dir = tmp_path / "run"
+    ends = []
+    # 1437 training images: 44 steps an epoch at global batch 32, 11 at 128 (step 4 x 11 = 44 < 176).
+    for batch, epochs in ((32, 4), (128, 5), (128, 6)):
+        res = run(launch_argv(run_dir, digits_shards, "--set", f"data.global_batch_size={batch}",
+                              "--set", f"train.epochs={epochs}", "--set", "train.export=false"), timeout=600)
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, out[-3000:]
+        if ends:  # every restart continues from the previous run's end
+            resumed = re.search(r"resumed from (\S+) \(epoch (\d+), step (\d+)\)", out)
+            assert resumed and (resumed.group(1), int(resumed.group(2))) == ends[-1], out[-3000:]
+        latest = CheckpointManager(str(run_dir / "checkpoints")).latest()
+        ends.append((latest, json.loads((Path(latest) / "state.json").read_text())["epoch"]))
+    assert [epoch for _, epoch in ends] == [4, 5, 6]
+    assert [Path(p).name for p, _ in ends] == ["step-000000176", "step-000000055", "step-000000066"]
+    assert [r["epoch"] for r in epoch_records(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
