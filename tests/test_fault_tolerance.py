@@ -133,14 +133,25 @@ while True:
 """
 
 
+def wait_for_a_save_in_progress(proc, ckpt, inside: str) -> None:
+    """Returns once a temporary checkpoint folder holds `inside` (or, with "", exists): a save is under way."""
+    deadline = time.time() + 60
+    while not [p for p in ckpt.glob("*.tmp-*") if not inside or (p / inside).exists()]:
+        assert proc.poll() is None and time.time() < deadline, "no save started"
+        time.sleep(0.001)
+
+
 def test_killing_the_writer_mid_save_leaves_a_loadable_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
-    for delay in (0.15, 0.4, 0.75):
+    # Killed as a save starts, and while it writes the weights: not at delays that may fall between saves.
+    for inside in ("", "model.weights.h5", "", "model.weights.h5"):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(ckpt), str(ROOT)], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "saved once"
-        time.sleep(delay)  # somewhere inside a later save
+        wait_for_a_save_in_progress(proc, ckpt, inside)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        # The kill did interrupt a save: its temporary folder is still there.
+        assert [p for p in os.listdir(ckpt) if ".tmp-" in p], os.listdir(ckpt)
         latest = CheckpointManager(str(ckpt)).latest()
         assert latest is not None
         inputs = keras.Input((2048,))
@@ -151,3 +162,6 @@ def test_killing_the_writer_mid_save_leaves_a_loadable_checkpoint(tmp_path):
         # The interrupted write left at most a temporary folder, never a partial checkpoint.
         partial = [p for p in os.listdir(ckpt) if not p.startswith("step-") or ".tmp-" in p]
         assert all(".tmp-" in p for p in partial)
+        # What the next start's rank 0 clears away.
+        CheckpointManager(str(ckpt)).remove_leftovers()
+        assert not [p for p in os.listdir(ckpt) if ".tmp-" in p or ".old-" in p]
