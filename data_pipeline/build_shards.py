@@ -53,6 +53,44 @@ def _check(num_shards, val_fraction, num_val_shards, shard_size_mb, workers, opt
             raise DataError(message)
 
 
+def _relation(path: str, src: str) -> str | None:
+    """How `path` lies to the folder `src`, after resolving symlinks: "is", "is inside", "holds" or None."""
+    real, src = os.path.realpath(path), os.path.realpath(src)
+    common = os.path.commonpath([real, src])
+    if common not in (real, src):
+        return None
+    return "is" if real == src else "is inside" if common == src else "holds"
+
+
+def _outputs(out_dir: str) -> tuple[tuple[str, str], ...]:
+    return ("--out", out_dir), ("its work folder", f"{out_dir}.partial")
+
+
+def _refuse(what: str, path: str, relation: str, source: str) -> None:
+    raise DataError(f"{what} {path!r} {relation} {source}: writing there would delete the input; "
+                    "choose an output folder outside it")
+
+
+def _check_input_kept(images_dir: str | None, csv_path: str | None, out_dir: str) -> None:
+    """Refuses an output or work folder that is, holds or lies in the input folder (for --csv: that is or holds
+    the CSV's folder), since publishing or --overwrite replaces it. A symlink to the input is caught too."""
+    for what, path in _outputs(out_dir):
+        if images_dir is not None and (relation := _relation(path, images_dir)):
+            _refuse(what, path, relation, f"--images {images_dir!r}")
+        csv_dir = csv_path and os.path.dirname(os.path.abspath(csv_path))
+        if csv_dir and (relation := _relation(path, csv_dir)) in ("is", "holds"):
+            _refuse(what, path, relation, f"the folder of --csv {csv_path!r}")
+
+
+def _check_listed_files_kept(inv, csv_path: str, out_dir: str) -> None:
+    """--out may lie in the CSV's folder, but must hold none of the files the CSV lists."""
+    folders = {os.path.dirname(s.path) for sources in inv.splits.values() for s in sources}
+    for what, path in _outputs(out_dir):
+        for folder in sorted(folders):
+            if (relation := _relation(path, folder)) in ("is", "holds"):
+                _refuse(what, path, relation, f"{folder!r}, listed in --csv {csv_path!r}")
+
+
 def _os_error_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename:
         return f"{e.strerror or type(e).__name__}: {e.filename!r}"
@@ -110,6 +148,7 @@ def build(
     _check(num_shards, val_fraction, num_val_shards, shard_size_mb, workers, opts)
     if (images_dir is None) == (csv_path is None):
         raise DataError("give either --images or --csv")
+    _check_input_kept(images_dir, csv_path, out_dir)
     out_dir = os.path.abspath(out_dir)
     work_dir = f"{out_dir}.partial"
     if os.path.exists(out_dir) and not overwrite:
@@ -117,6 +156,8 @@ def build(
 
     def scan_and_plan():
         inv = scan_csv(csv_path) if csv_path else scan_folder(images_dir, keep_empty_classes)
+        if csv_path:
+            _check_listed_files_kept(inv, csv_path, out_dir)
         tasks = plan(inv, num_shards, num_val_shards, val_fraction, seed, shard_size_mb)
         prepare_work_dir(work_dir, plan_fingerprint(tasks, opts), overwrite)
         return inv, tasks

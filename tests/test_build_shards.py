@@ -258,3 +258,53 @@ def test_record_writer_matches_tensorflow(tmp_path):
             w.write(rec)
     # TensorFlow's reader checks both CRCs of every record.
     assert [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "r.tfrecord"))] == records_in
+
+
+def _small_folder(root) -> dict[str, bytes]:
+    for c, cls in enumerate(("x", "y")):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            (root / cls / f"{i}.png").write_bytes(_encode(_noise(4, 4, 10 * c + i), "PNG"))
+    return {str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("case, relation", [
+    ("same", "is"), ("inside", "is inside"), ("above", "holds"), ("symlink", "is"), ("work-folder", "is"),
+    ("csv-folder", "is"), ("csv-listed", "holds"),
+])
+def test_output_that_would_delete_the_input_is_refused(case, relation, overwrite, tmp_path):
+    images = tmp_path / "top" / "images"
+    if case == "work-folder":  # <out>.partial is the input
+        images = tmp_path / "top" / "data.partial"
+    before = _small_folder(images)
+    source = ["--images", images]
+    out = {"same": images, "inside": images / "out", "above": tmp_path / "top", "symlink": tmp_path / "link",
+           "work-folder": tmp_path / "top" / "data", "csv-folder": images, "csv-listed": images}[case]
+    what = "its work folder" if case == "work-folder" else "--out"
+    if case == "symlink":
+        out.symlink_to(images, target_is_directory=True)
+    if case == "csv-folder":
+        listing = images / "list.csv"
+        listing.write_text("path,label\nx/0.png,x\ny/0.png,y\n")
+        before[str(listing)] = listing.read_bytes()
+        source = ["--csv", listing]
+    if case == "csv-listed":  # the CSV lies elsewhere; the files it lists are in --out
+        listing = tmp_path / "lists" / "list.csv"
+        listing.parent.mkdir()
+        listing.write_text("path,label\n../top/images/x/0.png,x\n../top/images/y/0.png,y\n")
+        source = ["--csv", listing]
+    res = run([sys.executable, "-m", "data_pipeline.build_shards", *source, "--out", out, "--num-shards", "1",
+               "--workers", "1", *(["--overwrite"] if overwrite else [])])
+    assert res.returncode == 2, res.stderr
+    shown = f"{out}.partial" if case == "work-folder" else str(out)
+    given = {"csv-folder": f"the folder of --csv {str(listing)!r}" if case == "csv-folder" else "",
+             "csv-listed": f"{str(images / 'x')!r}, listed in --csv {str(listing)!r}" if case == "csv-listed" else ""
+             }.get(case, f"--images {str(images)!r}")
+    message = (f"{what} {shown!r} {relation} {given}: writing there would delete the input; choose an output "
+               "folder outside it")
+    if case == "csv-listed" and not overwrite:  # the CSV is read after this older refusal
+        message = f"output folder {str(out)!r} already exists (pass --overwrite to replace it)"
+    assert res.stderr.strip() == f"build_shards: error: {message}"
+    assert {str(p): p.read_bytes() for p in images.rglob("*") if p.is_file()} == before
+    assert case == "work-folder" or not os.path.exists(f"{out}.partial")
