@@ -308,3 +308,21 @@ def test_output_that_would_delete_the_input_is_refused(case, relation, overwrite
     assert res.stderr.strip() == f"build_shards: error: {message}"
     assert {str(p): p.read_bytes() for p in images.rglob("*") if p.is_file()} == before
     assert case == "work-folder" or not os.path.exists(f"{out}.partial")
+
+
+def test_symlink_loops_are_not_followed_and_other_links_are(tmp_path):
+    images = tmp_path / "images"
+    _small_folder(images)
+    (images / "x" / "again").symlink_to(images / "x", target_is_directory=True)  # a loop in a class
+    (images / "y" / "top").symlink_to(images, target_is_directory=True)  # a loop through the root
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "2.png").write_bytes(_encode(_noise(4, 4, 99), "PNG"))
+    (images / "y" / "more").symlink_to(elsewhere, target_is_directory=True)  # no loop: followed
+    res = run([sys.executable, "-m", "data_pipeline.build_shards", "--images", images, "--out", tmp_path / "out",
+               "--num-shards", "1", "--val-fraction", "0", "--workers", "1"], timeout=120)
+    assert res.returncode == 0, res.stderr
+    meta = load_metadata(str(tmp_path / "out"))
+    assert meta["splits"]["train"]["per_class"] == {"x": 2, "y": 3}
+    assert sorted(records(tmp_path / "out", meta)) == ["x/0.png", "x/1.png", "y/0.png", "y/1.png", "y/more/2.png"]
+    assert f"skipped {images / 'x' / 'again'}: it links back to {images / 'x'}, which holds it" in res.stderr
