@@ -24,7 +24,7 @@ import sys
 
 from data_pipeline.cluster import Group, local_size, make_group
 from data_pipeline.collective import on_root
-from data_pipeline.images import ENCODINGS, ImageOptions
+from data_pipeline.images import ENCODINGS, MAX_PIXELS, ImageOptions
 from data_pipeline.metadata import METADATA_FILE, DataError
 from data_pipeline.shard_output import collect_metadata, publish
 from data_pipeline.shard_plan import plan, plan_fingerprint, prepare_work_dir
@@ -47,6 +47,7 @@ def _check(num_shards, val_fraction, num_val_shards, shard_size_mb, workers, opt
         (opts.encoding in ENCODINGS, f"--encoding must be one of {', '.join(ENCODINGS)}, got {opts.encoding!r}"),
         (1 <= opts.jpeg_quality <= 100, f"--jpeg-quality must be in [1, 100], got {opts.jpeg_quality}"),
         (opts.max_side >= 0, f"--max-side must be at least 0, got {opts.max_side}"),
+        (opts.max_pixels >= 1, f"--max-pixels must be at least 1, got {opts.max_pixels}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -208,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoding", default="auto", help="auto (keep JPEGs that need no change), jpeg or png")
     p.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEGs")
     p.add_argument("--max-side", type=int, default=0, help="resize so that the longer side is at most this")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"skip an image with more pixels than this, before decoding it (default {MAX_PIXELS}, "
+                        "Pillow's own limit)")
     p.add_argument("--keep-empty-classes", action="store_true", help="keep class folders without images")
     p.add_argument("--strict", action="store_true", help="stop at the first broken file instead of skipping it")
     p.add_argument("--workers", type=int, default=0, help="worker processes per host (0: one per core)")
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         group = make_group(args.mpi)
         workers = args.workers or max(1, (os.cpu_count() or 1) // local_size())
-        opts = ImageOptions(args.channels, args.encoding, args.jpeg_quality, args.max_side)
+        opts = ImageOptions(args.channels, args.encoding, args.jpeg_quality, args.max_side, args.max_pixels)
         meta = build(args.images, args.out, args.num_shards, args.val_fraction, args.num_val_shards, args.seed,
                      args.overwrite, csv_path=args.csv, image_options=opts, shard_size_mb=args.shard_size_mb,
                      keep_empty_classes=args.keep_empty_classes, strict=args.strict, workers=workers, group=group)

@@ -326,3 +326,36 @@ def test_symlink_loops_are_not_followed_and_other_links_are(tmp_path):
     assert meta["splits"]["train"]["per_class"] == {"x": 2, "y": 3}
     assert sorted(records(tmp_path / "out", meta)) == ["x/0.png", "x/1.png", "y/0.png", "y/1.png", "y/more/2.png"]
     assert f"skipped {images / 'x' / 'again'}: it links back to {images / 'x'}, which holds it" in res.stderr
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG (checksums right) that claims a huge size and holds a few zero bytes: a bomb's outline."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(bytes(1000))) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("max_pixels, skipped", [
+    (None, {"x/bomb.png": "Image size (10000000000 pixels) is over --max-pixels 178956970"}),
+    # 4x4 images pass 16, 5x5 do not: a real image over a low cap is skipped before decoding.
+    (16, {"x/bomb.png": "Image size (10000000000 pixels) is over --max-pixels 16",
+          "y/big.png": "5x5 pixels is over --max-pixels 16"}),
+])
+def test_images_over_max_pixels_are_skipped_files(max_pixels, skipped, tmp_path):
+    images = tmp_path / "images"
+    _small_folder(images)
+    (images / "x" / "bomb.png").write_bytes(_png_claiming(100_000, 100_000))
+    (images / "y" / "big.png").write_bytes(_encode(_noise(5, 5, 7), "PNG"))
+    limit = [] if max_pixels is None else ["--max-pixels", str(max_pixels)]
+    res = run([sys.executable, "-m", "data_pipeline.build_shards", "--images", images, "--out", tmp_path / "out",
+               "--num-shards", "1", "--val-fraction", "0", "--workers", "1", *limit])
+    assert res.returncode == 0, res.stderr
+    meta = load_metadata(str(tmp_path / "out"))
+    assert {os.path.relpath(s["path"], images): s["reason"] for s in meta["skipped"]} == skipped
+    assert meta["splits"]["train"]["num_examples"] == 6 - len(skipped)
+    assert meta["options"]["max_pixels"] == (max_pixels or 178956970)
