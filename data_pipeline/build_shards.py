@@ -24,7 +24,7 @@ import sys
 
 from data_pipeline.cluster import Group, local_size, make_group
 from data_pipeline.collective import on_root
-from data_pipeline.images import ENCODINGS, ImageOptions
+from data_pipeline.images import ENCODINGS, MAX_PIXELS, ImageOptions
 from data_pipeline.metadata import METADATA_FILE, DataError
 from data_pipeline.shard_output import collect_metadata, publish
 from data_pipeline.shard_plan import plan, plan_fingerprint, prepare_work_dir
@@ -47,10 +47,49 @@ def _check(num_shards, val_fraction, num_val_shards, shard_size_mb, workers, opt
         (opts.encoding in ENCODINGS, f"--encoding must be one of {', '.join(ENCODINGS)}, got {opts.encoding!r}"),
         (1 <= opts.jpeg_quality <= 100, f"--jpeg-quality must be in [1, 100], got {opts.jpeg_quality}"),
         (opts.max_side >= 0, f"--max-side must be at least 0, got {opts.max_side}"),
+        (opts.max_pixels >= 1, f"--max-pixels must be at least 1, got {opts.max_pixels}"),
     ]
     for ok, message in checks:
         if not ok:
             raise DataError(message)
+
+
+def _relation(path: str, src: str) -> str | None:
+    """How `path` lies to the folder `src`, after resolving symlinks: "is", "is inside", "holds" or None."""
+    real, src = os.path.realpath(path), os.path.realpath(src)
+    common = os.path.commonpath([real, src])
+    if common not in (real, src):
+        return None
+    return "is" if real == src else "is inside" if common == src else "holds"
+
+
+def _outputs(out_dir: str) -> tuple[tuple[str, str], ...]:
+    return ("--out", out_dir), ("its work folder", f"{out_dir}.partial")
+
+
+def _refuse(what: str, path: str, relation: str, source: str) -> None:
+    raise DataError(f"{what} {path!r} {relation} {source}: writing there would delete the input; "
+                    "choose an output folder outside it")
+
+
+def _check_input_kept(images_dir: str | None, csv_path: str | None, out_dir: str) -> None:
+    """Refuses an output or work folder that is, holds or lies in the input folder (for --csv: that is or holds
+    the CSV's folder), since publishing or --overwrite replaces it. A symlink to the input is caught too."""
+    for what, path in _outputs(out_dir):
+        if images_dir is not None and (relation := _relation(path, images_dir)):
+            _refuse(what, path, relation, f"--images {images_dir!r}")
+        csv_dir = csv_path and os.path.dirname(os.path.abspath(csv_path))
+        if csv_dir and (relation := _relation(path, csv_dir)) in ("is", "holds"):
+            _refuse(what, path, relation, f"the folder of --csv {csv_path!r}")
+
+
+def _check_listed_files_kept(inv, csv_path: str, out_dir: str) -> None:
+    """--out may lie in the CSV's folder, but must hold none of the files the CSV lists."""
+    folders = {os.path.dirname(s.path) for sources in inv.splits.values() for s in sources}
+    for what, path in _outputs(out_dir):
+        for folder in sorted(folders):
+            if (relation := _relation(path, folder)) in ("is", "holds"):
+                _refuse(what, path, relation, f"{folder!r}, listed in --csv {csv_path!r}")
 
 
 def _os_error_line(e: BaseException) -> str:
@@ -110,6 +149,7 @@ def build(
     _check(num_shards, val_fraction, num_val_shards, shard_size_mb, workers, opts)
     if (images_dir is None) == (csv_path is None):
         raise DataError("give either --images or --csv")
+    _check_input_kept(images_dir, csv_path, out_dir)
     out_dir = os.path.abspath(out_dir)
     work_dir = f"{out_dir}.partial"
     if os.path.exists(out_dir) and not overwrite:
@@ -117,6 +157,8 @@ def build(
 
     def scan_and_plan():
         inv = scan_csv(csv_path) if csv_path else scan_folder(images_dir, keep_empty_classes)
+        if csv_path:
+            _check_listed_files_kept(inv, csv_path, out_dir)
         tasks = plan(inv, num_shards, num_val_shards, val_fraction, seed, shard_size_mb)
         prepare_work_dir(work_dir, plan_fingerprint(tasks, opts), overwrite)
         return inv, tasks
@@ -167,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoding", default="auto", help="auto (keep JPEGs that need no change), jpeg or png")
     p.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEGs")
     p.add_argument("--max-side", type=int, default=0, help="resize so that the longer side is at most this")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"skip an image with more pixels than this, before decoding it (default {MAX_PIXELS}, "
+                        "Pillow's own limit)")
     p.add_argument("--keep-empty-classes", action="store_true", help="keep class folders without images")
     p.add_argument("--strict", action="store_true", help="stop at the first broken file instead of skipping it")
     p.add_argument("--workers", type=int, default=0, help="worker processes per host (0: one per core)")
@@ -182,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         group = make_group(args.mpi)
         workers = args.workers or max(1, (os.cpu_count() or 1) // local_size())
-        opts = ImageOptions(args.channels, args.encoding, args.jpeg_quality, args.max_side)
+        opts = ImageOptions(args.channels, args.encoding, args.jpeg_quality, args.max_side, args.max_pixels)
         meta = build(args.images, args.out, args.num_shards, args.val_fraction, args.num_val_shards, args.seed,
                      args.overwrite, csv_path=args.csv, image_options=opts, shard_size_mb=args.shard_size_mb,
                      keep_empty_classes=args.keep_empty_classes, strict=args.strict, workers=workers, group=group)

@@ -11,6 +11,7 @@ never meets a mode it cannot decode.
 
 import io
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,8 @@ from PIL import Image
 # Pillow's format name for each extension the converter reads.
 EXTENSIONS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP"}
 ENCODINGS = ("auto", "jpeg", "png")
+# Pillow's own refusal threshold (twice its warning level): a decoded RGB image stays under about 540 MB.
+MAX_PIXELS = 178956970
 
 # What Pillow raises on bad bytes: unidentified or truncated files (OSError),
 # broken headers (SyntaxError, struct.error, EOFError), impossible sizes
@@ -42,15 +45,16 @@ class ImageOptions:
         re-encode everything in that format.
       jpeg_quality: quality of re-encoded JPEGs.
       max_side: longer side at most this many pixels (0: keep the size).
-
-    Images over Pillow's decompression-bomb limit (about 179 megapixels) are
-    skipped as broken.
+      max_pixels: an image whose header claims more pixels (width x height)
+        is skipped as broken before it is decoded: a decompression bomb (a
+        small file that decodes to gigabytes) costs nothing.
     """
 
     channels: int = 3
     encoding: str = "auto"
     jpeg_quality: int = 95
     max_side: int = 0
+    max_pixels: int = MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -92,10 +96,17 @@ def _resized(img: Image.Image, max_side: int) -> Image.Image:
 def normalise(data: bytes, extension: str, opts: ImageOptions) -> Normalised:
     """The record form of one file's bytes; raises BrokenImage with the reason."""
     expected = EXTENSIONS.get(extension.lower())
+    # Pillow's own bomb check (in open) follows the cap, so it holds also for a
+    # cap above Pillow's default; its warning is dropped, as the check below decides.
+    Image.MAX_IMAGE_PIXELS = opts.max_pixels
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
         if img.format != expected:
             raise BrokenImage(f"content is {img.format or 'unknown'}, not the {expected} its extension says")
+        if img.width * img.height > opts.max_pixels:
+            raise BrokenImage(f"{img.width}x{img.height} pixels is over --max-pixels {opts.max_pixels}")
         original = (img.height, img.width)
         if img.format == "JPEG" and opts.max_side:
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still
@@ -108,6 +119,8 @@ def normalise(data: bytes, extension: str, opts: ImageOptions) -> Normalised:
         out = _resized(_to_mode(img, opts.channels), opts.max_side)
     except BrokenImage:
         raise
+    except Image.DecompressionBombError as e:  # "Image size (N pixels) exceeds limit of 2 x the cap ..."
+        raise BrokenImage(f"{str(e).split(' exceeds')[0]} is over --max-pixels {opts.max_pixels}") from None
     except Image.UnidentifiedImageError:
         # Pillow's own message names a memory address: not stable across runs.
         raise BrokenImage("not an image Pillow can identify") from None

@@ -49,17 +49,29 @@ def _is_image(name: str) -> bool:
 
 
 def _walk_class(class_dir: str, root: str, ignored: dict[str, int]) -> list[tuple[str, str, os.stat_result]]:
-    """(path, id, stat) of every image file under class_dir, nested folders included, sorted by id."""
+    """(path, id, stat) of every image file under class_dir, nested folders included, sorted by id.
+
+    Linked folders are followed, but not a link back to a folder on the way
+    down from `root` (a loop): that would scan forever, or until the path is too long.
+    """
     found = []
-    stack = [class_dir]
+    above, path = {os.path.realpath(root)}, root
+    for part in os.path.relpath(class_dir, root).split(os.sep):
+        path = os.path.join(path, part)
+        above.add(os.path.realpath(path))
+    stack = [(class_dir, frozenset(above))]
     while stack:
-        folder = stack.pop()
+        folder, ancestors = stack.pop()
         with os.scandir(folder) as entries:
             for entry in entries:
                 if entry.name.startswith("."):
                     ignored["hidden"] += 1
                 elif entry.is_dir():
-                    stack.append(entry.path)
+                    real = os.path.realpath(entry.path)
+                    if real in ancestors:
+                        log.warning("skipped %s: it links back to %s, which holds it", entry.path, real)
+                    else:
+                        stack.append((entry.path, ancestors | {real}))
                 elif not _is_image(entry.name):
                     ignored["not_image"] += 1
                 else:

@@ -9,7 +9,7 @@ written in the option table, launch.options.
 from dataclasses import dataclass
 
 from launch.hosts import HostError, format_hosts, parse_hosts
-from launch.options import defaults, horovod_env, horovodrun_args
+from launch.options import defaults, horovod_env, horovodrun_args, unsafe_value
 
 RUNNERS = ("horovodrun", "srun")
 _DEFAULT = defaults()  # one source for the defaults: the option table
@@ -96,6 +96,9 @@ def check_options(opts: LaunchOptions) -> str:
     """The controller the job runs with; raises LaunchError for options that cannot work."""
     if opts.np < 1:
         raise LaunchError(f"--np must be at least 1, got {opts.np}")
+    refusal = unsafe_value(opts)
+    if refusal:
+        raise LaunchError(refusal)
     if opts.runner not in RUNNERS:
         raise LaunchError(f"runner must be one of {', '.join(RUNNERS)}, got {opts.runner!r}")
     controller = opts.controller or ("mpi" if opts.runner == "srun" else "gloo")

@@ -5,10 +5,15 @@ Everything here is pure text processing; the one call out to Slurm
 and the allocation logic are tested without a cluster.
 """
 
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 
-_HOST = re.compile(r"^[A-Za-z0-9_.\-]+$")
+# RFC 1123 labels (plus '_', which some clusters use), at most 253 characters.
+# horovodrun pastes host names unquoted into ssh command lines, so nothing
+# else may pass; a leading '-' would be read by ssh as an option.
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _TASKS = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
 
 
@@ -19,9 +24,23 @@ class HostError(ValueError):
 Hosts = list[tuple[str, int]]
 
 
+def valid_host(name: str) -> bool:
+    """A host name (RFC 1123) or an IPv4/IPv6 address: nothing a shell would read as more than one word."""
+    if re.fullmatch(r"[0-9A-Fa-f:.]+", name):  # no IPv6 zone (`%eth0`): ipaddress lets anything through there
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            pass
+    return len(name) <= 253 and _HOST.fullmatch(name) is not None
+
+
 def _check_name(name: str, what: str) -> str:
-    if not _HOST.match(name):
+    if not re.fullmatch(r"[A-Za-z0-9_.:\-]+", name):
         raise HostError(f"{what}: host name {name!r} has characters other than letters, digits, '.', '-', '_'")
+    if not valid_host(name):
+        raise HostError(f"{what}: {name!r} is not a host name (dot-separated labels of letters, digits, '-', '_', "
+                        "not starting or ending with '-') or an IP address")
     return name
 
 
@@ -31,7 +50,7 @@ def parse_hosts(hosts: str) -> Hosts:
     for item in hosts.split(","):
         item = item.strip()
         name, _, slots = item.partition(":")
-        if not name or not _HOST.match(name) or (slots and (not slots.isdigit() or int(slots) == 0)):
+        if not valid_host(name) or (slots and (not slots.isdigit() or int(slots) == 0)):
             raise HostError(f"--hosts entry {item!r} is not host[:slots] with slots >= 1")
         parsed.append((name, int(slots) if slots else 1))
     return _unique(parsed, "--hosts")
@@ -164,7 +183,8 @@ def allocation_hosts(env: Mapping[str, str], hostnames: Callable[[str], list[str
     tasks = env.get("SLURM_TASKS_PER_NODE")
     if not nodelist or not tasks:
         raise HostError("not inside a Slurm allocation: SLURM_JOB_NODELIST or SLURM_TASKS_PER_NODE is not set")
-    names = (hostnames or expand_nodelist)(nodelist)
+    # scontrol's expansion is checked too: it copies characters that no host name has.
+    names = [_check_name(n, "SLURM_JOB_NODELIST") for n in (hostnames or expand_nodelist)(nodelist)]
     counts = parse_tasks_per_node(tasks)
     if len(counts) != len(names):
         raise HostError(f"SLURM_TASKS_PER_NODE={tasks!r} gives {len(counts)} nodes, "

@@ -14,6 +14,7 @@ time, partition ...) are defined by that command, not here.
 
 import argparse
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,9 @@ class Option:
       horovodrun: horovodrun's flag for it; None: not passed to horovodrun.
       env: the HOROVOD_* variable that carries it when srun starts the ranks.
       env_scale: the value is multiplied by this for `env` (MB -> bytes).
+      shell: "nic" or "path": horovodrun pastes the value unquoted into shell
+        lines (ssh to remote hosts, the discovery script), so `unsafe_value`
+        allows only this kind's characters; None: the value reaches no shell.
     """
 
     name: str
@@ -58,6 +62,7 @@ class Option:
     horovodrun: str | None = None
     env: str | None = None
     env_scale: int = 1
+    shell: str | None = None
 
 
 OPTIONS = (
@@ -67,9 +72,9 @@ OPTIONS = (
     Option("controller", "--gloo", "Gloo controller (default with horovodrun)", const="gloo"),
     Option("controller", "--mpi", "MPI controller (default with srun)", const="mpi"),
     Option("network_interface", "--network-interface", "interfaces for worker traffic, e.g. eth0 (lo: one host)",
-           type=str, metavar="NIC", horovodrun="--network-interface"),
+           type=str, metavar="NIC", horovodrun="--network-interface", shell="nic"),
     Option("timeline", "--timeline", "write a Horovod timeline to this file", type=str, metavar="FILE", path=True,
-           horovodrun="--timeline-filename", env="HOROVOD_TIMELINE"),
+           horovodrun="--timeline-filename", env="HOROVOD_TIMELINE", shell="path"),
     Option("autotune", "--autotune", "let Horovod autotune fusion and cycle time", default=False,
            horovodrun="--autotune", env="HOROVOD_AUTOTUNE"),
     Option("fusion_threshold_mb", "--fusion-threshold-mb", "Horovod tensor fusion buffer, in MB", type=int,
@@ -79,7 +84,7 @@ OPTIONS = (
     Option("ssh_port", "--ssh-port", "ssh port of the other hosts (horovodrun reaches them over ssh)", type=int,
            metavar="PORT", forward=False, horovodrun="--ssh-port"),
     Option("ssh_identity_file", "--ssh-identity-file", "private key for ssh to the other hosts", type=str,
-           metavar="KEY", forward=False, horovodrun="--ssh-identity-file"),
+           metavar="KEY", forward=False, horovodrun="--ssh-identity-file", shell="path"),
     Option("stall_warning_sec", "--stall-warning-sec", "log ranks missing from a collective after this long "
            "(default 60)", type=int, default=60, metavar="SEC", horovodrun="--stall-check-warning-time-seconds",
            env="HOROVOD_STALL_CHECK_TIME_SECONDS"),
@@ -95,10 +100,31 @@ OPTIONS = (
     Option("max_np", "--max-np", "most workers to run (default --np)", type=int, metavar="N", group=ELASTIC,
            forward=False),
     Option("host_discovery_script", "--host-discovery-script", "executable printing one host:slots line per "
-           "available host", type=str, metavar="FILE", group=ELASTIC, forward=False),
+           "available host", type=str, metavar="FILE", group=ELASTIC, forward=False, shell="path"),
     Option("reset_limit", "--reset-limit", "end the job after this many resizes", type=int, metavar="R",
            group=ELASTIC, forward=False),
 )
+
+
+# Allow-lists, not deny-lists: whatever is left out (quotes, `;`, `$`, backticks,
+# whitespace, newlines, globs) cannot reach the shell that horovodrun builds.
+_SHELL_WORDS = {
+    "nic": (re.compile(r"[A-Za-z0-9_.:-]+(,[A-Za-z0-9_.:-]+)*"),
+            "interface names: letters, digits, '_', '.', ':', '-', separated by commas"),
+    "path": (re.compile(r"[\w./+@%=,:-]+"),
+             "a path of letters, digits and _ . / + @ % = , : - (no spaces, quotes or shell characters)"),
+}
+
+
+def unsafe_value(values: Any) -> str | None:
+    """A one-line refusal for the first option of `values` that could inject into a shell, or None."""
+    for o in OPTIONS:
+        value = getattr(values, o.name, None)
+        if o.shell and value is not None:
+            pattern, allowed = _SHELL_WORDS[o.shell]
+            if not pattern.fullmatch(value) or value.startswith("-"):
+                return f"{o.flag} {value!r}: not allowed; expected {allowed}"
+    return None
 
 
 def defaults() -> dict[str, Any]:

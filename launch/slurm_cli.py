@@ -25,7 +25,7 @@ import subprocess
 import sys
 
 from launch.command import LaunchError, tensorboard_command
-from launch.options import add_config_options, add_options, to_argv
+from launch.options import add_config_options, add_options, to_argv, unsafe_value
 from launch.slurm import SlurmOptions, build_script, tasks_per_node
 from launch.slurm import validate as validate_slurm
 from trainer.config import ConfigError, check_environment, load_config, validate, validate_world
@@ -106,6 +106,9 @@ def submit(script_path: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        refusal = unsafe_value(args)  # the job's launcher would refuse it only after the job got its nodes
+        if refusal:
+            raise LaunchError(refusal)
         cfg = load_config(args.config, args.overrides)
         validate(cfg)
         if args.data_check:

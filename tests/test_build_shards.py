@@ -258,3 +258,104 @@ def test_record_writer_matches_tensorflow(tmp_path):
             w.write(rec)
     # TensorFlow's reader checks both CRCs of every record.
     assert [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "r.tfrecord"))] == records_in
+
+
+def _small_folder(root) -> dict[str, bytes]:
+    for c, cls in enumerate(("x", "y")):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            (root / cls / f"{i}.png").write_bytes(_encode(_noise(4, 4, 10 * c + i), "PNG"))
+    return {str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("case, relation", [
+    ("same", "is"), ("inside", "is inside"), ("above", "holds"), ("symlink", "is"), ("work-folder", "is"),
+    ("csv-folder", "is"), ("csv-listed", "holds"),
+])
+def test_output_that_would_delete_the_input_is_refused(case, relation, overwrite, tmp_path):
+    images = tmp_path / "top" / "images"
+    if case == "work-folder":  # <out>.partial is the input
+        images = tmp_path / "top" / "data.partial"
+    before = _small_folder(images)
+    source = ["--images", images]
+    out = {"same": images, "inside": images / "out", "above": tmp_path / "top", "symlink": tmp_path / "link",
+           "work-folder": tmp_path / "top" / "data", "csv-folder": images, "csv-listed": images}[case]
+    what = "its work folder" if case == "work-folder" else "--out"
+    if case == "symlink":
+        out.symlink_to(images, target_is_directory=True)
+    if case == "csv-folder":
+        listing = images / "list.csv"
+        listing.write_text("path,label\nx/0.png,x\ny/0.png,y\n")
+        before[str(listing)] = listing.read_bytes()
+        source = ["--csv", listing]
+    if case == "csv-listed":  # the CSV lies elsewhere; the files it lists are in --out
+        listing = tmp_path / "lists" / "list.csv"
+        listing.parent.mkdir()
+        listing.write_text("path,label\n../top/images/x/0.png,x\n../top/images/y/0.png,y\n")
+        source = ["--csv", listing]
+    res = run([sys.executable, "-m", "data_pipeline.build_shards", *source, "--out", out, "--num-shards", "1",
+               "--workers", "1", *(["--overwrite"] if overwrite else [])])
+    assert res.returncode == 2, res.stderr
+    shown = f"{out}.partial" if case == "work-folder" else str(out)
+    given = {"csv-folder": f"the folder of --csv {str(listing)!r}" if case == "csv-folder" else "",
+             "csv-listed": f"{str(images / 'x')!r}, listed in --csv {str(listing)!r}" if case == "csv-listed" else ""
+             }.get(case, f"--images {str(images)!r}")
+    message = (f"{what} {shown!r} {relation} {given}: writing there would delete the input; choose an output "
+               "folder outside it")
+    if case == "csv-listed" and not overwrite:  # the CSV is read after this older refusal
+        message = f"output folder {str(out)!r} already exists (pass --overwrite to replace it)"
+    assert res.stderr.strip() == f"build_shards: error: {message}"
+    assert {str(p): p.read_bytes() for p in images.rglob("*") if p.is_file()} == before
+    assert case == "work-folder" or not os.path.exists(f"{out}.partial")
+
+
+def test_symlink_loops_are_not_followed_and_other_links_are(tmp_path):
+    images = tmp_path / "images"
+    _small_folder(images)
+    (images / "x" / "again").symlink_to(images / "x", target_is_directory=True)  # a loop in a class
+    (images / "y" / "top").symlink_to(images, target_is_directory=True)  # a loop through the root
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "2.png").write_bytes(_encode(_noise(4, 4, 99), "PNG"))
+    (images / "y" / "more").symlink_to(elsewhere, target_is_directory=True)  # no loop: followed
+    res = run([sys.executable, "-m", "data_pipeline.build_shards", "--images", images, "--out", tmp_path / "out",
+               "--num-shards", "1", "--val-fraction", "0", "--workers", "1"], timeout=120)
+    assert res.returncode == 0, res.stderr
+    meta = load_metadata(str(tmp_path / "out"))
+    assert meta["splits"]["train"]["per_class"] == {"x": 2, "y": 3}
+    assert sorted(records(tmp_path / "out", meta)) == ["x/0.png", "x/1.png", "y/0.png", "y/1.png", "y/more/2.png"]
+    assert f"skipped {images / 'x' / 'again'}: it links back to {images / 'x'}, which holds it" in res.stderr
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG (checksums right) that claims a huge size and holds a few zero bytes: a bomb's outline."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(bytes(1000))) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("max_pixels, skipped", [
+    (None, {"x/bomb.png": "Image size (10000000000 pixels) is over --max-pixels 178956970"}),
+    # 4x4 images pass 16, 5x5 do not: a real image over a low cap is skipped before decoding.
+    (16, {"x/bomb.png": "Image size (10000000000 pixels) is over --max-pixels 16",
+          "y/big.png": "5x5 pixels is over --max-pixels 16"}),
+])
+def test_images_over_max_pixels_are_skipped_files(max_pixels, skipped, tmp_path):
+    images = tmp_path / "images"
+    _small_folder(images)
+    (images / "x" / "bomb.png").write_bytes(_png_claiming(100_000, 100_000))
+    (images / "y" / "big.png").write_bytes(_encode(_noise(5, 5, 7), "PNG"))
+    limit = [] if max_pixels is None else ["--max-pixels", str(max_pixels)]
+    res = run([sys.executable, "-m", "data_pipeline.build_shards", "--images", images, "--out", tmp_path / "out",
+               "--num-shards", "1", "--val-fraction", "0", "--workers", "1", *limit])
+    assert res.returncode == 0, res.stderr
+    meta = load_metadata(str(tmp_path / "out"))
+    assert {os.path.relpath(s["path"], images): s["reason"] for s in meta["skipped"]} == skipped
+    assert meta["splits"]["train"]["num_examples"] == 6 - len(skipped)
+    assert meta["options"]["max_pixels"] == (max_pixels or 178956970)

@@ -158,3 +158,56 @@ def test_help_lists_both_commands_and_options_without_a_command_mean_run(capsys)
 def test_the_printed_tensorboard_command_runs_the_tensorboard_script():
     assert tensorboard_command(None, "runs/x/tensorboard") == [
         "tensorboard", "--logdir", "runs/x/tensorboard", "--host", "127.0.0.1", "--port", "6006"]
+
+
+# Values horovodrun would paste unquoted into a shell line: a command, a
+# substitution, backticks, quotes, a space, line breaks (one inside, one at the end).
+EVIL = ["x;touch pwned", "x$(touch pwned)", "x`touch pwned`", "x'y", 'x"y', "x y", "x\ny", "x\n"]
+
+
+def _refused(res, named):
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"launch: error: {named}"), res.stderr
+    assert res.stdout == ""  # no command was printed, so none would have started
+
+
+@pytest.mark.parametrize("value", EVIL)
+@pytest.mark.parametrize("flag", ["--network-interface", "--timeline", "--ssh-identity-file",
+                                  "--host-discovery-script", "--hosts", "--hostfile", "SLURM_JOB_NODELIST"])
+def test_values_that_reach_a_remote_shell_are_refused(flag, value, tmp_path):
+    base = [sys.executable, "-m", "launch", "--config", "configs/digits.yaml", "--dry-run"]
+    env = {"PATH": str(tmp_path)}  # no scontrol: the launcher's own node list expansion
+    if flag == "--host-discovery-script":
+        script = tmp_path / value  # an executable that exists, so only its name is wrong
+        script.write_text("#!/bin/sh\necho localhost:2\n")
+        script.chmod(0o755)
+        argv, named = [*base, "--np", "2", "--elastic", flag, script], f"{flag} {str(script)!r}"
+    elif flag == "--hosts":
+        argv, named = [*base, "--np", "2", flag, f"{value}:2"], f"{flag} entry {value + ':2'!r}"
+    elif flag == "--hostfile":
+        if "\n" in value:
+            pytest.skip("a line break ends a hostfile line")
+        hostfile = tmp_path / "hosts"
+        hostfile.write_text(f"{value} slots=2\n")
+        argv, named = [*base, flag, hostfile], f"{hostfile} line 1: "
+    elif flag == "SLURM_JOB_NODELIST":
+        if value == "x\n":
+            pytest.skip("the node list is stripped: the host is plain x")
+        argv, named = [*base, "--slurm-allocation"], f"node list {value!r}: "
+        env.update(SLURM_JOB_NODELIST=value, SLURM_TASKS_PER_NODE="2", SLURM_JOB_ID="7")
+    else:
+        argv, named = [*base, "--np", "2", flag, value], f"{flag} {value!r}: not allowed"
+    _refused(run(argv, env=env), named)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_plain_interfaces_hosts_and_paths_pass(digits_shards, tmp_path):
+    res = run([sys.executable, "-m", "launch", "--np", "2", "--config", "configs/digits.yaml",
+               "--network-interface", "eth0,ib0", "--timeline", "runs/tl-1.json", "--ssh-identity-file",
+               "keys/id_ed25519", "--hosts", "10.0.0.1:1,node-2.cluster_a:1",
+               "--set", f"data.dir={digits_shards}", "--set", f"run_dir={tmp_path}/run", "--dry-run"])
+    assert res.returncode == 0, res.stderr
+    assert (" -H 10.0.0.1:1,node-2.cluster_a:1 --network-interface eth0,ib0 --timeline-filename runs/tl-1.json "
+            in res.stdout)
+    assert " --ssh-identity-file keys/id_ed25519 " in res.stdout

@@ -12,6 +12,7 @@ from launch.hosts import (
     parse_hostfile,
     parse_hosts,
     parse_tasks_per_node,
+    valid_host,
 )
 
 
@@ -133,3 +134,20 @@ def test_allocation_hosts_errors(env, message):
     with pytest.raises(HostError) as e:
         allocation_hosts(env)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("node01", True), ("gpu-1.cluster_a", True), ("10.0.0.1", True), ("::1", True), ("fe80::1", True),
+    ("-oProxyCommand=x", False), ("a..b", False), ("a-", False), ("x" * 64, False), ("a\n", False),
+    ("fe80::1%$(id)", False), ("a b", False), ("a;b", False), ("a`id`", False), ("a'b", False), ("", False),
+])
+def test_host_names_are_rfc_1123_names_or_ip_addresses(name, ok):
+    assert valid_host(name) is ok
+
+
+def test_names_from_scontrol_are_checked_too():
+    env = {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "1(x2)"}
+    with pytest.raises(HostError) as e:
+        allocation_hosts(env, lambda _: ["n1", "n2;id"])
+    assert str(e.value) == ("SLURM_JOB_NODELIST: host name 'n2;id' has characters other than letters, digits, "
+                            "'.', '-', '_'")

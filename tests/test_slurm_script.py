@@ -187,3 +187,16 @@ def test_submission_prints_the_job_log_and_the_same_watch_command_as_run(digits_
 
     job = prepare(parse_args(["--np", "2", "--config", "configs/digits.yaml", *sets]))
     assert shlex.join(job.board) == watch
+
+
+@pytest.mark.parametrize("value", ["x;touch pwned", "x$(touch pwned)", "x`touch pwned`", "x'y", 'x"y', "x y",
+                                   "x\ny", "x\n"])
+@pytest.mark.parametrize("flag", ["--network-interface", "--timeline"])
+def test_values_that_reach_a_remote_shell_are_refused_before_submission(flag, value, tmp_path):
+    """The job's launcher would refuse them too, but only once the job got its nodes."""
+    res = run([sys.executable, "-m", "launch", "slurm", "--config", "configs/digits.yaml", flag, value,
+               "--set", f"run_dir={tmp_path}/run", "--no-data-check", "--dry-run"])
+    assert res.returncode == 2, res.stdout
+    assert res.stderr.splitlines() == [res.stderr.strip()]
+    assert res.stderr.startswith(f"launch: error: {flag} {value!r}: not allowed; expected ")
+    assert res.stdout == "" and not (tmp_path / "run").exists()
