@@ -8,8 +8,8 @@ and the allocation logic are tested without a cluster.
 import re
 from collections.abc import Callable, Mapping
 
-_HOST = re.compile(r"^[A-Za-z0-9_.\-]+$")
-_TASKS = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
+_HOST = re.compile(r"[A-Za-z0-9_.\-]+")
+_TASKS = re.compile(r"(\d+)(?:\(x(\d+)\))?")
 
 
 class HostError(ValueError):
@@ -20,7 +20,7 @@ Hosts = list[tuple[str, int]]
 
 
 def _check_name(name: str, what: str) -> str:
-    if not _HOST.match(name):
+    if not _HOST.fullmatch(name):
         raise HostError(f"{what}: host name {name!r} has characters other than letters, digits, '.', '-', '_'")
     return name
 
@@ -31,7 +31,7 @@ def parse_hosts(hosts: str) -> Hosts:
     for item in hosts.split(","):
         item = item.strip()
         name, _, slots = item.partition(":")
-        if not name or not _HOST.match(name) or (slots and (not slots.isdigit() or int(slots) == 0)):
+        if not name or not _HOST.fullmatch(name) or (slots and (not slots.isdigit() or int(slots) == 0)):
             raise HostError(f"--hosts entry {item!r} is not host[:slots] with slots >= 1")
         parsed.append((name, int(slots) if slots else 1))
     return _unique(parsed, "--hosts")
@@ -147,7 +147,7 @@ def parse_tasks_per_node(text: str) -> list[int]:
     """SLURM_TASKS_PER_NODE (`2(x3),1`) to [2, 2, 2, 1]."""
     counts = []
     for item in text.split(","):
-        m = _TASKS.match(item.strip())
+        m = _TASKS.fullmatch(item.strip())
         if not m or int(m.group(1)) < 1:
             raise HostError(f"SLURM_TASKS_PER_NODE={text!r}: {item!r} is not N or N(xM) with N >= 1")
         counts += [int(m.group(1))] * int(m.group(2) or 1)

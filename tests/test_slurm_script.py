@@ -75,6 +75,9 @@ def test_time_formats(text, seconds):
     (dict(job_name="x/../y"), "--job-name 'x/../y': only letters, digits and _.+- are allowed"),
     (dict(job_name="x\n#SBATCH --uid=0"),
      "--job-name 'x\\n#SBATCH --uid=0': only letters, digits and _.+- are allowed"),
+    # `$` matched before a trailing newline, and the newline reached the #SBATCH line
+    (dict(job_name="train\n"), "--job-name 'train\\n': only letters, digits and _.+- are allowed"),
+    (dict(partition="gpu\n"), "--partition 'gpu\\n': only letters, digits and _.+- are allowed"),
     (dict(run_dir='/runs/a"b'),
      "run_dir '/runs/a\"b/slurm': a path for Slurm may not hold quotes, backslashes or control characters"),
     (dict(run_dir="/runs/a\nb"),
