@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from data_pipeline import shard_writer
-from data_pipeline.build_shards import build
+from data_pipeline.build_shards import build, main
 from data_pipeline.images import ImageOptions
 from data_pipeline.metadata import DataError, load_metadata, shard_files
 from data_pipeline.records import parse_example
@@ -199,6 +199,12 @@ def test_csv_listing(messy, tmp_path):
     listing.write_text("path,label\nonly-a-path.jpg\n")
     with pytest.raises(DataError, match="line 2: expected 'path,label'"):
         build(None, str(tmp_path / "bad"), num_shards=1, csv_path=str(listing))
+
+
+def test_non_numeric_mpi_size_is_one_line(messy, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PMI_SIZE", "four")
+    assert main(["--images", str(messy), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == "build_shards: error: PMI_SIZE='four' is not a number of ranks\n"
 
 
 def test_existing_train_validation_layout(tmp_path):
