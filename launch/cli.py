@@ -78,6 +78,9 @@ def resolve_hosts(args: argparse.Namespace) -> tuple[int, str | None]:
                 text = f.read()
         except OSError as e:
             raise LaunchError(f"--hostfile {args.hostfile!r}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise LaunchError(f"--hostfile {args.hostfile!r}: not UTF-8 (byte {e.object[e.start]:#04x} "
+                              f"at offset {e.start})") from None
         hosts = parse_hostfile(text, args.hostfile)
     elif args.slurm_allocation:
         hosts = allocation_hosts(os.environ, scontrol_hostnames)

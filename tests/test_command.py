@@ -65,6 +65,11 @@ def test_hostfile_becomes_a_host_list(digits_shards, tmp_path):
                "--set", f"data.dir={digits_shards}", "--dry-run"])
     assert res.returncode == 2
     assert res.stderr.strip() == f"launch: error: {hostfile} line 2: slots='x' is not a number"
+    hostfile.write_bytes("n1 slots=2\nn\u00e9 slots=2\n".encode("latin-1"))
+    res = run([sys.executable, "-m", "launch", "--config", "configs/digits.yaml", "--hostfile", hostfile,
+               "--set", f"data.dir={digits_shards}", "--dry-run"])
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"launch: error: --hostfile {str(hostfile)!r}: not UTF-8 (byte 0xe9 at offset 12)"
 
 
 def test_slurm_allocation_gives_np_and_hosts(digits_shards, tmp_path):

@@ -73,6 +73,10 @@ def load_into(cfg, path: str | None, overrides: typing.Sequence[str] = ()):
                 data = yaml.safe_load(f)
         except OSError as e:
             raise ConfigError(f"config file {path!r}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"config file {path!r}: not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})"
+            ) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
