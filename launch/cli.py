@@ -203,12 +203,23 @@ def prepare(args: argparse.Namespace) -> Job:
         requeue_job = os.environ.get("SLURM_JOB_ID")
         if not requeue_job:
             raise LaunchError("--requeue-on-timeout needs SLURM_JOB_ID (run it inside a Slurm job)")
+        if not shutil.which("scontrol"):
+            raise LaunchError("--requeue-on-timeout needs scontrol, which is not on PATH")
     return Job(cmd, env, board, requeue_job, opts)
+
+
+def check_runner(argv: list[str]) -> None:
+    """The runner must exist before anything starts (else a FileNotFoundError traceback from Popen)."""
+    if not shutil.which(argv[0]):
+        where = "next to this python nor on PATH" if argv[0].endswith("horovodrun") else "on PATH"
+        raise LaunchError(f"{os.path.basename(argv[0])} is not installed here: not {where}")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         job = prepare(args)
+        if not args.dry_run:  # a dry run only prints: it may be run where horovodrun is not
+            check_runner(job.argv)
     except (ConfigError, LaunchError, HostError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2

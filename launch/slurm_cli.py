@@ -87,6 +87,8 @@ def options_from_args(args: argparse.Namespace, run_dir: str) -> SlurmOptions:
 
 
 def check_partition(partition: str) -> None:
+    if not shutil.which("scontrol"):
+        raise LaunchError(f"--partition {partition!r}: scontrol is not on PATH, so the partition cannot be checked")
     res = subprocess.run(["scontrol", "-o", "show", "partition"], capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise LaunchError(f"scontrol show partition failed: {res.stderr.strip()}")

@@ -163,3 +163,25 @@ def test_help_lists_both_commands_and_options_without_a_command_mean_run(capsys)
 def test_the_printed_tensorboard_command_runs_the_tensorboard_script():
     assert tensorboard_command(None, "runs/x/tensorboard") == [
         "tensorboard", "--logdir", "runs/x/tensorboard", "--host", "127.0.0.1", "--port", "6006"]
+
+
+@pytest.mark.parametrize("extra, env, message", [
+    ([], {}, "horovodrun is not installed here: not next to this python nor on PATH"),
+    (["--slurm-allocation", "--srun"], {"SLURM_JOB_NODELIST": "n1", "SLURM_TASKS_PER_NODE": "2"},
+     "srun is not installed here: not on PATH"),
+    (["--requeue-on-timeout"], {"SLURM_JOB_ID": "42"}, "--requeue-on-timeout needs scontrol, which is not on PATH"),
+])
+def test_a_runner_missing_from_path_is_one_line(digits_shards, tmp_path, monkeypatch, capsys, extra, env, message):
+    from launch.cli import run as launch_run
+    from launch.main import parse_args
+
+    # An interpreter outside the venv and a PATH without Horovod's or Slurm's tools.
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    args = parse_args(["--np", "2", "--config", "configs/digits.yaml", "--set", f"data.dir={digits_shards}",
+                       "--set", f"run_dir={tmp_path}/run", *extra])
+    assert launch_run(args) == 2
+    assert capsys.readouterr().err == f"launch: error: {message}\n"
+    assert not (tmp_path / "run").exists()

@@ -190,3 +190,16 @@ def test_submission_prints_the_job_log_and_the_same_watch_command_as_run(digits_
 
     job = prepare(parse_args(["--np", "2", "--config", "configs/digits.yaml", *sets]))
     assert shlex.join(job.board) == watch
+
+
+def test_scontrol_missing_from_path_is_one_line(digits_shards, tmp_path):
+    bindir = tmp_path / "bin"  # sbatch, but no scontrol to check --partition with
+    bindir.mkdir()
+    (bindir / "sbatch").write_text('#!/bin/sh\necho "42;cluster"\n')
+    (bindir / "sbatch").chmod(0o755)
+    res = run([sys.executable, "-m", "launch", "slurm", "--config", "configs/digits.yaml", "--partition", "gpu",
+               "--set", f"data.dir={digits_shards}", "--set", f"run_dir={tmp_path}/run"], env={"PATH": str(bindir)})
+    assert res.returncode == 2
+    assert res.stderr == ("launch: error: --partition 'gpu': scontrol is not on PATH, "
+                          "so the partition cannot be checked\n")
+    assert not (tmp_path / "run").exists()
