@@ -193,6 +193,7 @@ def prepare(args: argparse.Namespace) -> Job:
     check_environment(cfg)
     for n in world_sizes(opts):
         validate_world(cfg, n)
+    check_run_dir(cfg.run_dir)
     logdir = os.path.join(cfg.run_dir, "tensorboard")
     if args.tensorboard is None:  # no server: the command to start one, for people to run
         board = tensorboard_command(None, logdir, host=args.tensorboard_host)
@@ -206,6 +207,17 @@ def prepare(args: argparse.Namespace) -> Job:
         if not shutil.which("scontrol"):
             raise LaunchError("--requeue-on-timeout needs scontrol, which is not on PATH")
     return Job(cmd, env, board, requeue_job, opts)
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Rank 0 creates and writes run_dir: a path it cannot write fails here, before the workers start."""
+    existing = os.path.abspath(run_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise LaunchError(f"run_dir {run_dir!r}: {existing!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LaunchError(f"run_dir {run_dir!r}: {existing!r} is not writable")
 
 
 def check_runner(argv: list[str]) -> None:

@@ -1,3 +1,4 @@
+import os
 import re
 import sys
 
@@ -185,3 +186,22 @@ def test_a_runner_missing_from_path_is_one_line(digits_shards, tmp_path, monkeyp
     assert launch_run(args) == 2
     assert capsys.readouterr().err == f"launch: error: {message}\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_dir_that_cannot_be_written_is_one_line(digits_shards, tmp_path, capsys):
+    from launch.cli import run as launch_run
+    from launch.main import parse_args
+
+    (tmp_path / "afile").write_text("")
+    args = parse_args(["--np", "2", "--config", "configs/digits.yaml", "--set", f"data.dir={digits_shards}",
+                       "--set", f"run_dir={tmp_path}/afile/run", "--dry-run"])
+    assert launch_run(args) == 2
+    assert capsys.readouterr().err == (
+        f"launch: error: run_dir '{tmp_path}/afile/run': '{tmp_path}/afile' is not a folder\n")
+    if os.geteuid() != 0:  # root writes anywhere but on a read-only file system
+        (tmp_path / "locked").mkdir(mode=0o555)
+        args = parse_args(["--np", "2", "--config", "configs/digits.yaml", "--set", f"data.dir={digits_shards}",
+                           "--set", f"run_dir={tmp_path}/locked/a/run", "--dry-run"])
+        assert launch_run(args) == 2
+        assert capsys.readouterr().err == (
+            f"launch: error: run_dir '{tmp_path}/locked/a/run': '{tmp_path}/locked' is not writable\n")

@@ -203,3 +203,16 @@ def test_scontrol_missing_from_path_is_one_line(digits_shards, tmp_path):
     assert res.stderr == ("launch: error: --partition 'gpu': scontrol is not on PATH, "
                           "so the partition cannot be checked\n")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_dir_that_cannot_be_written_is_one_line(digits_shards, tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sbatch").write_text('#!/bin/sh\necho "42;cluster"\n')
+    (bindir / "sbatch").chmod(0o755)
+    (tmp_path / "afile").write_text("")
+    run_dir = tmp_path / "afile" / "run"
+    res = run([sys.executable, "-m", "launch", "slurm", "--config", "configs/digits.yaml",
+               "--set", f"data.dir={digits_shards}", "--set", f"run_dir={run_dir}"], env={"PATH": str(bindir)})
+    assert res.returncode == 2
+    assert res.stderr == f"launch: error: run_dir '{run_dir}': cannot write '{run_dir}': Not a directory\n"
