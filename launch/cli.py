@@ -74,8 +74,8 @@ def resolve_hosts(args: argparse.Namespace) -> tuple[int, str | None]:
         raise LaunchError("--srun needs --slurm-allocation (run it inside a Slurm job)")
     if args.hostfile:
         try:
-            with open(args.hostfile, encoding="utf-8") as f:
-                text = f.read()
+            with open(args.hostfile, "rb") as f:
+                text = f.read().decode("utf-8")  # whole: a bad byte's offset is the file's
         except OSError as e:
             raise LaunchError(f"--hostfile {args.hostfile!r}: {e.strerror}") from None
         except UnicodeDecodeError as e:

@@ -69,8 +69,9 @@ def load_into(cfg, path: str | None, overrides: typing.Sequence[str] = ()):
     """Applies a YAML file (none for None), then the overrides, to the dataclass `cfg`; returns it."""
     if path:
         try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
+            # Decoded whole (configs are small), so that a bad byte's offset is the file's.
+            with open(path, "rb") as f:
+                data = yaml.safe_load(f.read().decode("utf-8"))
         except OSError as e:
             raise ConfigError(f"config file {path!r}: {e.strerror}") from None
         except UnicodeDecodeError as e:
