@@ -16,8 +16,15 @@ _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 _LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE")
 
 
+def _size_var(var: str) -> int:
+    value = os.environ.get(var, "").strip() or "1"
+    if not value.isdigit():
+        raise DataError(f"{var}={os.environ[var]!r} is not a number of ranks")
+    return int(value)
+
+
 def launched_by_mpi() -> bool:
-    return any(int(os.environ.get(v, "1") or "1") > 1 for v in _SIZE_VARS) or "PMIX_RANK" in os.environ
+    return any(_size_var(v) > 1 for v in _SIZE_VARS) or "PMIX_RANK" in os.environ
 
 
 def local_size() -> int:

@@ -22,7 +22,9 @@ def on_root(
 
     `error_type` raised by `fn` is passed on, and so are the `catch` types,
     turned into `error_type` with the one line `describe` makes of them.
-    Anything else propagates on rank 0 alone (a bug, not bad input).
+    Any other exception (a bug, not bad input) is raised again on rank 0 with
+    its traceback, after the other ranks got `error_type` naming it: they
+    would otherwise wait in the broadcast for ever.
     """
     result = None
     if is_root:
@@ -30,6 +32,10 @@ def on_root(
             result = ("ok", fn())
         except (error_type, *catch) as e:
             result = ("error", describe(e))
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            broadcast(("error", f"rank 0 failed: {type(e).__name__}: {first}"))
+            raise
     status, value = broadcast(result)
     if status == "error":
         raise error_type(value)

@@ -144,18 +144,24 @@ def scan_csv(csv_path: str) -> Inventory:
     rows: dict[str, str] = {}
     ignored = {"hidden": 0, "not_image": 0}
     with open(csv_path, newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.reader(f), start=1):
-            if not row or (n == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]):
-                continue
-            if len(row) != 2 or not row[0].strip() or not row[1].strip():
-                raise DataError(f"{csv_path!r} line {n}: expected 'path,label', got {','.join(row)!r}")
-            rel, label = row[0].strip(), row[1].strip()
-            if os.path.basename(rel).startswith("."):
-                ignored["hidden"] += 1
-            elif not _is_image(rel):
-                ignored["not_image"] += 1
-            elif rows.setdefault(rel, label) != label:
-                raise DataError(f"{csv_path!r} line {n}: {rel!r} is listed with labels {rows[rel]!r} and {label!r}")
+        try:
+            for n, row in enumerate(csv.reader(f), start=1):
+                if not row or (n == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]):
+                    continue
+                if len(row) != 2 or not row[0].strip() or not row[1].strip():
+                    raise DataError(f"{csv_path!r} line {n}: expected 'path,label', got {','.join(row)!r}")
+                rel, label = row[0].strip(), row[1].strip()
+                if os.path.basename(rel).startswith("."):
+                    ignored["hidden"] += 1
+                elif not _is_image(rel):
+                    ignored["not_image"] += 1
+                elif rows.setdefault(rel, label) != label:
+                    raise DataError(
+                        f"{csv_path!r} line {n}: {rel!r} is listed with labels {rows[rel]!r} and {label!r}")
+        except UnicodeDecodeError as e:
+            # Decoded in blocks ahead of the rows: the byte, not a line number, is what is known.
+            raise DataError(f"CSV file {csv_path!r}: not UTF-8 (byte {e.object[e.start]:#04x}); "
+                            "save it as UTF-8") from None
     if not rows:
         raise DataError(f"CSV file {csv_path!r} lists no image files")
     class_names = _label_order(set(rows.values()))

@@ -74,10 +74,13 @@ def resolve_hosts(args: argparse.Namespace) -> tuple[int, str | None]:
         raise LaunchError("--srun needs --slurm-allocation (run it inside a Slurm job)")
     if args.hostfile:
         try:
-            with open(args.hostfile, encoding="utf-8") as f:
-                text = f.read()
+            with open(args.hostfile, "rb") as f:
+                text = f.read().decode("utf-8")  # whole: a bad byte's offset is the file's
         except OSError as e:
             raise LaunchError(f"--hostfile {args.hostfile!r}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise LaunchError(f"--hostfile {args.hostfile!r}: not UTF-8 (byte {e.object[e.start]:#04x} "
+                              f"at offset {e.start})") from None
         hosts = parse_hostfile(text, args.hostfile)
     elif args.slurm_allocation:
         hosts = allocation_hosts(os.environ, scontrol_hostnames)
@@ -190,6 +193,7 @@ def prepare(args: argparse.Namespace) -> Job:
     check_environment(cfg)
     for n in world_sizes(opts):
         validate_world(cfg, n)
+    check_run_dir(cfg.run_dir)
     logdir = os.path.join(cfg.run_dir, "tensorboard")
     if args.tensorboard is None:  # no server: the command to start one, for people to run
         board = tensorboard_command(None, logdir, host=args.tensorboard_host)
@@ -200,12 +204,34 @@ def prepare(args: argparse.Namespace) -> Job:
         requeue_job = os.environ.get("SLURM_JOB_ID")
         if not requeue_job:
             raise LaunchError("--requeue-on-timeout needs SLURM_JOB_ID (run it inside a Slurm job)")
+        if not shutil.which("scontrol"):
+            raise LaunchError("--requeue-on-timeout needs scontrol, which is not on PATH")
     return Job(cmd, env, board, requeue_job, opts)
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Rank 0 creates and writes run_dir: a path it cannot write fails here, before the workers start."""
+    existing = os.path.abspath(run_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise LaunchError(f"run_dir {run_dir!r}: {existing!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LaunchError(f"run_dir {run_dir!r}: {existing!r} is not writable")
+
+
+def check_runner(argv: list[str]) -> None:
+    """The runner must exist before anything starts (else a FileNotFoundError traceback from Popen)."""
+    if not shutil.which(argv[0]):
+        where = "next to this python nor on PATH" if argv[0].endswith("horovodrun") else "on PATH"
+        raise LaunchError(f"{os.path.basename(argv[0])} is not installed here: not {where}")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         job = prepare(args)
+        if not args.dry_run:  # a dry run only prints: it may be run where horovodrun is not
+            check_runner(job.argv)
     except (ConfigError, LaunchError, HostError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2

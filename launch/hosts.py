@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 # else may pass; a leading '-' would be read by ssh as an option.
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-_TASKS = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
+_TASKS = re.compile(r"(\d+)(?:\(x(\d+)\))?")
 
 
 class HostError(ValueError):
@@ -166,7 +166,7 @@ def parse_tasks_per_node(text: str) -> list[int]:
     """SLURM_TASKS_PER_NODE (`2(x3),1`) to [2, 2, 2, 1]."""
     counts = []
     for item in text.split(","):
-        m = _TASKS.match(item.strip())
+        m = _TASKS.fullmatch(item.strip())
         if not m or int(m.group(1)) < 1:
             raise HostError(f"SLURM_TASKS_PER_NODE={text!r}: {item!r} is not N or N(xM) with N >= 1")
         counts += [int(m.group(1))] * int(m.group(2) or 1)

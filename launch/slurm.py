@@ -21,10 +21,10 @@ from launch.command import LaunchError
 # strips double quotes. Names are limited to characters that need no quoting
 # (a job name also ends up in file names, so no '/'); paths are double-quoted
 # and may hold anything but quotes, backslashes and control characters.
-_NAME = re.compile(r"^[A-Za-z0-9_.+\-]{1,128}$")
-_PARTITIONS = re.compile(r"^[A-Za-z0-9_.+\-]+(,[A-Za-z0-9_.+\-]+)*$")
+_NAME = re.compile(r"[A-Za-z0-9_.+\-]{1,128}")
+_PARTITIONS = re.compile(r"[A-Za-z0-9_.+\-]+(,[A-Za-z0-9_.+\-]+)*")
 _PATH_BAD = re.compile(r'["\\\x00-\x1f\x7f]')
-_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 MAX_SIGNAL_DELAY_SEC = 65535  # sbatch's --signal limit
 
 
@@ -81,7 +81,7 @@ class SlurmOptions:
 
 def time_limit_seconds(text: str) -> int:
     """Slurm's time formats to seconds: `M`, `M:S`, `H:M:S`, `D-H`, `D-H:M`, `D-H:M:S`."""
-    m = _TIME.match(text.strip())
+    m = _TIME.fullmatch(text.strip())
     if not m:
         raise LaunchError(f"--time {text!r} is not a Slurm time (MM, HH:MM:SS, D-HH:MM:SS)")
     days, a, b, c = m.groups()
@@ -109,7 +109,8 @@ def tasks_per_node(opts: SlurmOptions) -> int:
 
 def _sbatch_name(flag: str, value: str) -> str:
     pattern = _PARTITIONS if flag == "--partition" else _NAME
-    if not pattern.match(value):
+    # fullmatch, not match with `$`: `$` also matches before a trailing newline.
+    if not pattern.fullmatch(value):
         raise LaunchError(f"{flag} {value!r}: only letters, digits and _.+- are allowed")
     return value
 

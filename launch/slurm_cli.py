@@ -87,6 +87,8 @@ def options_from_args(args: argparse.Namespace, run_dir: str) -> SlurmOptions:
 
 
 def check_partition(partition: str) -> None:
+    if not shutil.which("scontrol"):
+        raise LaunchError(f"--partition {partition!r}: scontrol is not on PATH, so the partition cannot be checked")
     res = subprocess.run(["scontrol", "-o", "show", "partition"], capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise LaunchError(f"scontrol show partition failed: {res.stderr.strip()}")
@@ -127,10 +129,14 @@ def run(args: argparse.Namespace) -> int:
         log_dir = os.path.join(opts.run_dir, "slurm")
         os.umask(0o027)  # as the trainer: the run directory is for owner and group only
         # Slurm does not create the folder of --output; without it the job fails before it starts.
-        os.makedirs(log_dir, mode=0o750, exist_ok=True)
         script_path = os.path.join(log_dir, f"{opts.job_name}.sbatch")
-        with open(script_path, "w", encoding="utf-8") as f:
-            f.write(script)
+        try:
+            os.makedirs(log_dir, mode=0o750, exist_ok=True)
+            with open(script_path, "w", encoding="utf-8") as f:
+                f.write(script)
+        except OSError as e:
+            raise LaunchError(f"run_dir {cfg.run_dir!r}: cannot write {e.filename or script_path!r}: "
+                              f"{e.strerror or e}") from None
         job_id = submit(script_path)
     except (ConfigError, LaunchError) as e:
         print(f"launch: error: {e}", file=sys.stderr)

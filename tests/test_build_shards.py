@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from data_pipeline import shard_writer
-from data_pipeline.build_shards import build
+from data_pipeline.build_shards import build, main
 from data_pipeline.images import ImageOptions
 from data_pipeline.metadata import DataError, load_metadata, shard_files
 from data_pipeline.records import parse_example
@@ -199,6 +199,16 @@ def test_csv_listing(messy, tmp_path):
     listing.write_text("path,label\nonly-a-path.jpg\n")
     with pytest.raises(DataError, match="line 2: expected 'path,label'"):
         build(None, str(tmp_path / "bad"), num_shards=1, csv_path=str(listing))
+    listing.write_bytes("path,label\ncaf\u00e9.jpg,1\n".encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        build(None, str(tmp_path / "bad"), num_shards=1, csv_path=str(listing))
+    assert str(e.value) == f"CSV file {str(listing)!r}: not UTF-8 (byte 0xe9); save it as UTF-8"
+
+
+def test_non_numeric_mpi_size_is_one_line(messy, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PMI_SIZE", "four")
+    assert main(["--images", str(messy), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == "build_shards: error: PMI_SIZE='four' is not a number of ranks\n"
 
 
 def test_existing_train_validation_layout(tmp_path):
@@ -237,6 +247,21 @@ def test_mpirun_two_ranks_match_one_process(messy, tmp_path):
     assert total == 4
     assert "rank 0 of 2: 2 of 4 shards" in res.stderr and "rank 1 of 2: 2 of 4 shards" in res.stderr
     assert res.stderr.count("wrote ") == 1  # one report, from rank 0
+
+
+@pytest.mark.mpi
+def test_mpirun_a_csv_that_is_not_utf8_ends_every_rank_with_one_line(tmp_path):
+    """Rank 0 reads the CSV: its error rides on the broadcast that rank 1 waits in."""
+    listing = tmp_path / "list.csv"
+    listing.write_bytes("path,label\ncaf\u00e9.jpg,1\n".encode("latin-1"))
+    env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    res = run(["mpirun", "-np", "2", "--oversubscribe", sys.executable, "-m", "data_pipeline.build_shards",
+               "--csv", listing, "--out", tmp_path / "out", "--workers", "1"], env=env, timeout=120)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert errors == [f"build_shards: error: CSV file {str(listing)!r}: not UTF-8 (byte 0xe9); save it as UTF-8"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_record_writer_matches_tensorflow(tmp_path):

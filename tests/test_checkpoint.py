@@ -72,6 +72,19 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
         mgr.restore(small_model(0), path)
 
 
+@pytest.mark.parametrize("state", [{"global_step": 1}, {"epoch": "1", "global_step": 1}, ["epoch", 1]])
+def test_state_json_without_its_counts_is_a_clear_error(tmp_path, state):
+    model = small_model(0)
+    train_a_little(model, 1)
+    mgr = CheckpointManager(str(tmp_path), keep=2)
+    path = mgr.save(model, {"epoch": 1})
+    with open(os.path.join(path, "state.json"), "w") as f:
+        json.dump(state, f)
+    with pytest.raises(CheckpointError) as e:
+        mgr.restore(small_model(0), path)
+    assert str(e.value) == f"cannot read checkpoint {path!r}: state.json has no 'epoch' count"
+
+
 def save_validated(mgr, model, step, validation):
     model.optimizer.iterations.assign(step)
     return mgr.save(model, {"epoch": step, **({"validation": validation} if validation else {})})

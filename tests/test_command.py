@@ -1,3 +1,4 @@
+import os
 import re
 import sys
 
@@ -65,6 +66,11 @@ def test_hostfile_becomes_a_host_list(digits_shards, tmp_path):
                "--set", f"data.dir={digits_shards}", "--dry-run"])
     assert res.returncode == 2
     assert res.stderr.strip() == f"launch: error: {hostfile} line 2: slots='x' is not a number"
+    hostfile.write_bytes("n1 slots=2\nn\u00e9 slots=2\n".encode("latin-1"))
+    res = run([sys.executable, "-m", "launch", "--config", "configs/digits.yaml", "--hostfile", hostfile,
+               "--set", f"data.dir={digits_shards}", "--dry-run"])
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"launch: error: --hostfile {str(hostfile)!r}: not UTF-8 (byte 0xe9 at offset 12)"
 
 
 def test_slurm_allocation_gives_np_and_hosts(digits_shards, tmp_path):
@@ -215,3 +221,44 @@ def test_plain_interfaces_hosts_and_paths_pass(digits_shards, tmp_path):
     assert (" -H 10.0.0.1:1,node-2.cluster_a:1 --network-interface eth0,ib0 --timeline-filename runs/tl-1.json "
             in res.stdout)
     assert " --ssh-identity-file keys/id_ed25519 " in res.stdout
+
+
+@pytest.mark.parametrize("extra, env, message", [
+    ([], {}, "horovodrun is not installed here: not next to this python nor on PATH"),
+    (["--slurm-allocation", "--srun"], {"SLURM_JOB_NODELIST": "n1", "SLURM_TASKS_PER_NODE": "2"},
+     "srun is not installed here: not on PATH"),
+    (["--requeue-on-timeout"], {"SLURM_JOB_ID": "42"}, "--requeue-on-timeout needs scontrol, which is not on PATH"),
+])
+def test_a_runner_missing_from_path_is_one_line(digits_shards, tmp_path, monkeypatch, capsys, extra, env, message):
+    from launch.cli import run as launch_run
+    from launch.main import parse_args
+
+    # An interpreter outside the venv and a PATH without Horovod's or Slurm's tools.
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    args = parse_args(["--np", "2", "--config", "configs/digits.yaml", "--set", f"data.dir={digits_shards}",
+                       "--set", f"run_dir={tmp_path}/run", *extra])
+    assert launch_run(args) == 2
+    assert capsys.readouterr().err == f"launch: error: {message}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_dir_that_cannot_be_written_is_one_line(digits_shards, tmp_path, capsys):
+    from launch.cli import run as launch_run
+    from launch.main import parse_args
+
+    (tmp_path / "afile").write_text("")
+    args = parse_args(["--np", "2", "--config", "configs/digits.yaml", "--set", f"data.dir={digits_shards}",
+                       "--set", f"run_dir={tmp_path}/afile/run", "--dry-run"])
+    assert launch_run(args) == 2
+    assert capsys.readouterr().err == (
+        f"launch: error: run_dir '{tmp_path}/afile/run': '{tmp_path}/afile' is not a folder\n")
+    if os.geteuid() != 0:  # root writes anywhere but on a read-only file system
+        (tmp_path / "locked").mkdir(mode=0o555)
+        args = parse_args(["--np", "2", "--config", "configs/digits.yaml", "--set", f"data.dir={digits_shards}",
+                           "--set", f"run_dir={tmp_path}/locked/a/run", "--dry-run"])
+        assert launch_run(args) == 2
+        assert capsys.readouterr().err == (
+            f"launch: error: run_dir '{tmp_path}/locked/a/run': '{tmp_path}/locked' is not writable\n")

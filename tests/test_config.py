@@ -124,6 +124,11 @@ def test_bad_yaml_file(tmp_path):
         load_config(write(tmp_path, "- a\n- b\n"))
     with pytest.raises(ConfigError, match="No such file"):
         load_config(str(tmp_path / "missing.yaml"))
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("run_dir: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_config(str(latin1))
+    assert str(e.value) == f"config file {str(latin1)!r}: not UTF-8 (byte 0xe9 at offset 12)"
 
 
 def test_parse_override_reads_yaml_scalars():

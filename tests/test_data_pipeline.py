@@ -176,6 +176,6 @@ def test_worker_on_a_broken_metadata_json_exits_2_with_one_line(digits_shards, t
                "--set", f"run_dir={tmp_path}/run", "--set", f"data.dir={data}"])
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1] == (
-        f"config error: data.dir='{data}': '{data}/metadata.json': has no 'channels'")
+        f"data error: '{data}/metadata.json': has no 'channels'")
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

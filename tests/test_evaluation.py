@@ -33,6 +33,30 @@ def test_rank_parts_cover_every_record_once(tmp_path):
         assert Counter(r for part in parts for r in part) == everything, num_shards
 
 
+class _OneRank:
+    """The two collectives Evaluator uses, for a single process."""
+
+    def sum_scalars(self, values, name):
+        return values
+
+    max_scalars = sum_scalars
+
+
+def test_a_record_count_that_differs_from_metadata_is_a_data_error():
+    import keras
+
+    from data_pipeline.metadata import DataError
+    from trainer.evaluation import Evaluator
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    data = tf.data.Dataset.from_tensor_slices((tf.zeros((3, 2)), tf.zeros((3,), tf.int32))).batch(2)
+    evaluator = Evaluator(_OneRank(), lambda: data, 3, expected_examples=4, source="data.dir='d'")
+    with pytest.raises(DataError) as e:
+        evaluator.evaluate(model)
+    assert str(e.value) == "data.dir='d': the evaluation read 3 records, metadata.json lists 4"
+
+
 @pytest.fixture(scope="module")
 def three_val_files(digits_images, tmp_path_factory):
     """Digits with 359 validation records in 3 files: 239 + 120 records at 2 ranks, by file."""

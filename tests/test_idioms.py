@@ -58,3 +58,14 @@ def test_on_root_gives_every_rank_the_result_or_the_error():
         on_root(True, bcast, fail, ValueError, catch=(OSError,), describe=lambda e: f"no space: {e.filename!r}")
     with pytest.raises(ValueError, match="no space: 'out'"):
         on_root(False, bcast, lambda: 3, ValueError)
+    sent.clear()
+
+    def bug():
+        raise KeyError("class_names")
+
+    # Not bad input: rank 0 keeps its traceback, the others still end, with one line naming it.
+    with pytest.raises(KeyError):
+        on_root(True, bcast, bug, ValueError, catch=(OSError,))
+    with pytest.raises(ValueError) as e:
+        on_root(False, bcast, lambda: 3, ValueError)
+    assert str(e.value) == "rank 0 failed: KeyError: 'class_names'"

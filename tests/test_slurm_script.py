@@ -75,6 +75,9 @@ def test_time_formats(text, seconds):
     (dict(job_name="x/../y"), "--job-name 'x/../y': only letters, digits and _.+- are allowed"),
     (dict(job_name="x\n#SBATCH --uid=0"),
      "--job-name 'x\\n#SBATCH --uid=0': only letters, digits and _.+- are allowed"),
+    # `$` matched before a trailing newline, and the newline reached the #SBATCH line
+    (dict(job_name="train\n"), "--job-name 'train\\n': only letters, digits and _.+- are allowed"),
+    (dict(partition="gpu\n"), "--partition 'gpu\\n': only letters, digits and _.+- are allowed"),
     (dict(run_dir='/runs/a"b'),
      "run_dir '/runs/a\"b/slurm': a path for Slurm may not hold quotes, backslashes or control characters"),
     (dict(run_dir="/runs/a\nb"),
@@ -200,3 +203,29 @@ def test_values_that_reach_a_remote_shell_are_refused_before_submission(flag, va
     assert res.stderr.splitlines() == [res.stderr.strip()]
     assert res.stderr.startswith(f"launch: error: {flag} {value!r}: not allowed; expected ")
     assert res.stdout == "" and not (tmp_path / "run").exists()
+
+
+def test_scontrol_missing_from_path_is_one_line(digits_shards, tmp_path):
+    bindir = tmp_path / "bin"  # sbatch, but no scontrol to check --partition with
+    bindir.mkdir()
+    (bindir / "sbatch").write_text('#!/bin/sh\necho "42;cluster"\n')
+    (bindir / "sbatch").chmod(0o755)
+    res = run([sys.executable, "-m", "launch", "slurm", "--config", "configs/digits.yaml", "--partition", "gpu",
+               "--set", f"data.dir={digits_shards}", "--set", f"run_dir={tmp_path}/run"], env={"PATH": str(bindir)})
+    assert res.returncode == 2
+    assert res.stderr == ("launch: error: --partition 'gpu': scontrol is not on PATH, "
+                          "so the partition cannot be checked\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_dir_that_cannot_be_written_is_one_line(digits_shards, tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sbatch").write_text('#!/bin/sh\necho "42;cluster"\n')
+    (bindir / "sbatch").chmod(0o755)
+    (tmp_path / "afile").write_text("")
+    run_dir = tmp_path / "afile" / "run"
+    res = run([sys.executable, "-m", "launch", "slurm", "--config", "configs/digits.yaml",
+               "--set", f"data.dir={digits_shards}", "--set", f"run_dir={run_dir}"], env={"PATH": str(bindir)})
+    assert res.returncode == 2
+    assert res.stderr == f"launch: error: run_dir '{run_dir}': cannot write '{run_dir}': Not a directory\n"

@@ -21,3 +21,18 @@ def test_synthetic_resnet20_run_writes_summary(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best.json", "step-000000006"]
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-000000006" / "state.json").read_text())
     assert state["global_step"] == 6 and state["epoch"] == 2
+
+
+def test_a_corrupt_summary_of_a_finished_run_is_one_line(tmp_path):
+    argv = [sys.executable, "-m", "trainer.train", "--config", "configs/bench_resnet20.yaml",
+            "--set", f"run_dir={tmp_path}/run", "--set", "model.image_size=8", "--set", "train.steps_per_epoch=2",
+            "--set", "train.epochs=1", "--set", "data.global_batch_size=4", "--set", "train.resume=true"]
+    assert run(argv).returncode == 0
+    summary = tmp_path / "run" / "summary.json"
+    summary.write_text('{"val_accuracy": 0.')  # torn by a full disk
+    res = run(argv)  # nothing left to train: the finished run's summary is read
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"checkpoint error: cannot read {str(summary)!r} (")
+    assert line.endswith("); delete it and the run writes it again")

@@ -251,9 +251,15 @@ class CheckpointManager:
     def read_state(path: str) -> dict:
         try:
             with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-                return json.load(f)
+                state = json.load(f)
         except (OSError, ValueError) as e:
             raise UnreadableCheckpoint(f"cannot read checkpoint {path!r}: {_first_line(e)}") from None
+        # Resuming indexes the schedule and the data by these two: check them here, once.
+        for key in ("epoch", "global_step"):
+            value = state.get(key) if isinstance(state, dict) else None
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise UnreadableCheckpoint(f"cannot read checkpoint {path!r}: {STATE_FILE} has no {key!r} count")
+        return state
 
     def restore(self, model, path: str, expect_model: dict | None = None) -> dict:
         """Loads weights and optimizer state from `path` into a compiled model.

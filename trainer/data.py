@@ -39,10 +39,9 @@ def resolve_data(cfg: ExperimentConfig) -> DataSpec:
     m, t = cfg.model, cfg.train
     if cfg.data.synthetic:
         return DataSpec((m.image_size, m.image_size, m.channels), m.num_classes, t.steps_per_epoch, [], [])
-    try:
-        meta = md.load_metadata(cfg.data.dir)
-    except md.DataError as e:
-        raise ConfigError(f"data.dir={cfg.data.dir!r}: {e}") from None
+    # A broken metadata.json or a missing shard is the data's fault, not the config's:
+    # md.DataError passes through and is reported as `data error:`, naming the file.
+    meta = md.load_metadata(cfg.data.dir)
     shape = meta.get("image_shape")
     image_size = m.image_size or (shape[0] if shape and shape[0] == shape[1] else 0)
     if not image_size:

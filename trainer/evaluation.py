@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.config import ConfigError
+from data_pipeline.metadata import DataError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class Evaluator:
       make_dataset: returns this rank's (image, label) batches, one pass.
       num_classes: top-5 accuracy is reported when there are more than 5.
       expected_examples: the split's record count (metadata.json); a different
-        global count raises ConfigError naming `source`. 0: not checked.
+        global count raises DataError naming `source`. 0: not checked.
       source: what holds the data, for that message (e.g. "data.dir='...'").
     """
 
@@ -88,7 +88,7 @@ class Evaluator:
         elapsed = self.ctx.max_scalars({"sec": time.perf_counter() - started}, "eval.time")["sec"]
         n = int(total["examples"])
         if (self.expected and n != self.expected) or n == 0:
-            raise ConfigError(f"{self.source}: the evaluation read {n} records, metadata.json lists {self.expected}")
+            raise DataError(f"{self.source}: the evaluation read {n} records, metadata.json lists {self.expected}")
         regularization = float(sum(float(x) for x in model.losses))
         result = {"loss": total["loss_sum"] / n + regularization, "accuracy": total["correct"] / n}
         if self.top_k:

@@ -26,7 +26,7 @@ import tensorflow as tf
 from data_pipeline import atomic
 from trainer import callbacks as cb
 from trainer import summaries
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.config import ExperimentConfig, best_mode, dump_yaml, profile_range
 from trainer.console import progress_wanted
 
@@ -141,8 +141,14 @@ class ChiefOutputs(RunOutputs):
         path = os.path.join(self.run_dir, SUMMARY_FILE)
         if not os.path.isfile(path):
             return None
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                summary = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {path!r} ({e}); delete it and the run writes it again") from None
+        if not isinstance(summary, dict):
+            raise CheckpointError(f"cannot read {path!r} (not a JSON object); delete it and the run writes it again")
+        return summary
 
     def finish(self, model, summary: dict, log_validation: bool = False) -> dict:
         """Writes summary.json (and the export); `log_validation` when no epoch callback logged the final one."""

@@ -14,9 +14,11 @@ import time
 import keras
 import tensorflow as tf
 
+from data_pipeline.collective import on_root
 from data_pipeline.reader import corrupt_shard_error
 from trainer import callbacks as cb
 from trainer.assembly import build_compiled_model, config_hash, model_signature
+from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, ExperimentConfig
 from trainer.data import check_shards, make_evaluator, resolve_data, train_dataset
 from trainer.distributed import DistContext, weights_digest
@@ -171,10 +173,12 @@ class TrainingRun:
         """
         epochs = self.cfg.train.epochs
         if history is None:
-            summary = outputs.load_summary()
-            if ctx.broadcast_object(summary is not None, "resume.finished"):
+            # Rank 0 reads it; an unreadable one must stop every rank, not leave them waiting.
+            summary = on_root(ctx.is_chief, lambda v: ctx.broadcast_object(v, "resume.finished"),
+                              outputs.load_summary, CheckpointError)
+            if summary is not None:
                 log.info("run in %s already finished at epoch %d", self.cfg.run_dir, epochs)
-                return summary
+                return summary if ctx.is_chief else None
             # Training finished but the summary was never written: evaluate again,
             # on every rank, from rank 0's restored weights.
             ctx.broadcast_variables(self.model.variables, "eval.model")
