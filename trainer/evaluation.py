@@ -126,13 +126,24 @@ class PeriodicValidation(keras.callbacks.Callback):
         self.every = every
         self.epochs = epochs
         self.results: dict[int, dict] = {}
+        self._batches = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches = batch + 1
 
     def on_epoch_end(self, epoch, logs=None):
-        # An epoch ended by a stop request holds mid-epoch weights, and the stop
-        # must reach its checkpoint within the scheduler's grace period. The
-        # resumed run validates the epoch when it completes it. stop_training
-        # comes from the agreed flag, so all ranks skip together.
-        if self.model.stop_training or not is_due(epoch + 1, self.every, self.epochs):
+        # An epoch cut short by a stop request holds mid-epoch weights, and the
+        # stop must reach its checkpoint within the scheduler's grace period:
+        # the resumed run validates the epoch when it completes it. A stop on
+        # the epoch's last step leaves no part to resume, so the epoch is
+        # validated now, before its checkpoint, at the cost of one evaluation
+        # of the grace period. stop_training and the batch count are the same
+        # on every rank (the flag is agreed), so all ranks evaluate or skip together.
+        cut_short = self.model.stop_training and self._batches < (self.params or {}).get("steps", 0)
+        if cut_short or not is_due(epoch + 1, self.every, self.epochs):
             return
         result = self.evaluator.evaluate(self.model)
         self.results[epoch + 1] = result

@@ -35,9 +35,13 @@ class StopRequest:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
+        self.ask(signal.Signals(signum).name)
+
+    def ask(self, reason: str) -> None:
+        """Raises this rank's flag; every rank stops after the step that carries it."""
         if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
-            log.warning("received %s: stopping at the next step boundary", self.signal_name)
+            self.signal_name = reason
+            log.warning("received %s: stopping at the next step boundary", reason)
         self.local.assign(1.0)
 
     @property
@@ -46,11 +50,20 @@ class StopRequest:
 
 
 class StopOnRequest(keras.callbacks.Callback):
-    """Ends `fit` after the step at which any rank asked to stop."""
+    """Ends `fit` after the step at which any rank asked to stop.
 
-    def __init__(self, request: StopRequest):
+    `stop_after_step` (runtime.fault_stop_after_step, for tests) raises the
+    flag just before that global step, which then carries it.
+    """
+
+    def __init__(self, request: StopRequest, stop_after_step: int = 0):
         super().__init__()
         self.request = request
+        self.stop_after_step = stop_after_step
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.stop_after_step and int(self.model.optimizer.iterations.numpy()) + 1 == self.stop_after_step:
+            self.request.ask("runtime.fault_stop_after_step")
 
     def on_train_batch_end(self, batch, logs=None):
         if self.request.stopped:

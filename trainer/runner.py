@@ -111,7 +111,7 @@ class TrainingRun:
         validation = PeriodicValidation(self.evaluator(ctx), self.cfg.train.validate_every_epochs, epochs)
         callbacks = [
             cb.BroadcastInitialState(ctx),
-            StopOnRequest(self.request),
+            StopOnRequest(self.request, self.cfg.runtime.fault_stop_after_step),
             cb.EpochTimer(self.global_batch),
             timer,
             cb.InputWait(),
