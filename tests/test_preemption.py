@@ -1,11 +1,15 @@
 """Stops through the real horovodrun with 2 ranks: on an epoch's last step, and on one rank's SIGTERM."""
 
 import json
+import signal
+import subprocess
+import time
 
+import psutil
 import pytest
 
 from helpers import run
-from test_horovod import checkpoint_steps, epoch_records, launch_argv, messages
+from test_horovod import checkpoint_steps, epoch_records, launch_argv, messages, start_and_wait_for
 
 pytestmark = pytest.mark.horovod
 
@@ -38,3 +42,51 @@ def test_a_stop_on_an_epochs_last_step_validates_that_epoch_once(digits_shards, 
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert all("val_accuracy" in r for r in records)
     assert checkpoint_steps(run_dir)[-1] == 3 * SPE
+
+
+def worker(launcher: psutil.Process, rank: int) -> psutil.Process:
+    """The Python worker process of `rank` under the launcher (found by its HOROVOD_RANK)."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        found = []
+        for p in launcher.children(recursive=True):
+            try:
+                if p.environ().get("HOROVOD_RANK") == str(rank) and "-m" in p.cmdline() and "trainer" in " ".join(
+                        p.cmdline()):
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        if len(found) == 1:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no single worker of rank {rank}: {found}")
+
+
+def test_sigterm_to_one_rank_stops_both_after_the_same_step(digits_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    argv = launch_argv(run_dir, digits_shards, "--set", "train.epochs=10", "--set", "train.export=false")
+    proc = start_and_wait_for(argv, run_dir / "checkpoints" / f"step-{2 * SPE:09d}")
+    rank1 = worker(psutil.Process(proc.pid), 1)
+    time.sleep(0.2)  # land inside a later epoch
+    rank1.send_signal(signal.SIGTERM)  # one drained node: the launcher and rank 0 get no signal
+    try:
+        out = proc.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        # Ranks that stopped at different steps wait forever in mismatched collectives.
+        for p in [*psutil.Process(proc.pid).children(recursive=True), proc]:
+            p.kill()
+        out = proc.communicate()[0]
+        raise AssertionError("the ranks did not stop together:\n" + out[-3000:]) from None
+    assert proc.returncode != 0, "the run finished before it could be stopped"
+    stopped = messages(out, "stopped at step")
+    assert sorted(stopped) == [0, 1], out[-3000:]
+    step = int(stopped[0][0].split()[0])
+    assert step == int(stopped[1][0].split()[0])
+    assert "another rank was signalled" in stopped[0][0] and "SIGTERM" in stopped[1][0]
+    assert checkpoint_steps(run_dir)[-1] == step  # rank 0 wrote it
+
+    res = run(argv, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step-{step:09d}" in out
+    assert [r["epoch"] for r in epoch_records(run_dir)][-1] == 10
