@@ -42,6 +42,17 @@ def test_a_stop_on_an_epochs_last_step_validates_that_epoch_once(digits_shards, 
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert all("val_accuracy" in r for r in records)
     assert checkpoint_steps(run_dir)[-1] == 3 * SPE
+    # TensorBoard too: each epoch's training and validation scalars once.
+    assert scalar_steps(run_dir / "tensorboard" / "train", "loss") == [1, 2, 3]
+    assert scalar_steps(run_dir / "tensorboard" / "validation", "accuracy") == [1, 2, 3]
+
+
+def scalar_steps(log_dir, tag: str) -> list[int]:
+    """The steps (epochs) at which `tag` was written, over every event file in `log_dir` (one per start)."""
+    import tensorflow as tf
+
+    return sorted(e.step for path in log_dir.iterdir() for e in tf.compat.v1.train.summary_iterator(str(path))
+                  for v in e.summary.value if v.tag == tag)
 
 
 def worker(launcher: psutil.Process, rank: int) -> psutil.Process:

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.config import ConfigError
+from trainer.preemption import epoch_cut_short
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +127,6 @@ class PeriodicValidation(keras.callbacks.Callback):
         self.every = every
         self.epochs = epochs
         self.results: dict[int, dict] = {}
-        self._batches = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._batches = 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._batches = batch + 1
 
     def on_epoch_end(self, epoch, logs=None):
         # An epoch cut short by a stop request holds mid-epoch weights, and the
@@ -140,10 +134,8 @@ class PeriodicValidation(keras.callbacks.Callback):
         # the resumed run validates the epoch when it completes it. A stop on
         # the epoch's last step leaves no part to resume, so the epoch is
         # validated now, before its checkpoint, at the cost of one evaluation
-        # of the grace period. stop_training and the batch count are the same
-        # on every rank (the flag is agreed), so all ranks evaluate or skip together.
-        cut_short = self.model.stop_training and self._batches < (self.params or {}).get("steps", 0)
-        if cut_short or not is_due(epoch + 1, self.every, self.epochs):
+        # within the grace period. All ranks decide alike (see epoch_cut_short).
+        if epoch_cut_short(self.model) or not is_due(epoch + 1, self.every, self.epochs):
             return
         result = self.evaluator.evaluate(self.model)
         self.results[epoch + 1] = result

@@ -29,6 +29,8 @@ class StopRequest:
         self.local = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="stop_local")
         self.agreed = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="stop_agreed")
         self.signal_name: str | None = None
+        # Whether the stop ended its epoch before the epoch's last step (set by StopOnRequest).
+        self.cut_short = True
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -68,6 +70,18 @@ class StopOnRequest(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self.request.stopped:
             self.model.stop_training = True
+            self.request.cut_short = batch + 1 < (self.params or {}).get("steps", 0)
+
+
+def epoch_cut_short(model) -> bool:
+    """Whether the epoch that just ended was cut short by a stop, its weights mid-epoch.
+
+    A stop on the epoch's last step completes the epoch: it is validated and
+    logged as any other, since the resumed run starts at the next one. The
+    flag is agreed, and the step counts are equal, so all ranks see the same.
+    """
+    request = getattr(model, "stop_request", None)
+    return bool(model.stop_training and (request is None or request.cut_short))
 
 
 class Stopped(Exception):
