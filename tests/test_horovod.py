@@ -169,12 +169,14 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits
     # The launcher shows rank 0's lines without a label and the others' after `[N] `.
     assert re.search(r"^[^[].*exiting with 143", first, re.M) and re.search(r"^\[1\] .*exiting with 143", first, re.M)
     assert checkpoint_steps(run_dir)[-1] == step
-    # The epoch of the last step taken was not validated: its weights are mid-epoch, or, when the
-    # stop landed on the epoch's last step (documented exception), the stop came before the validation.
+    # The epoch of the last step taken is validated only when the stop landed on its last step:
+    # otherwise its weights are mid-epoch, and the resumed run validates it when it completes it.
     before = epoch_records(run_dir)
     interrupted = before[-1]
-    assert interrupted["epoch"] == (step - 1) // 22 + 1 and "val_loss" not in interrupted
-    assert "validation" not in json.loads((run_dir / "checkpoints" / f"step-{step:09d}" / "state.json").read_text())
+    completed = step % 22 == 0
+    assert interrupted["epoch"] == (step - 1) // 22 + 1 and ("val_loss" in interrupted) == completed
+    state = json.loads((run_dir / "checkpoints" / f"step-{step:09d}" / "state.json").read_text())
+    assert ("validation" in state) == completed
 
     # Resume with the MPI controller and fp16 gradient compression this time:
     # the checkpoint does not depend on either, and the replicas must still agree.
@@ -187,6 +189,9 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits
     records = epoch_records(run_dir, skip=len(before))  # a resumed run appends to metrics.jsonl
     first_epoch = step // spe + 1  # the interrupted epoch is finished first, then the rest
     assert [r["epoch"] for r in records] == [r["epoch"] for r in rank_records(out)[1]] == list(range(first_epoch, 41))
+    # Across the stop and the resume, every epoch has exactly one validated record.
+    validated = [r["epoch"] for r in before + records if "val_accuracy" in r]
+    assert validated == list(range(1, 41))
     assert all("val_accuracy" in r for r in records)  # the completed interrupted epoch too
     after = messages(out, "weights after training:")
     assert after[0] == after[1]

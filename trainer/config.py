@@ -170,12 +170,16 @@ class RuntimeConfig:
       log_all_ranks: log INFO from every rank, not only from rank 0, and the
         details at DEBUG: per epoch (evaluations, checkpoints written, metric
         records) and per start (weight digests, the shards each rank reads).
+      fault_stop_after_step: fault injection, for tests only: every rank asks
+        to stop as if signalled, so the run stops (and checkpoints) after this
+        global step, when it trains that step; 0 never.
     """
 
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     deterministic: bool = False
     log_all_ranks: bool = False
+    fault_stop_after_step: int = 0
 
 
 @dataclass

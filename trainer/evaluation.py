@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from data_pipeline.metadata import DataError
+from trainer.preemption import epoch_cut_short
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +129,13 @@ class PeriodicValidation(keras.callbacks.Callback):
         self.results: dict[int, dict] = {}
 
     def on_epoch_end(self, epoch, logs=None):
-        # An epoch ended by a stop request holds mid-epoch weights, and the stop
-        # must reach its checkpoint within the scheduler's grace period. The
-        # resumed run validates the epoch when it completes it. stop_training
-        # comes from the agreed flag, so all ranks skip together.
-        if self.model.stop_training or not is_due(epoch + 1, self.every, self.epochs):
+        # An epoch cut short by a stop request holds mid-epoch weights, and the
+        # stop must reach its checkpoint within the scheduler's grace period:
+        # the resumed run validates the epoch when it completes it. A stop on
+        # the epoch's last step leaves no part to resume, so the epoch is
+        # validated now, before its checkpoint, at the cost of one evaluation
+        # within the grace period. All ranks decide alike (see epoch_cut_short).
+        if epoch_cut_short(self.model) or not is_due(epoch + 1, self.every, self.epochs):
             return
         result = self.evaluator.evaluate(self.model)
         self.results[epoch + 1] = result

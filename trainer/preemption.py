@@ -29,15 +29,21 @@ class StopRequest:
         self.local = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="stop_local")
         self.agreed = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="stop_agreed")
         self.signal_name: str | None = None
+        # Whether the stop ended its epoch before the epoch's last step (set by StopOnRequest).
+        self.cut_short = True
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
+        self.ask(signal.Signals(signum).name)
+
+    def ask(self, reason: str) -> None:
+        """Raises this rank's flag; every rank stops after the step that carries it."""
         if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
-            log.warning("received %s: stopping at the next step boundary", self.signal_name)
+            self.signal_name = reason
+            log.warning("received %s: stopping at the next step boundary", reason)
         self.local.assign(1.0)
 
     @property
@@ -46,15 +52,36 @@ class StopRequest:
 
 
 class StopOnRequest(keras.callbacks.Callback):
-    """Ends `fit` after the step at which any rank asked to stop."""
+    """Ends `fit` after the step at which any rank asked to stop.
 
-    def __init__(self, request: StopRequest):
+    `stop_after_step` (runtime.fault_stop_after_step, for tests) raises the
+    flag just before that global step, which then carries it.
+    """
+
+    def __init__(self, request: StopRequest, stop_after_step: int = 0):
         super().__init__()
         self.request = request
+        self.stop_after_step = stop_after_step
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.stop_after_step and int(self.model.optimizer.iterations.numpy()) + 1 == self.stop_after_step:
+            self.request.ask("runtime.fault_stop_after_step")
 
     def on_train_batch_end(self, batch, logs=None):
         if self.request.stopped:
             self.model.stop_training = True
+            self.request.cut_short = batch + 1 < (self.params or {}).get("steps", 0)
+
+
+def epoch_cut_short(model) -> bool:
+    """Whether the epoch that just ended was cut short by a stop, its weights mid-epoch.
+
+    A stop on the epoch's last step completes the epoch: it is validated and
+    logged as any other, since the resumed run starts at the next one. The
+    flag is agreed, and the step counts are equal, so all ranks see the same.
+    """
+    request = getattr(model, "stop_request", None)
+    return bool(model.stop_training and (request is None or request.cut_short))
 
 
 class Stopped(Exception):

@@ -83,6 +83,7 @@ class TrainingRun:
         self.signature = model_signature(cfg, spec)
         self.config_sha = config_hash(cfg)
         self.validated: dict[int, dict] = {}  # validation results by epoch, from every train() call
+        self.logged_final = False  # the last epoch's validation logged by an earlier start
 
     def make_outputs(self, ctx: DistContext):
         """This rank's writer (trainer.outputs); rebuilt after an elastic reset, as the rank may change."""
@@ -91,6 +92,9 @@ class TrainingRun:
     def resume(self, ctx: DistContext, outputs) -> int:
         """The global step to start at, from the latest checkpoint (collective: run once per job)."""
         state = resume_state(ctx, self.cfg, outputs, self.model, self.signature)
+        if state and "validation" in state and int(state["epoch"]) == self.cfg.train.epochs:
+            # A stop on the run's last step, after its validation was logged: finish() must not log it again.
+            self.logged_final = True
         return resume_step(state, self.steps_per_epoch, self.global_batch, ctx.size, self.schedule, self.model)
 
     def checkpoint_state(self, ctx: DistContext, step: int) -> dict:
@@ -113,7 +117,7 @@ class TrainingRun:
         validation = PeriodicValidation(self.evaluator(ctx), self.cfg.train.validate_every_epochs, epochs)
         callbacks = [
             cb.BroadcastInitialState(ctx),
-            StopOnRequest(self.request),
+            StopOnRequest(self.request, self.cfg.runtime.fault_stop_after_step),
             cb.EpochTimer(self.global_batch),
             timer,
             cb.InputWait(),
@@ -183,10 +187,12 @@ class TrainingRun:
             # on every rank, from rank 0's restored weights.
             ctx.broadcast_variables(self.model.variables, "eval.model")
             history = {}
-        # The last epoch is always validated in fit, unless a stop ended it.
+        # The last epoch is always validated in fit, unless a stop cut it short
+        # or the run was stopped (and logged) on its last step.
         val = self.validated.get(epochs) or self.evaluator(ctx).evaluate(self.model)
         summary = self.summary(ctx, history, val)
-        return outputs.finish(self.model, summary, log_validation=epochs not in self.validated)
+        logged = epochs in self.validated or self.logged_final
+        return outputs.finish(self.model, summary, log_validation=not logged)
 
     def summary(self, ctx: DistContext, history: dict, val: dict) -> dict:
         """The run's summary.json: final validation, throughput and sizes."""

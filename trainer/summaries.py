@@ -12,6 +12,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer.preemption import epoch_cut_short
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,7 @@ class EpochScalars(keras.callbacks.Callback):
         self._val_writer = None
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.model.stop_training:
+        if epoch_cut_short(self.model):
             return  # an epoch cut short by a stop: logged when the resumed run completes it
         scalars = {k: float(v) for k, v in logs.items() if np.ndim(v) == 0}
         val = {k[4:]: v for k, v in scalars.items() if k.startswith("val_")}
@@ -131,7 +133,7 @@ class RankTiming(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         rows = self.timer.per_rank
-        if self.model.stop_training or not rows:
+        if epoch_cut_short(self.model) or not rows:
             return
         width = len(str(len(rows) - 1))
         means = [r["step_time_mean_sec"] for r in rows]
@@ -167,7 +169,7 @@ class WeightHistograms(keras.callbacks.Callback):
         self.writer = writer
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.model.stop_training:
+        if epoch_cut_short(self.model):
             return
         with self.writer.as_default(step=epoch + 1):
             for v in self.model.weights:

@@ -1,0 +1,106 @@
+"""Stops through the real horovodrun with 2 ranks: on an epoch's last step, and on one rank's SIGTERM."""
+
+import json
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from helpers import run
+from test_horovod import checkpoint_steps, epoch_records, launch_argv, messages, start_and_wait_for
+
+pytestmark = pytest.mark.horovod
+
+SPE = 22  # digits: 1437 training examples, global batch 64
+
+
+@pytest.mark.parametrize("epoch", [2, 3], ids=["inner-epoch", "last-epoch"])
+def test_a_stop_on_an_epochs_last_step_validates_that_epoch_once(digits_shards, tmp_path, epoch):
+    run_dir, step = tmp_path / "run", epoch * SPE
+    argv = launch_argv(run_dir, digits_shards, "--set", "train.epochs=3", "--set", "train.export=false",
+                       "--set", f"runtime.fault_stop_after_step={step}")
+    first = run(argv, timeout=600)
+    out = first.stdout + first.stderr
+    assert first.returncode != 0, out[-3000:]
+    stopped = messages(out, "stopped at step")
+    assert sorted(stopped) == [0, 1], out[-3000:]
+    expected = f"{step} (runtime.fault_stop_after_step); checkpoint written"
+    assert all(m[0].startswith(expected) for m in stopped.values())
+    assert checkpoint_steps(run_dir) == [e * SPE for e in range(1, epoch + 1)]
+    state = json.loads((run_dir / "checkpoints" / f"step-{step:09d}" / "state.json").read_text())
+    assert state["epoch"] == epoch and state["validation"]["val_accuracy"] > 0.5
+    before = epoch_records(run_dir)
+    assert [r["epoch"] for r in before] == list(range(1, epoch + 1)) and all("val_accuracy" in r for r in before)
+
+    res = run(argv, timeout=600)  # the fault lies behind the resumed step: it does not fire again
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step-{step:09d}" in out
+    records = epoch_records(run_dir)
+    # Every epoch exactly once, each with its validation, across the stop and the resume.
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert all("val_accuracy" in r for r in records)
+    assert checkpoint_steps(run_dir)[-1] == 3 * SPE
+    # TensorBoard too: each epoch's training and validation scalars once.
+    assert scalar_steps(run_dir / "tensorboard" / "train", "loss") == [1, 2, 3]
+    assert scalar_steps(run_dir / "tensorboard" / "validation", "accuracy") == [1, 2, 3]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["val_accuracy"] == pytest.approx(records[-1]["val_accuracy"])
+
+
+def scalar_steps(log_dir, tag: str) -> list[int]:
+    """The steps (epochs) at which `tag` was written, over every event file in `log_dir` (one per start)."""
+    import tensorflow as tf
+
+    return sorted(e.step for path in log_dir.iterdir() for e in tf.compat.v1.train.summary_iterator(str(path))
+                  for v in e.summary.value if v.tag == tag)
+
+
+def worker(launcher: psutil.Process, rank: int) -> psutil.Process:
+    """The Python worker process of `rank` under the launcher (found by its HOROVOD_RANK)."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        found = []
+        for p in launcher.children(recursive=True):
+            try:
+                if p.environ().get("HOROVOD_RANK") == str(rank) and "-m" in p.cmdline() and "trainer" in " ".join(
+                        p.cmdline()):
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        if len(found) == 1:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no single worker of rank {rank}: {found}")
+
+
+def test_sigterm_to_one_rank_stops_both_after_the_same_step(digits_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    argv = launch_argv(run_dir, digits_shards, "--set", "train.epochs=10", "--set", "train.export=false")
+    proc = start_and_wait_for(argv, run_dir / "checkpoints" / f"step-{2 * SPE:09d}")
+    rank1 = worker(psutil.Process(proc.pid), 1)
+    time.sleep(0.2)  # land inside a later epoch
+    rank1.send_signal(signal.SIGTERM)  # one drained node: the launcher and rank 0 get no signal
+    try:
+        out = proc.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        # Ranks that stopped at different steps wait forever in mismatched collectives.
+        for p in [*psutil.Process(proc.pid).children(recursive=True), proc]:
+            p.kill()
+        out = proc.communicate()[0]
+        raise AssertionError("the ranks did not stop together:\n" + out[-3000:]) from None
+    assert proc.returncode != 0, "the run finished before it could be stopped"
+    stopped = messages(out, "stopped at step")
+    assert sorted(stopped) == [0, 1], out[-3000:]
+    step = int(stopped[0][0].split()[0])
+    assert step == int(stopped[1][0].split()[0])
+    assert "another rank was signalled" in stopped[0][0] and "SIGTERM" in stopped[1][0]
+    assert checkpoint_steps(run_dir)[-1] == step  # rank 0 wrote it
+
+    res = run(argv, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step-{step:09d}" in out
+    assert [r["epoch"] for r in epoch_records(run_dir)][-1] == 10
