@@ -26,7 +26,9 @@ for _ in range(3):
     hvd.allreduce(tf.constant([1.0]), name="grad")  # matched steps: the tensor is in the response cache
 if hvd.rank() == 1:
     time.sleep(600)
-print("stall begins at", time.time(), flush=True)
+# One write: mpirun tags every write of a rank's output, and print() writes its arguments one by one.
+sys.stdout.write(f"stall begins at {time.time()}\\n")
+sys.stdout.flush()
 try:
     hvd.allreduce(tf.constant([1.0]), name="grad")
 except tf.errors.OpError as e:
