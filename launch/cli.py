@@ -22,6 +22,7 @@ import subprocess
 import sys
 from typing import NamedTuple
 
+from data_pipeline.textfile import TextFileError, read_utf8
 from launch import console
 from launch.command import LaunchError, LaunchOptions, build_command, tensorboard_command, world_sizes
 from launch.hosts import HostError, allocation_hosts, expand_nodelist, format_hosts, parse_hostfile
@@ -74,13 +75,9 @@ def resolve_hosts(args: argparse.Namespace) -> tuple[int, str | None]:
         raise LaunchError("--srun needs --slurm-allocation (run it inside a Slurm job)")
     if args.hostfile:
         try:
-            with open(args.hostfile, "rb") as f:
-                text = f.read().decode("utf-8")  # whole: a bad byte's offset is the file's
-        except OSError as e:
-            raise LaunchError(f"--hostfile {args.hostfile!r}: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise LaunchError(f"--hostfile {args.hostfile!r}: not UTF-8 (byte {e.object[e.start]:#04x} "
-                              f"at offset {e.start})") from None
+            text = read_utf8(args.hostfile)
+        except TextFileError as e:
+            raise LaunchError(f"--hostfile {args.hostfile!r}: {e}") from None
         hosts = parse_hostfile(text, args.hostfile)
     elif args.slurm_allocation:
         hosts = allocation_hosts(os.environ, scontrol_hostnames)

@@ -9,6 +9,7 @@ import typing
 
 import yaml
 
+from data_pipeline.textfile import TextFileError, read_utf8
 from trainer.config_checks import ConfigError
 
 
@@ -69,15 +70,9 @@ def load_into(cfg, path: str | None, overrides: typing.Sequence[str] = ()):
     """Applies a YAML file (none for None), then the overrides, to the dataclass `cfg`; returns it."""
     if path:
         try:
-            # Decoded whole (configs are small), so that a bad byte's offset is the file's.
-            with open(path, "rb") as f:
-                data = yaml.safe_load(f.read().decode("utf-8"))
-        except OSError as e:
-            raise ConfigError(f"config file {path!r}: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(
-                f"config file {path!r}: not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})"
-            ) from None
+            data = yaml.safe_load(read_utf8(path))
+        except TextFileError as e:
+            raise ConfigError(f"config file {path!r}: {e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
