@@ -104,3 +104,37 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step(digits_shards, tmp_p
     assert res.returncode == 0, out[-3000:]
     assert f"resumed from {run_dir}/checkpoints/step-{step:09d}" in out
     assert [r["epoch"] for r in epoch_records(run_dir)][-1] == 10
+
+
+def batch_digests(output: str) -> dict[int, dict[int, str]]:
+    """Each rank's `batch_digest STEP LABELS IMAGES` lines (runtime.log_batch_digests), as {rank: {step: digests}}.
+
+    A pipeline produces a batch or two ahead of its step: a stopped run logs
+    steps it never trained, and the resumed run, reading them again, replaces them.
+    """
+    return {rank: {int(m.split()[0]): " ".join(m.split()[1:]) for m in found}
+            for rank, found in messages(output, "batch_digest").items()}
+
+
+def test_a_resumed_run_sees_the_same_batches_at_the_same_steps_by_default(digits_shards, tmp_path):
+    # Default settings: no runtime.deterministic. Stopped mid-epoch 2, then resumed.
+    base = ("--set", "train.epochs=3", "--set", "train.export=false", "--set", "runtime.log_batch_digests=true")
+    straight = run(launch_argv(tmp_path / "a", digits_shards, *base), timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    expected = batch_digests(straight.stdout + straight.stderr)
+    assert sorted(expected) == [0, 1] and all(sorted(d) == list(range(3 * SPE)) for d in expected.values())
+    assert expected[0] != expected[1]  # the ranks read different records
+
+    stop = SPE + 8
+    argv = launch_argv(tmp_path / "b", digits_shards, *base)
+    first = run([*argv, "--set", f"runtime.fault_stop_after_step={stop}"], timeout=600)
+    assert first.returncode != 0 and checkpoint_steps(tmp_path / "b")[-1] == stop, first.stderr[-3000:]
+    seen = batch_digests(first.stdout + first.stderr)
+    resumed = run(argv, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = batch_digests(resumed.stdout + resumed.stderr)
+    assert all(min(d) == stop for d in after.values())
+    for rank in (0, 1):
+        combined = {**seen[rank], **after[rank]}
+        differ = [s for s in range(3 * SPE) if combined.get(s) != expected[rank][s]]
+        assert not differ, f"rank {rank}: other batches than the uninterrupted run's at steps {differ}"

@@ -57,6 +57,13 @@ class DataConfig:
       skip_corrupt_records: skip undecodable images and the rest of a shard
         after a corrupt record, with warnings, instead of stopping with an
         error that names the shard. Skipped records shift the data order.
+      deterministic_order: every rank reads its records in the same order in
+        every run (ordered parallel reads and decodes), so a resumed run sees
+        the same examples at the same steps as an uninterrupted one. false:
+        parallel reads and decodes hand out whatever is ready first (a few
+        percent faster when one file or image is slow; see
+        docs/benchmarks.md), and the order differs from run to run.
+        runtime.deterministic implies true.
     """
 
     dir: str = ""
@@ -68,6 +75,7 @@ class DataConfig:
     crop_fraction: float = 1.0
     verify_checksums: bool = True
     skip_corrupt_records: bool = False
+    deterministic_order: bool = True
 
 
 @dataclass
@@ -167,12 +175,16 @@ class RuntimeConfig:
         machine between its local ranks, so ranks do not oversubscribe them.
       inter_op_threads: ops run at once; 0 as above.
       deterministic: enable TensorFlow op determinism (slower; exact reruns).
+        The record order is deterministic without it (data.deterministic_order).
       log_all_ranks: log INFO from every rank, not only from rank 0, and the
         details at DEBUG: per epoch (evaluations, checkpoints written, metric
         records) and per start (weight digests, the shards each rank reads).
       fault_stop_after_step: fault injection, for tests only: every rank asks
         to stop as if signalled, so the run stops (and checkpoints) after this
         global step, when it trains that step; 0 never.
+      log_batch_digests: for tests and debugging: every rank logs
+        `batch_digest STEP LABELS IMAGES` (hashes) for each training batch its
+        input pipeline produces, to compare the data of two runs step by step.
     """
 
     intra_op_threads: int = 0
@@ -180,6 +192,7 @@ class RuntimeConfig:
     deterministic: bool = False
     log_all_ranks: bool = False
     fault_stop_after_step: int = 0
+    log_batch_digests: bool = False
 
 
 @dataclass

@@ -3,6 +3,7 @@
 Training and checkpoint evaluation (trainer.evaluate) both start here.
 """
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -89,11 +90,27 @@ def train_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_r
     options = TrainOptions(
         per_replica_batch_size=per_replica, image_size=size, channels=channels,
         num_shards=ctx.size, shard_index=ctx.rank, shard_counts=counts, crop_fraction=d.crop_fraction,
-        threads=ctx.input_threads, deterministic=cfg.runtime.deterministic, skip_corrupt=d.skip_corrupt_records,
+        threads=ctx.input_threads, deterministic=d.deterministic_order or cfg.runtime.deterministic,
+        skip_corrupt=d.skip_corrupt_records,
         seed=d.seed, shuffle_buffer=d.shuffle_buffer, skip_records=skip,
         num_records=(cfg.train.epochs * spec.steps_per_epoch - start_step) * per_replica, augment=d.augment,
     )
-    return train_stream(spec.train_files, options)
+    ds = train_stream(spec.train_files, options)
+    return ds.enumerate(start_step).map(_log_digest) if cfg.runtime.log_batch_digests else ds
+
+
+def _log_digest(step, batch):
+    """Logs `batch_digest STEP LABELS IMAGES` as the pipeline produces the batch (ahead of its step)."""
+    images, labels = batch
+
+    def emit(step, labels, images):
+        log.info("batch_digest %d %s %s", int(step), hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:12],
+                 hashlib.sha256(images.numpy().tobytes()).hexdigest()[:12])
+        return step
+
+    done = tf.py_function(emit, [step, labels, images], tf.int64)
+    with tf.control_dependencies([done]):
+        return tf.identity(images), tf.identity(labels)
 
 
 def eval_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, batch_size: int) -> tf.data.Dataset:
