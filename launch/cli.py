@@ -22,6 +22,7 @@ import subprocess
 import sys
 from typing import NamedTuple
 
+from data_pipeline.metadata import DataError
 from data_pipeline.textfile import TextFileError, read_utf8
 from launch import console
 from launch.command import LaunchError, LaunchOptions, build_command, tensorboard_command, world_sizes
@@ -229,6 +230,9 @@ def run(args: argparse.Namespace) -> int:
         job = prepare(args)
         if not args.dry_run:  # a dry run only prints: it may be run where horovodrun is not
             check_runner(job.argv)
+    except DataError as e:
+        print(f"launch: data error: {e}", file=sys.stderr)
+        return 2
     except (ConfigError, LaunchError, HostError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2

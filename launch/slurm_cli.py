@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 
+from data_pipeline.metadata import DataError
 from launch.command import LaunchError, tensorboard_command
 from launch.options import add_config_options, add_options, to_argv, unsafe_value
 from launch.slurm import SlurmOptions, build_script, tasks_per_node
@@ -138,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
             raise LaunchError(f"run_dir {cfg.run_dir!r}: cannot write {e.filename or script_path!r}: "
                               f"{e.strerror or e}") from None
         job_id = submit(script_path)
+    except DataError as e:
+        print(f"launch: data error: {e}", file=sys.stderr)
+        return 2
     except (ConfigError, LaunchError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,9 @@ and scaling_efficiency_cycle5ms = f/d.
 Input pipeline (scripts/bench_input.py): `loader_images_per_sec_per_core` (the
 reader alone, 224x224 training preprocessing of ~500x375 JPEGs) and
 `input_efficiency` = (g) this trainer at np=1 on real 32x32 shards with crop
-and flip / (h) the same on synthetic tensors, alternated per repetition.
+and flip / (h) the same on synthetic tensors, and `deterministic_order_ratio` =
+(g) / (i) the same as (g) with data.deterministic_order=false (parallel reads
+handing out whatever is ready first), all alternated per repetition.
 
 The machine is noisy, so the variants alternate within each repetition, each
 measurement covers >= 20 s of steady-state steps after a warm-up epoch, and the
@@ -111,17 +113,23 @@ def input_bench(args, work: str) -> dict:
     steps = calibrate(args.epoch_seconds)
     real_sets = ("data.synthetic=false", f"data.dir={shards}", "data.augment.random_resized_crop=true",
                  "data.augment.crop_area_min=0.35", "data.augment.flip=true")
-    real, synthetic = [], []
+    real, synthetic, unordered = [], [], []
     for rep in range(args.repeats):
         real.append(trainer_rate(1, steps, sets=real_sets))
         synthetic.append(trainer_rate(1, steps))
-        print(f"repeat {rep + 1}/{args.repeats}: real shards {real[-1]:.1f}, synthetic {synthetic[-1]:.1f} images/s",
-              flush=True)
+        unordered.append(trainer_rate(1, steps, sets=(*real_sets, "data.deterministic_order=false")))
+        print(f"repeat {rep + 1}/{args.repeats}: real shards {real[-1]:.1f} (unordered {unordered[-1]:.1f}), "
+              f"synthetic {synthetic[-1]:.1f} images/s", flush=True)
     ratio = stats([r / s for r, s in zip(real, synthetic)])
+    order = stats([r / u for r, u in zip(real, unordered)])
     print(f"input_efficiency: median {ratio['median']:.3f} (min {ratio['min']:.3f}, max {ratio['max']:.3f}), "
           "target >= 0.95", flush=True)
-    return {"input_efficiency": ratio, "images_per_sec": {"g_trainer_np1_real_shards": stats(real),
-            "h_trainer_np1_synthetic": stats(synthetic)}, "model": "resnet20", "per_replica_batch_size": BATCH,
+    print(f"deterministic_order_ratio: median {order['median']:.3f} (min {order['min']:.3f}, "
+          f"max {order['max']:.3f})", flush=True)
+    return {"input_efficiency": ratio, "deterministic_order_ratio": order,
+            "images_per_sec": {"g_trainer_np1_real_shards": stats(real), "h_trainer_np1_synthetic": stats(synthetic),
+                               "i_trainer_np1_real_shards_unordered": stats(unordered)},
+            "model": "resnet20", "per_replica_batch_size": BATCH,
             "steps_per_epoch": steps, "target": 0.95, "augment": "random resized crop (0.35-1) + flip",
             "machine": machine(), "date": timestamp()}
 

@@ -146,6 +146,20 @@ def test_launcher_rejects_bad_config_before_starting_workers(digits_shards):
     assert res.stdout == ""
 
 
+def test_launchers_call_a_data_folder_without_its_files_a_data_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    sets = ["--config", "configs/digits.yaml", "--set", f"data.dir={tmp_path}/empty", "--set", f"run_dir={tmp_path}/r"]
+    for argv in (["--np", "2", *sets], ["slurm", *sets, "--dry-run"]):
+        res = run([sys.executable, "-m", "launch", *argv])
+        assert (res.returncode, res.stderr.strip()) == (2, (
+            f"launch: data error: data.dir='{tmp_path}/empty': has no metadata.json "
+            "(build it with python -m data_pipeline.build_shards)")), argv
+    (tmp_path / "empty" / "metadata.json").write_text("{}")
+    res = run([sys.executable, "-m", "trainer.evaluate", *sets])
+    assert (res.returncode, res.stderr.strip()) == (
+        2, f"data error: data.dir='{tmp_path}/empty': has no train-*.tfrecord shards")
+
+
 def test_help_lists_both_commands_and_options_without_a_command_mean_run(capsys):
     from launch.main import parse_args
 

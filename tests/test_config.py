@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from data_pipeline.metadata import DataError
 from trainer.config import (
     MODEL_NAMES,
     ConfigError,
@@ -100,11 +101,12 @@ def test_data_dir_checks(tmp_path):
     validate(missing)  # the values alone are fine: the file system is check_environment's
     with pytest.raises(ConfigError, match="folder does not exist"):
         check_environment(missing)
+    # A folder that exists but lacks its files is the data's fault, not the config's.
     empty = load_config(None, ["run_dir=r", f"data.dir={tmp_path}"])
-    with pytest.raises(ConfigError, match="has no metadata.json"):
+    with pytest.raises(DataError, match="has no metadata.json"):
         check_environment(empty)
     (tmp_path / "metadata.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"has no train-\*.tfrecord shards"):
+    with pytest.raises(DataError, match=r"has no train-\*.tfrecord shards"):
         check_environment(empty)
 
 

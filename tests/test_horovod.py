@@ -333,7 +333,7 @@ def test_worker_without_shards_exits_2(tmp_path):
     res = run([sys.executable, "-m", "trainer.train", "--config", "configs/digits.yaml",
                "--set", f"run_dir={tmp_path}/run", "--set", f"data.dir={tmp_path}/empty"])
     assert res.returncode == 2
-    assert res.stderr.strip() == f"config error: data.dir='{tmp_path}/empty': has no train-*.tfrecord shards"
+    assert res.stderr.strip() == f"data error: data.dir='{tmp_path}/empty': has no train-*.tfrecord shards"
 
 
 def test_workers_under_horovodrun_refuse_an_indivisible_batch(digits_shards, tmp_path):

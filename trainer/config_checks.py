@@ -1,5 +1,7 @@
 """The value checks of an experiment config (trainer.config), each failing with one ConfigError line.
 
+(check_environment fails with a DataError for a data folder without its files.)
+
     validate(cfg)                      # static checks of the values alone
     check_environment(cfg)             # the data folder and its files, on this machine
     validate_world(cfg, world_size)    # checks that depend on the number of ranks
@@ -12,6 +14,7 @@ import, no circle. Like trainer.config, this module needs no TensorFlow.
 import glob
 import os
 
+from data_pipeline.metadata import DataError
 from trainer.model_names import MODEL_NAMES
 
 OPTIMIZERS = ("adam", "sgd")
@@ -89,20 +92,19 @@ def check_environment(cfg) -> None:
     """Checks against this machine's file system: the shard folder and its files.
 
     Separate from validate() so that a job can be checked and submitted from a
-    host that does not see the data (`launch slurm --no-data-check`).
+    host that does not see the data (`launch slurm --no-data-check`). A folder
+    that does not exist is the config's fault (ConfigError); a folder without
+    metadata.json or shards is the data's (DataError, reported as `data error:`).
     """
     d = cfg.data
     if d.synthetic:
         return
     _check(os.path.isdir(d.dir), "data.dir", d.dir, "folder does not exist")
-    _check(
-        os.path.isfile(os.path.join(d.dir, "metadata.json")), "data.dir", d.dir,
-        "has no metadata.json (build it with python -m data_pipeline.build_shards)",
-    )
-    _check(
-        bool(glob.glob(os.path.join(d.dir, "train-*-of-*.tfrecord"))), "data.dir", d.dir,
-        "has no train-*.tfrecord shards",
-    )
+    if not os.path.isfile(os.path.join(d.dir, "metadata.json")):
+        raise DataError(
+            f"data.dir={d.dir!r}: has no metadata.json (build it with python -m data_pipeline.build_shards)")
+    if not glob.glob(os.path.join(d.dir, "train-*-of-*.tfrecord")):
+        raise DataError(f"data.dir={d.dir!r}: has no train-*.tfrecord shards")
 
 
 def best_mode(t) -> str:

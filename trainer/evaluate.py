@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 
+from data_pipeline.metadata import DataError
 from trainer.config import ConfigError, check_environment, load_config, validate
 from trainer.train import run_reporting_bad_input, setup_logging
 
@@ -69,6 +70,9 @@ def main(argv=None) -> int:
             raise ConfigError(f"--export {args.export!r}: already exists; name a new folder")
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
         return 2
 
     from trainer.distributed import DistContext

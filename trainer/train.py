@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 
+from data_pipeline.metadata import DataError
 from trainer.config import ConfigError, check_environment, load_config, validate, validate_world
 
 
@@ -65,7 +66,6 @@ def setup_logging(rank_fn, all_ranks: bool) -> None:
 
 def run_reporting_bad_input(call):
     """`(call(), 0)`, or `(None, 2)` after one line on stderr for a bad config, data or checkpoint."""
-    from data_pipeline.metadata import DataError
     from trainer.checkpoint import CheckpointError
 
     try:
@@ -89,6 +89,9 @@ def main(argv=None) -> int:
         check_environment(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
         return 2
 
     # Imported only now: TensorFlow and Horovod take seconds to load, and a bad
