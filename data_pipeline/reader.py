@@ -143,9 +143,9 @@ def training_records(
         )
 
     ds = tf.data.Dataset.counter(first_pass).flat_map(one_pass)
-    if count:
-        ds = ds.skip(offset).take(count)
-    return ds
+    if offset:
+        ds = ds.skip(offset)
+    return ds.take(count) if count else ds
 
 
 def _train_parse(options: TrainOptions):
@@ -167,15 +167,31 @@ def _eval_parse(options: EvalOptions):
     return parse
 
 
-def _decode_and_batch(ds: tf.data.Dataset, parse, options: StreamOptions, drop_remainder: bool) -> tf.data.Dataset:
-    """Records to (image, label) batches, on the pipeline's share of the cores."""
+def _decode_and_batch(ds: tf.data.Dataset, parse, options: StreamOptions, drop_remainder: bool,
+                      count: int = 0, skipped: tf.Variable | None = None) -> tf.data.Dataset:
+    """Records to (image, label) batches, on the pipeline's share of the cores.
+
+    Holds `count` examples (0: all). With options.skip_corrupt, a record that
+    does not decode is replaced by the next one, so the stream still holds
+    `count` examples, and `skipped` (an int64 variable) grows by the records
+    each batch skipped as that batch is handed out, not when it is prefetched.
+    """
     threads, deterministic = options.threads, options.deterministic
     # With a known share of the cores, decode on all of it and keep two batches
     # ready; autotuning would cost a quarter of the pipeline's CPU (measured)
     # to find much the same figures.
-    ds = ds.map(parse, num_parallel_calls=threads or AUTOTUNE, deterministic=deterministic)
     if options.skip_corrupt:
-        ds = ds.ignore_errors(log_warning=True)
+        def numbered(i, record):
+            return (i, *(parse(*record) if isinstance(record, tuple) else parse(record)))
+
+        ds = ds.enumerate().map(numbered, num_parallel_calls=threads or AUTOTUNE, deterministic=deterministic)
+        # Each example carries the records skipped just before it: its position minus the last one's, minus 1.
+        ds = ds.ignore_errors(log_warning=True).scan(
+            tf.constant(-1, tf.int64), lambda last, e: (e[0], (e[1], e[2], e[0] - last - 1)))
+    else:
+        ds = ds.map(parse, num_parallel_calls=threads or AUTOTUNE, deterministic=deterministic)
+    if count:
+        ds = ds.take(count)
     ds = ds.batch(options.per_replica_batch_size, drop_remainder=drop_remainder)
     ds = ds.prefetch(2 if threads else AUTOTUNE)
     tf_options = tf.data.Options()
@@ -185,14 +201,24 @@ def _decode_and_batch(ds: tf.data.Dataset, parse, options: StreamOptions, drop_r
         tf_options.threading.private_threadpool_size = threads
         tf_options.threading.max_intra_op_parallelism = 1
         tf_options.autotune.enabled = False
-    return ds.with_options(tf_options)
+    ds = ds.with_options(tf_options)
+    if options.skip_corrupt:
+        def hand_out(images, labels, gaps):
+            if skipped is None:
+                return images, labels
+            with tf.control_dependencies([skipped.assign_add(tf.reduce_sum(gaps))]):
+                return tf.identity(images), tf.identity(labels)
+        ds = ds.map(hand_out)  # after the prefetch: runs as the consumer takes the batch
+    return ds
 
 
-def train_stream(files: list[str], options: TrainOptions) -> tf.data.Dataset:
+def train_stream(files: list[str], options: TrainOptions, skipped: tf.Variable | None = None) -> tf.data.Dataset:
     """This pipeline's training (image, label) batches: shuffled, augmented, pass after pass.
 
     `files` is every shard of the split, in a fixed order (the same on all
-    ranks). Every batch has the full per-replica size.
+    ranks). Every batch has the full per-replica size. With skip_corrupt, an
+    undecodable record is replaced by the next one (the stream keeps its
+    length, so every rank its step count) and counted in `skipped`.
     """
     o = options
     first, offset = 0, 0
@@ -200,16 +226,23 @@ def train_stream(files: list[str], options: TrainOptions) -> tf.data.Dataset:
         if o.shard_counts is None or len(o.shard_counts) != len(files):
             raise ValueError("a bounded training stream needs the record count of every file")
         first, offset = stream_position(list(o.shard_counts), o.num_shards, o.shard_index, o.seed, o.skip_records)
+    # Skipping, the records go on past num_records: the examples, not the records, are counted.
     ds = training_records(
         files, o.num_shards, o.shard_index, seed=o.seed, shuffle_buffer=o.shuffle_buffer, first_pass=first,
-        offset=offset, count=o.num_records, shard_counts=None if o.shard_counts is None else list(o.shard_counts),
+        offset=offset, count=0 if o.skip_corrupt else o.num_records,
+        shard_counts=None if o.shard_counts is None else list(o.shard_counts),
         deterministic=o.deterministic, skip_corrupt=o.skip_corrupt,
     )
-    return _decode_and_batch(ds, _train_parse(o), o, drop_remainder=True)
+    return _decode_and_batch(ds, _train_parse(o), o, drop_remainder=True,
+                             count=o.num_records if o.skip_corrupt else 0, skipped=skipped)
 
 
 def eval_stream(files: list[str], options: EvalOptions) -> tf.data.Dataset:
-    """This pipeline's disjoint part of `files`, one pass in file order, centre-cropped, with its last partial batch."""
+    """This pipeline's disjoint part of `files`, one pass in file order, centre-cropped, with its last partial batch.
+
+    With skip_corrupt, undecodable records are left out (the caller counts
+    them against metadata.json).
+    """
     o = options
     ds = shard_records(files, o.num_shards, o.shard_index,
                        shard_counts=None if o.shard_counts is None else list(o.shard_counts),

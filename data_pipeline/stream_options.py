@@ -30,7 +30,8 @@ class StreamOptions:
       deterministic: produce elements in order even when parallel reads or
         decodes finish out of order (slower when one file or image is slow).
       skip_corrupt: skip undecodable images and the rest of a shard after a
-        corrupt record, instead of failing.
+        corrupt record, instead of failing. A training stream replaces an
+        undecodable record by the next one, so it keeps its length.
     """
 
     per_replica_batch_size: int

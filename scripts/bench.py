@@ -12,7 +12,9 @@ Ratios: overhead_ratio = b/a, scaling_efficiency = c/d, dp_vs_threads = c/e,
 and scaling_efficiency_cycle5ms = f/d.
 
 Input pipeline (scripts/bench_input.py): `loader_images_per_sec_per_core` (the
-reader alone, 224x224 training preprocessing of ~500x375 JPEGs) and
+reader alone, 224x224 training preprocessing of ~500x375 JPEGs, 1 tf.data
+thread), `deterministic_order_cpu_ratio` (images per CPU second of the default
+ordered reader / with data.deterministic_order=false, 2 threads each), and
 `input_efficiency` = (g) this trainer at np=1 on real 32x32 shards with crop
 and flip / (h) the same on synthetic tensors, and `deterministic_order_ratio` =
 (g) / (i) the same as (g) with data.deterministic_order=false (parallel reads
@@ -97,11 +99,20 @@ def loader_bench(args, work: str) -> dict:
     images, shards = os.path.join(work, "jpeg"), os.path.join(work, "jpeg-shards")
     bench_input.write_images(images, args.loader_images, 500, 375)
     bench_input.build_shards(images, shards, 8)
-    runs = [bench_input.loader_run(shards, threads=1, seconds=args.loader_seconds) for _ in range(args.repeats)]
+    runs, ordered, unordered = [], [], []
+    for _ in range(args.repeats):
+        runs.append(bench_input.loader_run(shards, threads=1, seconds=args.loader_seconds))
+        # With 2 threads the decodes run in parallel too: the default ordered reader against the unordered one.
+        ordered.append(bench_input.loader_run(shards, threads=2, seconds=args.loader_seconds))
+        unordered.append(bench_input.loader_run(shards, threads=2, seconds=args.loader_seconds, ordered=False))
     per_core = stats([r["images_per_cpu_sec"] for r in runs])
+    order = stats([o["images_per_cpu_sec"] / u["images_per_cpu_sec"] for o, u in zip(ordered, unordered)])
     print(f"loader: {per_core['median']:.1f} images per CPU second (median of {len(runs)}), "
-          f"{statistics.median(r['images_per_sec'] for r in runs):.1f} images/s wall with 1 tf.data thread", flush=True)
-    return {"loader_images_per_sec_per_core": per_core, "runs": runs, "images": args.loader_images,
+          f"{statistics.median(r['images_per_sec'] for r in runs):.1f} images/s wall with 1 tf.data thread; "
+          f"ordered / unordered per CPU second, 2 threads: median {order['median']:.3f} "
+          f"(min {order['min']:.3f}, max {order['max']:.3f})", flush=True)
+    return {"loader_images_per_sec_per_core": per_core, "deterministic_order_cpu_ratio": order, "runs": runs,
+            "ordered_runs_2_threads": ordered, "unordered_runs_2_threads": unordered, "images": args.loader_images,
             "image_size": "500x375 JPEG -> 224x224", "preprocessing": "random resized crop (0.08-1) + flip",
             "published_range": "40-120", "machine": machine(), "date": timestamp()}
 

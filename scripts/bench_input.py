@@ -9,7 +9,10 @@ input: trainer throughput (ResNet-20, 32x32, np=1) on real shards divided by
   the same run on synthetic in-memory tensors (`input_efficiency`), alternated
   within each repetition.
 
-    python scripts/bench_input.py loader --shards DIR [--threads 1] [--seconds 20]
+  With --unordered, the reader hands out whatever is ready first (the opt-out
+  data.deterministic_order=false); bench.py's `loader` part runs both.
+
+    python scripts/bench_input.py loader --shards DIR [--threads 1] [--seconds 20] [--unordered]
 """
 
 import argparse
@@ -54,8 +57,11 @@ def build_shards(images: str, out: str, num_shards: int) -> None:
     )
 
 
-def measure_loader(shards: str, threads: int, seconds: float, batch: int = 64) -> dict:
-    """Images/s and images per CPU second of the training reader, after a warm-up."""
+def measure_loader(shards: str, threads: int, seconds: float, batch: int = 64, ordered: bool = True) -> dict:
+    """Images/s and images per CPU second of the training reader, after a warm-up.
+
+    `ordered`: the default deterministic record order (data.deterministic_order).
+    """
     from data_pipeline.augment import Augment
     from data_pipeline.metadata import load_metadata, shard_files
     from data_pipeline.reader import train_stream
@@ -66,7 +72,7 @@ def measure_loader(shards: str, threads: int, seconds: float, batch: int = 64) -
     options = TrainOptions(
         per_replica_batch_size=batch, image_size=224, channels=3, seed=0, shuffle_buffer=1024,
         augment=Augment(random_resized_crop=True, crop_area_min=0.08, flip=True), threads=threads,
-        deterministic=False, num_records=10**9, shard_counts=counts,
+        deterministic=ordered, num_records=10**9, shard_counts=counts,
     )
     ds = train_stream(shard_files(shards, meta, "train"), options)
     it = iter(ds)
@@ -80,14 +86,14 @@ def measure_loader(shards: str, threads: int, seconds: float, batch: int = 64) -
     wall = time.perf_counter() - wall0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = usage.ru_utime + usage.ru_stime - cpu0
-    return {"threads": threads, "images": images, "wall_sec": round(wall, 2), "cpu_sec": round(cpu, 2),
-            "images_per_sec": images / wall, "images_per_cpu_sec": images / cpu}
+    return {"threads": threads, "ordered": ordered, "images": images, "wall_sec": round(wall, 2),
+            "cpu_sec": round(cpu, 2), "images_per_sec": images / wall, "images_per_cpu_sec": images / cpu}
 
 
-def loader_run(shards: str, threads: int, seconds: float) -> dict:
+def loader_run(shards: str, threads: int, seconds: float, ordered: bool = True) -> dict:
     res = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "loader", "--shards", shards, "--threads", str(threads),
-         "--seconds", str(seconds)],
+         "--seconds", str(seconds), *([] if ordered else ["--unordered"])],
         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
     if res.returncode:
@@ -102,8 +108,9 @@ def main() -> int:
     lp.add_argument("--shards", required=True)
     lp.add_argument("--threads", type=int, default=1)
     lp.add_argument("--seconds", type=float, default=20.0)
+    lp.add_argument("--unordered", action="store_true", help="data.deterministic_order=false")
     args = p.parse_args()
-    print(json.dumps(measure_loader(args.shards, args.threads, args.seconds)))
+    print(json.dumps(measure_loader(args.shards, args.threads, args.seconds, ordered=not args.unordered)))
     return 0
 
 

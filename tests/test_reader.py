@@ -1,11 +1,16 @@
 """The per-rank reader: sharding per pass, uneven shards, augmentation, corrupt shards, input wait."""
 
+import json
 import logging
+import os
 import shutil
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import tensorflow as tf
 
@@ -16,7 +21,7 @@ from data_pipeline.preprocess import augment, center_crop
 from data_pipeline.reader import corrupt_shard_error, eval_stream, train_stream, training_records
 from data_pipeline.records import encode_example, parse_example
 from data_pipeline.stream_options import EvalOptions, TrainOptions
-from helpers import run
+from helpers import ROOT, run
 
 
 def write_shards(tmp_path, counts, size=(6, 9)):
@@ -170,6 +175,41 @@ def test_corrupt_shard_is_found_named_or_skipped(tmp_path):
     assert sum(1 for _ in ds) == 15
 
 
+def write_with_garbage_images(path, good: list[bytes], bad_at: set[int], labels: list[int]):
+    """A shard of valid TFRecords (the project's writer) whose records at `bad_at` hold bytes that are no image."""
+    from data_pipeline.record_writer import TFRecordFile
+
+    with TFRecordFile(str(path)) as f:
+        for j, label in enumerate(labels):
+            encoded = b"\xff\xd8\xff\xe0 not a JPEG" if j in bad_at else good[j % len(good)]
+            f.write(encode_example(encoded, "jpeg", (6, 9, 3), label, "c", f"{path}-{j}"))
+
+
+def test_undecodable_records_are_replaced_and_counted(tmp_path):
+    rng = np.random.default_rng(0)
+    good = [tf.io.encode_jpeg(rng.integers(0, 256, (6, 9, 3), dtype=np.uint8)).numpy() for _ in range(3)]
+    files = [str(tmp_path / f"s{i}.tfrecord") for i in range(2)]
+    write_with_garbage_images(files[0], good, {1, 7, 8}, list(range(20)))
+    write_with_garbage_images(files[1], good, set(), list(range(100, 120)))
+    skipped = tf.Variable(0, dtype=tf.int64)
+    # One example per batch; 37 decodable records per pass: two whole passes.
+    options = TrainOptions(per_replica_batch_size=1, image_size=4, channels=3, num_records=74, shard_counts=[20, 20],
+                           skip_corrupt=True, shuffle_buffer=1)
+    labels = [int(y[0]) for _, y in train_stream(files, options, skipped)]
+    # As many examples as asked for, although 3 records of the 40 do not decode: the stream reads on.
+    good = [v for v in range(20) if v not in (1, 7, 8)] + list(range(100, 120))
+    assert len(labels) == 74 and sorted(labels[:37]) == sorted(labels[37:]) == good
+    assert int(skipped.numpy()) == 6
+    # Counted as each batch is handed out, not as the pipeline reads ahead (it holds 3 bad records by now).
+    skipped.assign(0)
+    it = iter(train_stream(files, options, skipped))
+    next(it)
+    time.sleep(0.5)
+    assert int(skipped.numpy()) == 0
+    rest = sum(1 for _ in it)
+    assert rest == 73 and int(skipped.numpy()) == 6
+
+
 def test_trainer_names_a_truncated_shard_in_one_line(digits_shards, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(digits_shards, shards)
@@ -191,6 +231,89 @@ def test_trainer_names_a_truncated_shard_in_one_line(digits_shards, tmp_path):
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"data error: shard '{bad}' is corrupt ("), res.stderr[-2000:]
     assert "Traceback" not in res.stderr
+
+
+def corrupt_images(shard: Path, meta: dict, bad: set[int]) -> set[str]:
+    """Rewrites `shard` with the project's record writer, the records at positions `bad` holding bytes
+    that are no image; updates its SHA-256 in `meta`. Returns the ids of the damaged records."""
+    from data_pipeline.metadata import sha256_file
+    from data_pipeline.record_writer import TFRecordFile
+
+    records = [parse_example(r) for r in tf.data.TFRecordDataset(str(shard))]
+    with TFRecordFile(str(shard)) as f:
+        for j, ex in enumerate(records):
+            encoded = b"\xff\xd8\xff\xe0 not a JPEG" if j in bad else ex["image/encoded"].numpy()
+            shape = tuple(int(ex[f"image/{k}"]) for k in ("height", "width", "channels"))
+            f.write(encode_example(encoded, ex["image/format"].numpy().decode(), shape,
+                                   int(ex["image/class/label"]), ex["image/class/name"].numpy().decode(),
+                                   ex["image/id"].numpy().decode()))
+    for split in meta["splits"].values():
+        for s in split["shards"]:
+            if s["file"] == shard.name:
+                s["sha256"] = sha256_file(str(shard))
+    return {records[j]["image/id"].numpy().decode() for j in bad}
+
+
+def skipped_per_epoch(files, bad_ids, num_shards, per_epoch, epochs) -> list[int]:
+    """Undecodable records among the raw records each epoch reads, summed over pipelines: the records
+    between the last example of the previous epoch and the last of this one (seed 0, as the config)."""
+    totals = [0] * epochs
+    for index in range(num_shards):
+        good = bad = 0
+        for r, _ in training_records(files, num_shards, index, seed=0, shuffle_buffer=2048):
+            if good == per_epoch * epochs:
+                break
+            if parse_example(r)["image/id"].numpy().decode() in bad_ids:
+                bad += 1
+            else:
+                totals[good // per_epoch] += bad
+                good, bad = good + 1, 0
+    return totals
+
+
+@pytest.mark.horovod
+def test_undecodable_images_on_one_rank_neither_stall_nor_shorten_its_epochs(digits_shards, tmp_path):
+    from test_horovod import checkpoint_steps, epoch_records, launch_argv, rank_records
+
+    shards = tmp_path / "shards"
+    shutil.copytree(digits_shards, shards)
+    meta = load_metadata(str(shards))
+    files = [str(shards / s["file"]) for s in meta["splits"]["train"]["shards"]]
+    # A shard that rank 1 (of 2) reads in the first pass, with 9 of its records damaged; 4 in validation.
+    victim = Path(pass_files(files, 2, 1, 0, 0)[0])
+    bad_ids = corrupt_images(victim, meta, {0, 5, 50, 51, 52, 100, 150, 170, 171})
+    val = shards / meta["splits"]["validation"]["shards"][0]["file"]
+    corrupt_images(val, meta, {1, 2, 3, 30})
+    (shards / "metadata.json").write_text(json.dumps(meta))
+    argv = launch_argv(tmp_path / "run", shards, "--set", "train.epochs=2", "--set", "train.export=false",
+                       "--set", "data.skip_corrupt_records=true", "--stall-warning-sec", "2",
+                       "--stall-shutdown-sec", "5")
+    proc = subprocess.Popen([str(a) for a in argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    try:
+        out = proc.communicate(timeout=300)[0]
+    except subprocess.TimeoutExpired:
+        for p in [*psutil.Process(proc.pid).children(recursive=True), proc]:
+            p.kill()
+        raise AssertionError("the ranks did not finish:\n" + proc.communicate()[0][-3000:]) from None
+    assert proc.returncode == 0, out[-3000:]
+    # The same steps on both ranks: every epoch on each, the last checkpoint at 2 x 22 steps.
+    assert [r["epoch"] for r in rank_records(out)[0]] == [r["epoch"] for r in rank_records(out)[1]] == [1, 2]
+    assert checkpoint_steps(tmp_path / "run")[-1] == 2 * 22
+    records = epoch_records(tmp_path / "run")
+    expected = skipped_per_epoch(files, bad_ids, 2, 22 * 32, 2)
+    assert expected[0] > 0 and sum(expected) <= 2 * len(bad_ids)
+    assert [r["skipped_records"] for r in records] == expected
+    assert [r["val_skipped_records"] for r in records] == [4, 4]
+    assert records[-1]["val_accuracy"] > 0.5
+    # Checkpoint evaluation counts what it skipped instead of failing.
+    res = run([sys.executable, "-m", "trainer.evaluate", "--config", "configs/digits.yaml",
+               "--set", f"run_dir={tmp_path}/run", "--set", f"data.dir={shards}",
+               "--set", "data.skip_corrupt_records=true", "--checkpoint", "latest"], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.split("evaluation ", 1)[1].splitlines()[0])
+    assert report["val_skipped_records"] == 4
+    assert report["val_examples"] == meta["splits"]["validation"]["num_examples"] - 4
 
 
 def test_slow_input_is_measured_and_warned_about(tmp_path, caplog):

@@ -26,6 +26,9 @@ def format_epoch_line(epoch: int, epochs: int, logs: Mapping[str, float]) -> str
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
         if key in logs and math.isfinite(float(logs[key])):
             parts.append(f"{key} {float(logs[key]):.4f}")
+    skipped = sum(int(logs.get(k, 0)) for k in ("skipped_records", "val_skipped_records"))
+    if skipped:
+        parts.append(f"{skipped} records skipped")
     if "images_per_sec" in logs:
         parts.append(f"{float(logs['images_per_sec']):.0f} img/s")
     if "epoch_time_sec" in logs:

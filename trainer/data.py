@@ -8,6 +8,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+import keras
 import tensorflow as tf
 
 from data_pipeline import metadata as md
@@ -78,8 +79,13 @@ def check_shards(cfg: ExperimentConfig, ctx: DistContext) -> None:
         log.warning("shard %r does not match its SHA-256 in metadata.json: skipping its corrupt records", path)
 
 
-def train_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_replica: int, start_step: int):
-    """This rank's training stream, starting where `start_step` steps left it."""
+def train_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_replica: int, start_step: int,
+                  skipped: tf.Variable | None = None):
+    """This rank's training stream, starting where `start_step` steps left it.
+
+    With data.skip_corrupt_records, `skipped` counts the undecodable records
+    the stream replaced (see SkippedRecords).
+    """
     size, channels = spec.input_shape[0], spec.input_shape[2]
     if cfg.data.synthetic:
         return synthetic_dataset(per_replica, size, channels, spec.num_classes, ctx.rank)
@@ -95,7 +101,7 @@ def train_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_r
         seed=d.seed, shuffle_buffer=d.shuffle_buffer, skip_records=skip,
         num_records=(cfg.train.epochs * spec.steps_per_epoch - start_step) * per_replica, augment=d.augment,
     )
-    ds = train_stream(spec.train_files, options)
+    ds = train_stream(spec.train_files, options, skipped)
     return ds.enumerate(start_step).map(_log_digest) if cfg.runtime.log_batch_digests else ds
 
 
@@ -132,7 +138,34 @@ def eval_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, batch_
 
 def make_evaluator(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, batch_size: int) -> Evaluator:
     # The count is known from metadata.json: checking it makes a shard that
-    # holds fewer or more records than recorded an error, not a silent change.
+    # holds fewer or more records than recorded an error, not a silent change
+    # (with skip_corrupt_records, fewer are the records skipped).
     expected = 0 if cfg.data.synthetic else (spec.num_val if spec.val_files else spec.num_train)
     return Evaluator(ctx, lambda: eval_dataset(cfg, spec, ctx, batch_size), spec.num_classes, expected,
-                     f"data.dir={cfg.data.dir!r}")
+                     f"data.dir={cfg.data.dir!r}", skip_corrupt=cfg.data.skip_corrupt_records and bool(expected))
+
+
+class SkippedRecords(keras.callbacks.Callback):
+    """`skipped_records` in the epoch logs: the undecodable training records replaced this epoch, on all ranks.
+
+    Runs on every rank (the sum is a collective) after AverageMetrics, which
+    would turn the sum into a mean, and before the callbacks that read the
+    logs: the epoch line, metrics.jsonl and TensorBoard.
+    """
+
+    def __init__(self, ctx: DistContext, counter: tf.Variable):
+        super().__init__()
+        self.ctx = ctx
+        self.counter = counter
+        self._start = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = int(self.counter.numpy())
+
+    def on_epoch_end(self, epoch, logs=None):
+        mine = int(self.counter.numpy()) - self._start
+        total = int(self.ctx.sum_scalars({"skipped": mine}, "data.skipped")["skipped"])
+        logs["skipped_records"] = total
+        if total:
+            log.warning("epoch %d: %d undecodable training records skipped, each replaced by the next record "
+                        "(%d on this rank)", epoch + 1, total, mine)

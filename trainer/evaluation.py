@@ -36,14 +36,19 @@ class Evaluator:
       expected_examples: the split's record count (metadata.json); a different
         global count raises DataError naming `source`. 0: not checked.
       source: what holds the data, for that message (e.g. "data.dir='...'").
+      skip_corrupt: the dataset leaves out the records it cannot read
+        (data.skip_corrupt_records): fewer than expected_examples are the
+        records skipped, reported as `skipped_records`, not an error.
     """
 
-    def __init__(self, ctx, make_dataset, num_classes: int, expected_examples: int = 0, source: str = ""):
+    def __init__(self, ctx, make_dataset, num_classes: int, expected_examples: int = 0, source: str = "",
+                 skip_corrupt: bool = False):
         self.ctx = ctx
         self.make_dataset = make_dataset
         self.top_k = TOP_K if num_classes > TOP_K else 0
         self.expected = expected_examples
         self.source = source
+        self.skip_corrupt = skip_corrupt
         self._dataset = None
         self._model = None
         self._step = None
@@ -88,12 +93,18 @@ class Evaluator:
         # The slowest rank's time, so that every rank logs the same number.
         elapsed = self.ctx.max_scalars({"sec": time.perf_counter() - started}, "eval.time")["sec"]
         n = int(total["examples"])
-        if (self.expected and n != self.expected) or n == 0:
+        skipped = self.expected - n if self.skip_corrupt and 0 < n < self.expected else 0
+        if (self.expected and n + skipped != self.expected) or n == 0:
             raise DataError(f"{self.source}: the evaluation read {n} records, metadata.json lists {self.expected}")
+        if skipped:
+            log.warning("evaluation: %d of the %d records skipped (undecodable, or in a corrupt shard's tail)",
+                        skipped, self.expected)
         regularization = float(sum(float(x) for x in model.losses))
         result = {"loss": total["loss_sum"] / n + regularization, "accuracy": total["correct"] / n}
         if self.top_k:
             result[f"top{self.top_k}_accuracy"] = total["top_k_correct"] / n
+        if self.skip_corrupt:
+            result["skipped_records"] = skipped
         result["examples"] = n
         result["time_sec"] = elapsed
         log.debug("evaluated %d examples (%d on this rank) in %.2f s: loss %.6f, accuracy %.6f",

@@ -20,7 +20,7 @@ from trainer import callbacks as cb
 from trainer.assembly import build_compiled_model, config_hash, model_signature
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, ExperimentConfig
-from trainer.data import check_shards, make_evaluator, resolve_data, train_dataset
+from trainer.data import SkippedRecords, check_shards, make_evaluator, resolve_data, train_dataset
 from trainer.distributed import DistContext, weights_digest
 from trainer.evaluation import PeriodicValidation, validation_logs
 from trainer.outputs import make_outputs
@@ -78,6 +78,8 @@ class TrainingRun:
         # Its signal handlers are installed by run(), once the outputs have started.
         self.request = StopRequest()
         self.model = build_compiled_model(cfg, spec, schedule, stop_request=self.request)
+        # Undecodable training records replaced on this rank (data.skip_corrupt_records), over the whole start.
+        self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False)
         if cfg.train.best_metric == "val_top5_accuracy" and spec.num_classes <= 5:
             raise ConfigError(f"train.best_metric='val_top5_accuracy': the data has {spec.num_classes} classes")
         self.signature = model_signature(cfg, spec)
@@ -122,6 +124,7 @@ class TrainingRun:
             timer,
             cb.InputWait(),
             cb.AverageMetrics(ctx),
+            *([SkippedRecords(ctx, self.skipped)] if self.cfg.data.skip_corrupt_records else []),
             validation,
             cb.EpochLog(ctx.rank),
             *outputs.callbacks(functools.partial(self.checkpoint_state, ctx), timer),
@@ -151,9 +154,11 @@ class TrainingRun:
         # with the broadcast at the start of fit.
         first_step = initial * spe + (spe - steps)
         try:
-            dataset = train_dataset(self.cfg, spec, ctx, self.global_batch // ctx.size, first_step)
+            dataset = train_dataset(self.cfg, spec, ctx, self.global_batch // ctx.size, first_step, self.skipped)
             if first_step == start_step:
+                counted = int(self.skipped.numpy())
                 outputs.write_input_sample(dataset, first_step + 1)
+                self.skipped.assign(counted)  # the sample is read again in training: count it there
             return self.model.fit(
                 dataset,
                 epochs=end, initial_epoch=initial, steps_per_epoch=steps,
