@@ -60,8 +60,8 @@ class DataConfig:
       deterministic_order: every rank reads its records in the same order in
         every run (ordered parallel reads and decodes), so a resumed run sees
         the same examples at the same steps as an uninterrupted one. false:
-        parallel reads and decodes hand out whatever is ready first (a few
-        percent faster when one file or image is slow; see
+        parallel reads and decodes hand out whatever is ready first (faster
+        only when one file or image is slow; the CPU cost is the same, see
         docs/benchmarks.md), and the order differs from run to run.
         runtime.deterministic implies true.
     """
