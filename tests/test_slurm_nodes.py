@@ -1,0 +1,153 @@
+"""Training across two real Slurm nodes on one machine (see slurm_nodes.py): one rank per node.
+
+The batch step runs on node1; horovodrun reaches node2 over ssh (Gloo), or
+mpirun starts it through Slurm (MPI), or srun starts both ranks (--srun).
+Each node has its own network namespace, address and hostname, so the ranks'
+traffic crosses a real (virtual) link and a dead node is a real dead node.
+"""
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import run
+from slurm_cluster import install_if_missing
+from slurm_nodes import TwoNodeCluster
+from test_horovod import checkpoint_steps, messages
+
+pytestmark = [pytest.mark.horovod, pytest.mark.slurm]
+
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    install_if_missing()
+    cluster = TwoNodeCluster(tmp_path_factory.mktemp("slurm2"))
+    try:
+        cluster.start()
+        print(f"slurmctld, 2 slurmd and sshd ready after {cluster.startup_sec:.1f} s")
+        yield cluster
+    finally:
+        cluster.stop()
+    assert all(p.poll() is not None for p in cluster.procs)
+
+
+def submit(nodes: TwoNodeCluster, run_dir: Path, shards: Path, *extra) -> str:
+    res = run([sys.executable, "-m", "launch", "slurm", "--config", "configs/digits.yaml", "--nodes", "2",
+               "--ntasks-per-node", "1", "--partition", "debug", "--set", f"run_dir={run_dir}",
+               "--set", f"data.dir={shards}", "--set", "runtime.log_all_ranks=true", "--set", "train.export=false",
+               *extra], env=nodes.env)
+    assert res.returncode == 0, res.stderr
+    return re.search(r"^submitted Slurm job (\d+) ", res.stdout, re.M).group(1)
+
+
+def job_log(run_dir: Path, job_id: str) -> str:
+    return "".join((run_dir / "slurm" / f"digits-{job_id}.{ext}").read_text() for ext in ("out", "err"))
+
+
+def rank_hosts(run_dir: Path) -> list[str]:
+    """The host of each rank, by rank, from the last per-rank timing table in TensorBoard."""
+    import tensorflow as tf
+
+    table = ""
+    for path in sorted((run_dir / "tensorboard" / "train").glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag == "rank_timing/table":
+                    table = tf.make_ndarray(value.tensor).item().decode()
+    return [row.split("|")[2].strip() for row in table.splitlines()[2:]]
+
+
+def test_daemons_listen_only_on_the_nodes_addresses(nodes):
+    sockets = nodes.listening()
+    names = {re.search(r'"(\w+)"', proc).group(1) for _, proc in sockets}
+    assert names == {"slurmctld", "slurmd", "sshd"}, sockets
+    assert sorted(addr for addr, _ in sockets) == sorted(
+        [f"{nodes.net}.1:6817", f"{nodes.net}.11:6818", f"{nodes.net}.12:6818", f"{nodes.net}.12:22"]), sockets
+
+
+@pytest.mark.parametrize("mode", ["gloo", "mpi", "srun"])
+def test_one_rank_on_each_node_completes_with_identical_weights(nodes, digits_shards, tmp_path, mode):
+    run_dir = tmp_path / "run"
+    flags = {"gloo": [], "mpi": ["--mpi"], "srun": ["--srun"]}[mode]
+    accepted = (nodes.dir / "sshd.out").read_text().count("Accepted publickey") if mode == "gloo" else 0
+    started = time.monotonic()
+    job_id = submit(nodes, run_dir, digits_shards, "--set", "train.epochs=1", *flags)
+    info = nodes.wait(job_id, ENDED, timeout=300)
+    log = job_log(run_dir, job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:] + nodes.logs()
+    print(f"{mode}: job {job_id} on {info['NodeList']}, submit to COMPLETED in {time.monotonic() - started:.1f} s")
+    assert info["NodeList"] == "node[1-2]"
+    if mode == "srun":
+        assert "srun --mpi=pmix --ntasks 2" in log
+    else:
+        # The launcher built -H from the allocation: one slot on each node.
+        assert " -np 2 " in log and " -H node1:1,node2:1 " in log, log[-3000:]
+    if mode == "gloo":  # horovodrun's ssh check, interface probe and rank 1 each logged in on node2
+        assert (nodes.dir / "sshd.out").read_text().count("Accepted publickey") >= accepted + 2
+    assert rank_hosts(run_dir) == ["node1", "node2"]
+    for rank in (0, 1):
+        assert re.search(rf"rank {rank} of 2 \(local 0 of 1\)", log), log[-3000:]
+    after = messages(log, "weights after training:")
+    assert sorted(after) == [0, 1] and after[0] == after[1]
+    assert checkpoint_steps(run_dir) == [22]
+
+
+def test_time_limit_signal_from_slurm_checkpoints_requeues_and_completes(nodes, digits_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    # --time 1 with a 50 s grace: Slurm's own timer sends SIGUSR1 once the job is 10 s old,
+    # at its next time-limit check (slurmctld checks every 30 s).
+    started = time.monotonic()
+    job_id = submit(nodes, run_dir, digits_shards, "--time", "1", "--signal-grace-sec", "50",
+                    "--set", "train.epochs=6")
+    info = nodes.wait(job_id, ENDED, timeout=400)
+    log = job_log(run_dir, job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert int(info["Restarts"]) >= 1, log[-3000:]
+    assert "launch: time limit near: stopping the workers at a checkpoint" in log
+    assert f"launch: requeued Slurm job {job_id}" in log
+    stopped = messages(log, "stopped at step")
+    assert sorted(stopped) == [0, 1] and stopped[0] == stopped[1], log[-3000:]
+    first = int(stopped[0][0].split()[0])
+    assert f"resumed from {run_dir}/checkpoints/step-{first:09d}" in log
+    assert checkpoint_steps(run_dir)[-1] == 6 * 22
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 6
+    print(f"time limit: job {job_id} stopped at step {first}, restarts {info['Restarts']}, "
+          f"COMPLETED after {time.monotonic() - started:.1f} s")
+
+
+def test_dead_node_ends_the_job_and_the_checkpoint_resumes(nodes, digits_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    epochs = ("--set", "train.epochs=8")
+    job_id = submit(nodes, run_dir, digits_shards, *epochs)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "step-000000022").exists():
+        assert nodes.job(job_id)["JobState"] in ("PENDING", "RUNNING") and time.monotonic() < deadline
+        time.sleep(0.1)
+    # node2 dies: its slurmd and every process of the job on it, at once.
+    sshd = nodes.procs[nodes.labels.index("sshd")].pid
+    killed = time.monotonic()
+    for pid in nodes.pids_in("node2"):
+        if pid != sshd:
+            os.kill(pid, signal.SIGKILL)
+    info = nodes.wait(job_id, ENDED, timeout=60)
+    ended = time.monotonic() - killed
+    log = job_log(run_dir, job_id)
+    assert info["JobState"] in ("FAILED", "NODE_FAIL") and info["ExitCode"] != "0:0", log[-3000:]
+    print(f"dead node: job {job_id} {info['JobState']} ({info['ExitCode']}) {ended:.1f} s after the kill")
+    last = checkpoint_steps(run_dir)[-1]
+
+    nodes.restart_slurmd("node2")
+    job2 = submit(nodes, run_dir, digits_shards, *epochs)
+    info = nodes.wait(job2, ENDED, timeout=400)
+    log2 = job_log(run_dir, job2)
+    assert info["JobState"] == "COMPLETED", log2[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step-{last:09d}" in log2, log2[-3000:]
+    assert checkpoint_steps(run_dir)[-1] == 8 * 22
