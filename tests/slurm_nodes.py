@@ -33,6 +33,9 @@ SlurmctldHost=ctl({net}.1)
 SlurmdSpoolDir={dir}/spool-%n
 SlurmdPidFile={dir}/slurmd-%n.pid
 SlurmdLogFile={dir}/slurmd-%n.log
+# A /tmp of each node's own for what Slurm keeps there: the nodes share one /tmp, and srun's
+# PMIx plugin creates the same spmix_appdir_* folder on every node of a step.
+TmpFS={dir}/tmp-%n
 # Declare a node dead 10 s after it stops answering (default 300 s), and check every 5 s.
 SlurmdTimeout=10
 NodeName=node1 NodeAddr={net}.11 CPUs={cpus} State=UNKNOWN
@@ -126,7 +129,7 @@ class TwoNodeCluster(SlurmCluster):
         return self.in_node("node2", ["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")])
 
     def start(self, timeout: float = 60) -> None:
-        for sub in ("state", *(f"spool-{n}" for n in NODES)):
+        for sub in ("state", *(f"{kind}-{n}" for n in NODES for kind in ("spool", "tmp"))):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(TWO_NODE_CONF.format(dir=self.dir, net=self.net, cpus=os.cpu_count(),
                                                   ctld_port=6817, slurmd_port=6818))
