@@ -65,6 +65,15 @@ def rank_hosts(run_dir: Path) -> list[str]:
     return [row.split("|")[2].strip() for row in table.splitlines()[2:]]
 
 
+def assert_one_rank_per_node(run_dir: Path, log: str) -> None:
+    """Rank 0 ran on node1 and rank 1 on node2, and they ended with the same weights."""
+    assert rank_hosts(run_dir) == ["node1", "node2"]
+    for rank in (0, 1):
+        assert re.search(rf"rank {rank} of 2 \(local 0 of 1\)", log), log[-3000:]
+    after = messages(log, "weights after training:")
+    assert sorted(after) == [0, 1] and after[0][-1] == after[1][-1], log[-3000:]
+
+
 def test_daemons_listen_only_on_the_nodes_addresses(nodes):
     sockets = nodes.listening()
     names = {re.search(r'"(\w+)"', proc).group(1) for _, proc in sockets}
@@ -73,43 +82,33 @@ def test_daemons_listen_only_on_the_nodes_addresses(nodes):
         [f"{nodes.net}.1:6817", f"{nodes.net}.11:6818", f"{nodes.net}.12:6818", f"{nodes.net}.12:22"]), sockets
 
 
-@pytest.mark.parametrize("mode", ["gloo", "mpi", "srun"])
-def test_one_rank_on_each_node_completes_with_identical_weights(nodes, digits_shards, tmp_path, mode):
+def test_mpi_job_across_the_nodes_completes(nodes, digits_shards, tmp_path):
     run_dir = tmp_path / "run"
-    flags = {"gloo": [], "mpi": ["--mpi"], "srun": ["--srun"]}[mode]
-    accepted = (nodes.dir / "sshd.out").read_text().count("Accepted publickey") if mode == "gloo" else 0
     started = time.monotonic()
-    job_id = submit(nodes, run_dir, digits_shards, "--set", "train.epochs=1", *flags)
+    job_id = submit(nodes, run_dir, digits_shards, "--set", "train.epochs=1", "--mpi")
     info = nodes.wait(job_id, ENDED, timeout=300)
     log = job_log(run_dir, job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:] + nodes.logs()
-    print(f"{mode}: job {job_id} on {info['NodeList']}, submit to COMPLETED in {time.monotonic() - started:.1f} s")
+    print(f"mpi: job {job_id} on {info['NodeList']}, submit to COMPLETED in {time.monotonic() - started:.1f} s")
     assert info["NodeList"] == "node[1-2]"
-    if mode == "srun":
-        assert "srun --mpi=pmix --ntasks 2" in log
-    else:
-        # The launcher built -H from the allocation: one slot on each node.
-        assert " -np 2 " in log and " -H node1:1,node2:1 " in log, log[-3000:]
-    if mode == "gloo":  # horovodrun's ssh check, interface probe and rank 1 each logged in on node2
-        assert (nodes.dir / "sshd.out").read_text().count("Accepted publickey") >= accepted + 2
-    assert rank_hosts(run_dir) == ["node1", "node2"]
-    for rank in (0, 1):
-        assert re.search(rf"rank {rank} of 2 \(local 0 of 1\)", log), log[-3000:]
-    after = messages(log, "weights after training:")
-    assert sorted(after) == [0, 1] and after[0] == after[1]
+    # The launcher built -H from the allocation, one slot on each node; mpirun, inside the
+    # allocation, starts its daemon on node2 with srun.
+    assert " -np 2 --mpi -H node1:1,node2:1 " in log, log[-3000:]
+    assert_one_rank_per_node(run_dir, log)
     assert checkpoint_steps(run_dir) == [22]
 
 
 EPOCHS = 50  # 1100 steps, about 50 s of training here: more than a first run gets
 
 
-def test_time_limit_signal_from_slurm_checkpoints_requeues_and_completes(nodes, digits_shards, tmp_path):
+def test_time_limit_signal_from_slurm_checkpoints_requeues_and_completes_under_gloo(nodes, digits_shards, tmp_path):
     run_dir = tmp_path / "run"
     # slurmctld checks time limits every 30 s and sends the warning signal at the first check
-    # within grace + 30 s of the limit: with --time 2 and a 60 s grace, when the job is 30 to
-    # 60 s old, while it trains (it starts its ranks in 25-40 s).
+    # within grace + 30 s of the limit: with --time 2 and a 45 s grace, when the job is 45 to
+    # 75 s old, mostly while it trains (it starts its ranks in 25-45 s here).
+    accepted = (nodes.dir / "sshd.out").read_text().count("Accepted publickey")
     started = time.monotonic()
-    job_id = submit(nodes, run_dir, digits_shards, "--time", "2", "--signal-grace-sec", "60",
+    job_id = submit(nodes, run_dir, digits_shards, "--time", "2", "--signal-grace-sec", "45",
                     "--set", f"train.epochs={EPOCHS}")
     stopped: dict[int, list[str]] = {}
     for restarts in (1, 2, 3):  # a signal before the first step finds nothing to save: the next run gets one
@@ -118,7 +117,8 @@ def test_time_limit_signal_from_slurm_checkpoints_requeues_and_completes(nodes, 
         log = job_log(run_dir, job_id)
         assert info["JobState"] == "PENDING" and info["Restarts"] == str(restarts), log[-3000:]
         assert log.count("launch: time limit near: stopping the workers at a checkpoint") == restarts
-        assert log.count(f"launch: requeued Slurm job {job_id}") == restarts
+        # (Restarts is the requeue: the launcher's own line about it may be cut off, as
+        # `scontrol requeue` ends the batch step that prints it.)
         stopped = messages(log, "stopped at step")
         if stopped:
             break
@@ -137,11 +137,16 @@ def test_time_limit_signal_from_slurm_checkpoints_requeues_and_completes(nodes, 
     assert f"resumed from {run_dir}/checkpoints/step-{first:09d}" in log, log[-3000:]
     assert checkpoint_steps(run_dir)[-1] == EPOCHS * 22
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == EPOCHS
+    # The launcher built -H from the allocation; rank 1 logged in on node2 over ssh (at least
+    # once: horovodrun caches its ssh check and NIC probe for an hour).
+    assert " -np 2 --gloo -H node1:1,node2:1 " in log
+    assert (nodes.dir / "sshd.out").read_text().count("Accepted publickey") >= accepted + 1
+    assert_one_rank_per_node(run_dir, log)
     print(f"time limit: SIGUSR1 from Slurm, stopped at step {first} of {EPOCHS * 22}, {restarts} requeue(s) "
           f"after {signalled:.1f} s; COMPLETED after {time.monotonic() - started:.1f} s")
 
 
-def test_dead_node_ends_the_job_and_the_checkpoint_resumes(nodes, digits_shards, tmp_path):
+def test_dead_node_ends_the_job_and_the_checkpoint_resumes_under_srun(nodes, digits_shards, tmp_path):
     run_dir = tmp_path / "run"
     epochs = ("--set", "train.epochs=8")
     job_id = submit(nodes, run_dir, digits_shards, *epochs)
@@ -162,10 +167,13 @@ def test_dead_node_ends_the_job_and_the_checkpoint_resumes(nodes, digits_shards,
     print(f"dead node: job {job_id} {info['JobState']} ({info['ExitCode']}) {ended:.1f} s after the kill")
     last = checkpoint_steps(run_dir)[-1]
 
+    # node2 comes back; a new submission, with srun starting both ranks this time, resumes.
     nodes.restart_slurmd("node2")
-    job2 = submit(nodes, run_dir, digits_shards, *epochs)
+    job2 = submit(nodes, run_dir, digits_shards, *epochs, "--srun")
     info = nodes.wait(job2, ENDED, timeout=400)
     log2 = job_log(run_dir, job2)
-    assert info["JobState"] == "COMPLETED", log2[-3000:]
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log2[-3000:]
+    assert "srun --mpi=pmix --ntasks 2" in log2
     assert f"resumed from {run_dir}/checkpoints/step-{last:09d}" in log2, log2[-3000:]
     assert checkpoint_steps(run_dir)[-1] == 8 * 22
+    assert_one_rank_per_node(run_dir, log2)
