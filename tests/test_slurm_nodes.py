@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run
+from helpers import ROOT, run
 from slurm_cluster import install_if_missing
 from slurm_nodes import TwoNodeCluster
 from test_horovod import checkpoint_steps, messages
@@ -98,7 +98,7 @@ def test_mpi_job_across_the_nodes_completes(nodes, digits_shards, tmp_path):
     assert checkpoint_steps(run_dir) == [22]
 
 
-EPOCHS = 50  # 1100 steps, about 50 s of training here: more than a first run gets
+EPOCHS = 400  # more than any first run gets through, however fast the machine
 
 
 def test_time_limit_signal_from_slurm_checkpoints_requeues_and_completes_under_gloo(nodes, digits_shards, tmp_path):
@@ -106,10 +106,13 @@ def test_time_limit_signal_from_slurm_checkpoints_requeues_and_completes_under_g
     # slurmctld checks time limits every 30 s and sends the warning signal at the first check
     # within grace + 30 s of the limit: with --time 2 and a 45 s grace, when the job is 45 to
     # 75 s old, mostly while it trains (it starts its ranks in 25-45 s here).
+    # The job reads its config file at every start: the test shortens the restart through it.
+    config = tmp_path / "digits.yaml"
+    digits = (ROOT / "configs" / "digits.yaml").read_text()
+    config.write_text(digits.replace("  epochs: 60\n", f"  epochs: {EPOCHS}\n"))
     accepted = (nodes.dir / "sshd.out").read_text().count("Accepted publickey")
     started = time.monotonic()
-    job_id = submit(nodes, run_dir, digits_shards, "--time", "2", "--signal-grace-sec", "45",
-                    "--set", f"train.epochs={EPOCHS}")
+    job_id = submit(nodes, run_dir, digits_shards, "--time", "2", "--signal-grace-sec", "45", "--config", config)
     stopped: dict[int, list[str]] = {}
     for restarts in (1, 2, 3):  # a signal before the first step finds nothing to save: the next run gets one
         nodes.wait(job_id, ("RUNNING",) + ENDED, timeout=60)
@@ -128,21 +131,24 @@ def test_time_limit_signal_from_slurm_checkpoints_requeues_and_completes_under_g
     assert 0 in stopped and stopped.get(1, stopped[0]) == stopped[0], log[-3000:]
     first = int(stopped[0][0].split()[0])
     assert checkpoint_steps(run_dir)[-1] == first > 0
-    # The restart would get its warning as early: a longer limit lets it finish.
+    # The restart would get its warning as early: a longer limit, and an end one epoch after
+    # the stop, let it finish soon.
+    epochs = first // 22 + 1
+    config.write_text(digits.replace("  epochs: 60\n", f"  epochs: {epochs}\n"))
     nodes.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=10")
     info = nodes.wait(job_id, ENDED, timeout=300)
     log = job_log(run_dir, job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == str(restarts), \
         log[-3000:]
     assert f"resumed from {run_dir}/checkpoints/step-{first:09d}" in log, log[-3000:]
-    assert checkpoint_steps(run_dir)[-1] == EPOCHS * 22
-    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == EPOCHS
+    assert checkpoint_steps(run_dir)[-1] == epochs * 22
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == epochs
     # The launcher built -H from the allocation; rank 1 logged in on node2 over ssh (at least
     # once: horovodrun caches its ssh check and NIC probe for an hour).
     assert " -np 2 --gloo -H node1:1,node2:1 " in log
     assert (nodes.dir / "sshd.out").read_text().count("Accepted publickey") >= accepted + 1
     assert_one_rank_per_node(run_dir, log)
-    print(f"time limit: SIGUSR1 from Slurm, stopped at step {first} of {EPOCHS * 22}, {restarts} requeue(s) "
+    print(f"time limit: SIGUSR1 from Slurm, stopped at step {first}, ran to {epochs * 22}, {restarts} requeue(s) "
           f"after {signalled:.1f} s; COMPLETED after {time.monotonic() - started:.1f} s")
 
 
