@@ -17,9 +17,9 @@ from pathlib import Path
 
 from helpers import free_port
 
-CONF = """\
+# What the one-node and the two-node clusters (slurm_nodes.py) share.
+CONF_COMMON = """\
 ClusterName=hvdtest
-SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -37,11 +37,8 @@ SchedulerType=sched/builtin
 # Look at pending jobs every 2 s, not 60: a requeued job starts as soon as it may.
 SchedulerParameters=sched_interval=2
 StateSaveLocation={dir}/state
-SlurmdSpoolDir={dir}/spool
 SlurmctldPidFile={dir}/slurmctld.pid
-SlurmdPidFile={dir}/slurmd.pid
 SlurmctldLogFile={dir}/slurmctld.log
-SlurmdLogFile={dir}/slurmd.log
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt
@@ -51,6 +48,16 @@ MinJobAge=3600
 # Between SIGTERM and SIGKILL when a job is cancelled: the time to checkpoint.
 KillWait=30
 ReturnToService=2
+# Each daemon binds to its own address (SlurmctldHost's, NodeAddr), not to every
+# address: with auth/none, whoever reaches a port may run anything as root.
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
+"""
+
+CONF = CONF_COMMON + """\
+SlurmctldHost={host}(127.0.0.1)
+SlurmdSpoolDir={dir}/spool
+SlurmdPidFile={dir}/slurmd.pid
+SlurmdLogFile={dir}/slurmd.log
 NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
@@ -87,16 +94,25 @@ class SlurmCluster:
             log = open(self.dir / f"{Path(argv[0]).name}.out", "w")
             self.procs.append(subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT))
             log.close()
+        self.wait_idle(1, started, timeout)
+
+    def wait_idle(self, nodes: int, started: float, timeout: float) -> None:
         while time.monotonic() - started < timeout:
             for p in self.procs:
                 if p.poll() is not None:
-                    raise RuntimeError(f"{p.args[0]} exited with {p.returncode}: {self.logs()}")
-            res = self.run("sinfo", "-h", "-o", "%T", check=False)
-            if res.returncode == 0 and res.stdout.strip() == "idle":
+                    raise RuntimeError(f"{' '.join(p.args)} exited with {p.returncode}: {self.logs()}")
+            res = self.run("sinfo", "-h", "-N", "-o", "%T", check=False)
+            if res.returncode == 0 and res.stdout.split() == ["idle"] * nodes:
                 self.startup_sec = time.monotonic() - started
                 return
             time.sleep(0.1)
-        raise RuntimeError(f"the Slurm node was not idle after {timeout} s: {self.logs()}")
+        raise RuntimeError(f"the Slurm nodes were not idle after {timeout} s: {self.logs()}")
+
+    def listening(self) -> list[tuple[str, str]]:
+        """(address:port, process) of every listening TCP socket of the daemons and their children."""
+        res = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True)
+        return [(line.split()[3], line.split()[-1]) for line in res.stdout.splitlines()
+                if any(f"pid={p.pid}," in line for p in self.procs)]
 
     def logs(self) -> str:
         out = []

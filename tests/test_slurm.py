@@ -29,6 +29,13 @@ def slurm(tmp_path_factory):
     assert all(p.poll() is not None for p in cluster.procs)
 
 
+def test_daemons_listen_on_loopback_only(slurm):
+    # auth/none: whoever reaches slurmd's port may run anything as root.
+    sockets = slurm.listening()
+    assert sorted(proc.split('"')[1] for _, proc in sockets) == ["slurmctld", "slurmd"], sockets
+    assert all(addr.startswith("127.0.0.1:") for addr, _ in sockets), sockets
+
+
 def submit(slurm: SlurmCluster, run_dir: Path, shards: Path, *extra) -> tuple[str, str]:
     res = run([sys.executable, "-m", "launch", "slurm", "--config", "configs/digits.yaml", "--ntasks-per-node", "2",
                "--time", "10", "--partition", "debug", "--set", f"run_dir={run_dir}", "--set", f"data.dir={shards}",
