@@ -22,6 +22,7 @@ ratios are taken per repetition (side by side) and reported as median, min and
 max. Results are merged into bench/results.json.
 
     python scripts/bench.py [--repeats 3] [--epoch-seconds 11] [--only conversion,loader,input,predict,trainer]
+                            [--only scaling --scaling-variants default,cycle_5ms,...]
 
 `conversion` is scripts/bench_conversion.py (build_shards throughput and peak
 memory); `loader` and `input` use scripts/bench_input.py; `predict` is
@@ -41,6 +42,7 @@ import time
 import bench_conversion
 import bench_input
 import bench_predict
+import bench_scaling
 from bench_common import RESULTS, ROOT, machine, merge_results, stats, timestamp
 
 PY = sys.executable
@@ -67,7 +69,7 @@ def plain_rate(proc: subprocess.Popen) -> float:
     return json.loads(out.strip().splitlines()[-1])["images_per_sec"]
 
 
-def trainer_rate(np_: int, steps: int, *launch_options: str, sets: tuple[str, ...] = ()) -> float:
+def trainer_rate(np_: int, steps: int, *launch_options: str, sets: tuple[str, ...] = (), env=None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         res = subprocess.run(
             [PY, "-m", "launch", "--np", str(np_), *launch_options, "--config", "configs/bench_resnet20.yaml",
@@ -75,7 +77,7 @@ def trainer_rate(np_: int, steps: int, *launch_options: str, sets: tuple[str, ..
              "--set", f"train.steps_per_epoch={steps}", "--set", f"train.epochs={EPOCHS}",
              "--set", "runtime.intra_op_threads=1", "--set", "runtime.inter_op_threads=1",
              *(a for kv in sets for a in ("--set", kv))],
-            cwd=ROOT, env=_env(), capture_output=True, text=True,
+            cwd=ROOT, env={**_env(), **(env or {})}, capture_output=True, text=True,
         )
         if res.returncode:
             raise RuntimeError(f"trainer np={np_} failed: {res.stderr[-2000:]}")
@@ -177,15 +179,22 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epoch-seconds", type=float, default=11.0, help="target length of one timed epoch")
     p.add_argument("--only", default="conversion,loader,input,predict,trainer",
-                   help="comma list of: conversion, loader, input, predict, trainer")
+                   help="comma list of: conversion, loader, input, predict, trainer, scaling")
+    p.add_argument("--scaling-variants", default=",".join(bench_scaling.VARIANTS),
+                   help="comma list of the `scaling` part's variants (scripts/bench_scaling.py)")
     p.add_argument("--conversion-images", type=int, default=1000, help="images in the conversion's 1x set")
     p.add_argument("--loader-images", type=int, default=1000, help="JPEGs generated for the loader benchmark")
     p.add_argument("--loader-seconds", type=float, default=20.0, help="length of one loader measurement")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args()
     parts = set(args.only.split(","))
-    if not parts or parts - {"conversion", "trainer", "loader", "input", "predict"}:
-        p.error(f"--only {args.only!r}: expected a comma list of conversion, loader, input, predict, trainer")
+    if not parts or parts - {"conversion", "trainer", "loader", "input", "predict", "scaling"}:
+        p.error(f"--only {args.only!r}: expected a comma list of conversion, loader, input, predict, trainer, "
+                "scaling")
+    variants = tuple(args.scaling_variants.split(","))
+    if set(variants) - set(bench_scaling.VARIANTS) or "default" not in variants:
+        p.error(f"--scaling-variants {args.scaling_variants!r}: expected default and any of "
+                f"{', '.join(bench_scaling.VARIANTS)}")
     if "conversion" in parts:
         merge_results(args.out, "conversion", bench_conversion.run(args.conversion_images))
     with tempfile.TemporaryDirectory(prefix="bench-input-") as work:
@@ -197,6 +206,10 @@ def main() -> int:
         merge_results(args.out, "predict", bench_predict.run(2000, args.repeats))
     if "trainer" in parts:
         trainer_bench(args)
+    if "scaling" in parts:
+        result = bench_scaling.scaling_bench(args, calibrate(args.epoch_seconds), trainer_rate, plain, plain_rate,
+                                             variants)
+        merge_results(args.out, "scaling_settings", result)
     print(f"\nwritten to {args.out}")
     return 0
 
