@@ -7,9 +7,10 @@ ResNet-20 on synthetic 32x32 inputs, 64 images per replica, 1 thread per process
   (d) two plain Keras processes at once, their throughputs summed: the most two
       ranks can get from this machine
   (e) plain Keras with 2 threads
-  (f) as (c), with Horovod's background cycle at 5 ms instead of 1 ms
+  (f) as (c), with Horovod's background cycle at its own default, 1 ms, instead of
+      the launcher's 5 ms
 Ratios: overhead_ratio = b/a, scaling_efficiency = c/d, dp_vs_threads = c/e,
-and scaling_efficiency_cycle5ms = f/d.
+and scaling_efficiency_cycle1ms = f/d.
 
 Input pipeline (scripts/bench_input.py): `loader_images_per_sec_per_core` (the
 reader alone, 224x224 training preprocessing of ~500x375 JPEGs, 1 tf.data
@@ -26,6 +27,7 @@ ratios are taken per repetition (side by side) and reported as median, min and
 max. Results are merged into bench/results.json.
 
     python scripts/bench.py [--repeats 3] [--epoch-seconds 11] [--only conversion,loader,input,predict,trainer]
+                            [--only scaling --scaling-variants default,cycle_1ms,...]
 
 `conversion` is scripts/bench_conversion.py (build_shards throughput and peak
 memory); `loader` and `input` use scripts/bench_input.py; `predict` is
@@ -45,6 +47,7 @@ import time
 import bench_conversion
 import bench_input
 import bench_predict
+import bench_scaling
 from bench_common import RESULTS, ROOT, machine, merge_results, stats, timestamp
 
 PY = sys.executable
@@ -71,7 +74,7 @@ def plain_rate(proc: subprocess.Popen) -> float:
     return json.loads(out.strip().splitlines()[-1])["images_per_sec"]
 
 
-def trainer_rate(np_: int, steps: int, *launch_options: str, sets: tuple[str, ...] = ()) -> float:
+def trainer_rate(np_: int, steps: int, *launch_options: str, sets: tuple[str, ...] = (), env=None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         res = subprocess.run(
             [PY, "-m", "launch", "--np", str(np_), *launch_options, "--config", "configs/bench_resnet20.yaml",
@@ -79,7 +82,7 @@ def trainer_rate(np_: int, steps: int, *launch_options: str, sets: tuple[str, ..
              "--set", f"train.steps_per_epoch={steps}", "--set", f"train.epochs={EPOCHS}",
              "--set", "runtime.intra_op_threads=1", "--set", "runtime.inter_op_threads=1",
              *(a for kv in sets for a in ("--set", kv))],
-            cwd=ROOT, env=_env(), capture_output=True, text=True,
+            cwd=ROOT, env={**_env(), **(env or {})}, capture_output=True, text=True,
         )
         if res.returncode:
             raise RuntimeError(f"trainer np={np_} failed: {res.stderr[-2000:]}")
@@ -149,7 +152,7 @@ def trainer_bench(args) -> None:
     steps = calibrate(args.epoch_seconds)
 
     runs = {k: [] for k in ("a_plain_keras_1thread", "b_trainer_np1", "c_trainer_np2",
-                            "d_two_plain_keras_1thread_summed", "e_plain_keras_2threads", "f_trainer_np2_cycle5ms")}
+                            "d_two_plain_keras_1thread_summed", "e_plain_keras_2threads", "f_trainer_np2_cycle1ms")}
     started = time.time()
     for rep in range(args.repeats):
         runs["a_plain_keras_1thread"].append(plain_rate(plain(1, steps)))
@@ -158,7 +161,7 @@ def trainer_bench(args) -> None:
         pair = [plain(1, steps), plain(1, steps)]
         runs["d_two_plain_keras_1thread_summed"].append(sum(plain_rate(q) for q in pair))
         runs["e_plain_keras_2threads"].append(plain_rate(plain(2, steps)))
-        runs["f_trainer_np2_cycle5ms"].append(trainer_rate(2, steps, "--cycle-time-ms", "5"))
+        runs["f_trainer_np2_cycle1ms"].append(trainer_rate(2, steps, "--cycle-time-ms", "1"))
         latest = ", ".join(f"{k.split('_')[0]}={v[-1]:.1f}" for k, v in runs.items())
         print(f"repeat {rep + 1}/{args.repeats}: {latest}", flush=True)
 
@@ -167,7 +170,7 @@ def trainer_bench(args) -> None:
         "overhead_ratio": stats([bi / ai for ai, bi in zip(a, b)]),
         "scaling_efficiency": stats([ci / di for ci, di in zip(c, d)]),
         "dp_vs_threads": stats([ci / ei for ci, ei in zip(c, e)]),
-        "scaling_efficiency_cycle5ms": stats([fi / di for fi, di in zip(f, d)]),
+        "scaling_efficiency_cycle1ms": stats([fi / di for fi, di in zip(f, d)]),
     }
     targets = {"overhead_ratio": 0.97, "scaling_efficiency": 0.90}
     result = {
@@ -196,15 +199,22 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epoch-seconds", type=float, default=11.0, help="target length of one timed epoch")
     p.add_argument("--only", default="conversion,loader,input,predict,trainer",
-                   help="comma list of: conversion, loader, input, predict, trainer")
+                   help="comma list of: conversion, loader, input, predict, trainer, scaling")
+    p.add_argument("--scaling-variants", default=",".join(bench_scaling.VARIANTS),
+                   help="comma list of the `scaling` part's variants (scripts/bench_scaling.py)")
     p.add_argument("--conversion-images", type=int, default=1000, help="images in the conversion's 1x set")
     p.add_argument("--loader-images", type=int, default=1000, help="JPEGs generated for the loader benchmark")
     p.add_argument("--loader-seconds", type=float, default=20.0, help="length of one loader measurement")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args()
     parts = set(args.only.split(","))
-    if not parts or parts - {"conversion", "trainer", "loader", "input", "predict"}:
-        p.error(f"--only {args.only!r}: expected a comma list of conversion, loader, input, predict, trainer")
+    if not parts or parts - {"conversion", "trainer", "loader", "input", "predict", "scaling"}:
+        p.error(f"--only {args.only!r}: expected a comma list of conversion, loader, input, predict, trainer, "
+                "scaling")
+    variants = tuple(args.scaling_variants.split(","))
+    if set(variants) - set(bench_scaling.VARIANTS) or "default" not in variants:
+        p.error(f"--scaling-variants {args.scaling_variants!r}: expected default and any of "
+                f"{', '.join(bench_scaling.VARIANTS)}")
     if "conversion" in parts:
         merge_results(args.out, "conversion", bench_conversion.run(args.conversion_images))
     with tempfile.TemporaryDirectory(prefix="bench-input-") as work:
@@ -216,6 +226,10 @@ def main() -> int:
         merge_results(args.out, "predict", bench_predict.run(2000, args.repeats))
     if "trainer" in parts:
         trainer_bench(args)
+    if "scaling" in parts:
+        result = bench_scaling.scaling_bench(args, calibrate(args.epoch_seconds), trainer_rate, plain, plain_rate,
+                                             variants)
+        merge_results(args.out, "scaling_settings", result)
     print(f"\nwritten to {args.out}")
     return 0
 

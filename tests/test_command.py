@@ -16,7 +16,7 @@ def opts(**kw):
 def test_default_command_runs_local_gloo_workers():
     argv, env = build_command(opts(overrides=("train.epochs=3", "run_dir=runs/x")), {"PATH": "/bin"})
     assert argv == [
-        "/venv/bin/horovodrun", "-np", "2", "--gloo", "-H", "localhost:2",
+        "/venv/bin/horovodrun", "-np", "2", "--gloo", "-H", "localhost:2", "--cycle-time-ms", "5",
         "--stall-check-warning-time-seconds", "60", "--stall-check-shutdown-time-seconds", "600",
         "/venv/bin/python", "-m", "trainer.train", "--config", "configs/digits.yaml",
         "--set", "train.epochs=3", "--set", "run_dir=runs/x",

@@ -20,6 +20,10 @@ import tensorflow as tf
 log = logging.getLogger(__name__)
 
 EXIT_STOPPED = 143  # 128 + SIGTERM, whichever signal asked for the stop: resumable
+# The batch-log key under which the train step returns the agreed flag: Keras
+# fetches the step's logs anyway, so the host learns of a stop without a
+# device read of its own every step.
+STOP_LOG = "stop"
 
 
 class StopRequest:
@@ -48,29 +52,42 @@ class StopRequest:
 
     @property
     def stopped(self) -> bool:
+        """The agreed flag of the last step; a device read, for once per `fit`, not per step."""
         return float(self.agreed.numpy()) > 0
 
 
 class StopOnRequest(keras.callbacks.Callback):
     """Ends `fit` after the step at which any rank asked to stop.
 
-    `stop_after_step` (runtime.fault_stop_after_step, for tests) raises the
-    flag just before that global step, which then carries it.
+    Reads the agreed flag from the step's batch logs (STOP_LOG) and takes it
+    out of them, so that no other callback logs it. `stop_after_step`
+    (runtime.fault_stop_after_step, for tests) raises the flag just before
+    that global step, which then carries it; the step is counted on the host
+    from the epoch's first, read once per epoch.
     """
 
     def __init__(self, request: StopRequest, stop_after_step: int = 0):
         super().__init__()
         self.request = request
         self.stop_after_step = stop_after_step
+        self._epoch_start = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.stop_after_step:
+            self._epoch_start = int(self.model.optimizer.iterations.numpy())
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self.stop_after_step and int(self.model.optimizer.iterations.numpy()) + 1 == self.stop_after_step:
+        if self.stop_after_step and self._epoch_start + batch + 1 == self.stop_after_step:
             self.request.ask("runtime.fault_stop_after_step")
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.request.stopped:
+        if float((logs or {}).pop(STOP_LOG, 0.0)) > 0:
             self.model.stop_training = True
             self.request.cut_short = batch + 1 < (self.params or {}).get("steps", 0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs.pop(STOP_LOG, None)  # Keras's epoch logs are the last step's
 
 
 def epoch_cut_short(model) -> bool:

@@ -9,6 +9,8 @@ import horovod.tensorflow as hvd
 import keras
 import tensorflow as tf
 
+from trainer.preemption import STOP_LOG
+
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -110,4 +112,7 @@ class DataParallelModel(keras.Model):
         for metric in self.metrics:
             if metric.name == "loss":
                 metric.update_state(loss, sample_weight=tf.shape(x)[0])
-        return self.compute_metrics(x, y, y_pred, sample_weight)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight)
+        if self.stop_request is not None:
+            logs[STOP_LOG] = extra[-1]  # the host reads the agreed flag here, in logs Keras fetches anyway
+        return logs
