@@ -173,6 +173,9 @@ class RuntimeConfig:
       fault_stop_after_step: fault injection, for tests only: every rank asks
         to stop as if signalled, so the run stops (and checkpoints) after this
         global step, when it trains that step; 0 never.
+      fault_slow_save_sec: fault injection, for tests only: every checkpoint
+        save holds its temporary folder this many seconds before it completes,
+        as a slow filesystem would; 0 never.
     """
 
     intra_op_threads: int = 0
@@ -180,6 +183,7 @@ class RuntimeConfig:
     deterministic: bool = False
     log_all_ranks: bool = False
     fault_stop_after_step: int = 0
+    fault_slow_save_sec: float = 0.0
 
 
 @dataclass
