@@ -304,3 +304,38 @@ def test_a_local_mpi_job_uses_shared_memory_only():
     assert "OMPI_MCA_btl" not in build_command(opts(controller="mpi", hosts="n1:1,n2:1"), {})[1]
     assert "OMPI_MCA_btl" not in build_command(opts(), {})[1]  # Gloo
     assert build_command(opts(controller="mpi"), {"OMPI_MCA_btl": "self,tcp"})[1]["OMPI_MCA_btl"] == "self,tcp"
+
+
+def test_the_launcher_stops_an_mpi_runner_with_sigusr2_and_sends_sigterm_when_the_grace_is_over(tmp_path):
+    """A runner that ignores the stop: it gets SIGUSR2 at once, and SIGTERM only after the grace."""
+    import signal
+    import threading
+    import time
+
+    from launch.cli import execute
+    from launch.command import StopPlan
+
+    out = tmp_path / "out"
+    runner = tmp_path / "runner.py"
+    runner.write_text(
+        "import signal, sys, time\n"
+        f"log = open({str(out)!r}, 'a', buffering=1)\n"
+        "t0 = time.time()\n"
+        "signal.signal(signal.SIGUSR2, lambda s, f: log.write(f'USR2 {time.time() - t0:.2f}\\n'))\n"
+        "signal.signal(signal.SIGTERM, lambda s, f: (log.write(f'TERM {time.time() - t0:.2f}\\n'), sys.exit(143)))\n"
+        "log.write('ready\\n')\n"
+        "time.sleep(60)\n"
+    )
+    out.write_text("")
+
+    def signal_when_ready():  # the launcher gets SIGTERM once the runner is up
+        while "ready" not in out.read_text():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_when_ready, daemon=True).start()
+    code = execute([sys.executable, str(runner)], dict(os.environ), verbose=True, stop=StopPlan(signal.SIGUSR2, 2.0))
+    lines = out.read_text().splitlines()
+    assert code == 143, lines
+    assert [x.split()[0] for x in lines] == ["ready", "USR2", "TERM"], lines
+    assert 1.8 < float(lines[2].split()[1]) - float(lines[1].split()[1]) < 10, lines
