@@ -20,12 +20,22 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from typing import NamedTuple
 
 from data_pipeline.metadata import DataError
 from data_pipeline.textfile import TextFileError, read_utf8
 from launch import console
-from launch.command import LaunchError, LaunchOptions, build_command, tensorboard_command, world_sizes
+from launch.command import (
+    PASS_SIGTERM,
+    LaunchError,
+    LaunchOptions,
+    StopPlan,
+    build_command,
+    stop_plan,
+    tensorboard_command,
+    world_sizes,
+)
 from launch.hosts import HostError, allocation_hosts, expand_nodelist, format_hosts, parse_hostfile
 from launch.options import add_config_options, add_options, launch_values
 from trainer.config import ConfigError, check_environment, load_config, validate, validate_world
@@ -104,18 +114,20 @@ def options_from_args(args: argparse.Namespace, np: int, hosts: str | None) -> L
 
 
 def execute(argv: list[str], env: dict[str, str], requeue_job: str | None = None,
-            board: list[str] | None = None, verbose: bool = True) -> int:
-    """Runs horovodrun (or srun), passing SIGINT/SIGTERM on to it, and returns its exit code.
+            board: list[str] | None = None, verbose: bool = True,
+            stop: StopPlan = PASS_SIGTERM) -> int:
+    """Runs horovodrun (or srun), passing SIGINT on to it, and returns its exit code.
 
-    SIGUSR1 (what Slurm sends before the time limit, see launch.slurm) stops
-    the workers with SIGTERM, which makes them checkpoint; with `requeue_job`
-    that Slurm job is then requeued, and resumes from the checkpoint.
+    SIGTERM, and SIGUSR1 (what Slurm sends before the time limit, see
+    launch.slurm), stop the workers as `stop` says (launch.command.stop_plan),
+    which makes them checkpoint; after SIGUSR1, with `requeue_job`, that Slurm
+    job is then requeued, and resumes from the checkpoint.
     `board`, a TensorBoard command, runs alongside and is stopped when the job ends.
     Unless `verbose`, the job's output goes through launch.console.
     """
     server = subprocess.Popen(board) if board else None
     try:
-        return _run_job(argv, env, requeue_job, verbose)
+        return _run_job(argv, env, requeue_job, verbose, stop)
     finally:
         if server is not None:
             server.terminate()
@@ -126,25 +138,35 @@ def execute(argv: list[str], env: dict[str, str], requeue_job: str | None = None
                 server.wait()
 
 
-def _run_job(argv: list[str], env: dict[str, str], requeue_job: str | None, verbose: bool = True) -> int:
+def _run_job(argv: list[str], env: dict[str, str], requeue_job: str | None, verbose: bool = True,
+             stop: StopPlan = PASS_SIGTERM) -> int:
     proc, pumps = console.start(argv, env, verbose)
     timed_out = []
+    # Started by the first stop: the runner's SIGTERM once the grace is over.
+    deadline = threading.Timer(stop.kill_after or 0, proc.send_signal, (signal.SIGTERM,))
+    deadline.daemon = True
 
     def forward(signum, _frame):
         proc.send_signal(signum)
 
-    def time_limit(_signum, _frame):
+    def stop_workers(_signum, _frame):
+        proc.send_signal(stop.signal)
+        if stop.kill_after is not None and deadline.ident is None:  # once
+            deadline.start()
+
+    def time_limit(signum, frame):
         if not timed_out:
             print("launch: time limit near: stopping the workers at a checkpoint", file=sys.stderr, flush=True)
         timed_out.append(True)
-        proc.send_signal(signal.SIGTERM)
+        stop_workers(signum, frame)
 
-    handlers = {signal.SIGINT: forward, signal.SIGTERM: forward, signal.SIGUSR1: time_limit}
+    handlers = {signal.SIGINT: forward, signal.SIGTERM: stop_workers, signal.SIGUSR1: time_limit}
     previous = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
         code = proc.wait()
         console.finish(pumps)
     finally:
+        deadline.cancel()
         for s, handler in previous.items():
             signal.signal(s, handler)
     code = 128 - code if code < 0 else code
@@ -167,6 +189,7 @@ class Job(NamedTuple):
         else the `tensorboard` command printed for people to run.
       requeue_job: the Slurm job id to requeue at the time limit, or None.
       options: the launch options the command was built from.
+      stop: how the launcher stops the workers at a checkpoint.
     """
 
     argv: list[str]
@@ -174,6 +197,7 @@ class Job(NamedTuple):
     board: list[str]
     requeue_job: str | None
     options: LaunchOptions
+    stop: StopPlan
 
 
 def prepare(args: argparse.Namespace) -> Job:
@@ -204,7 +228,7 @@ def prepare(args: argparse.Namespace) -> Job:
             raise LaunchError("--requeue-on-timeout needs SLURM_JOB_ID (run it inside a Slurm job)")
         if not shutil.which("scontrol"):
             raise LaunchError("--requeue-on-timeout needs scontrol, which is not on PATH")
-    return Job(cmd, env, board, requeue_job, opts)
+    return Job(cmd, env, board, requeue_job, opts, stop_plan(opts))
 
 
 def check_run_dir(run_dir: str) -> None:
@@ -247,9 +271,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"launch: {shlex.join(job.argv)}", file=sys.stderr, flush=True)
     if args.tensorboard is None:
         print(f"launch: watch with: {shlex.join(job.board)}", file=sys.stderr, flush=True)
-        return execute(job.argv, job.env, job.requeue_job, verbose=job.options.verbose)
+        return execute(job.argv, job.env, job.requeue_job, verbose=job.options.verbose, stop=job.stop)
     print(f"launch: TensorBoard: {shlex.join(job.board)}", file=sys.stderr, flush=True)
-    return execute(job.argv, job.env, job.requeue_job, job.board, verbose=job.options.verbose)
+    return execute(job.argv, job.env, job.requeue_job, job.board, verbose=job.options.verbose, stop=job.stop)
 
 
 def main(argv=None) -> int:

@@ -6,12 +6,19 @@ as data. Which option becomes which horovodrun flag or HOROVOD_* variable is
 written in the option table, launch.options.
 """
 
+import signal
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from launch.hosts import HostError, format_hosts, parse_hosts
 from launch.options import defaults, horovod_env, horovodrun_args, unsafe_value
 
 RUNNERS = ("horovodrun", "srun")
+# horovodrun's time between the SIGTERM it passes to a worker and the SIGKILL
+# (read by safe_shell_exec as patched in scripts/horovod-*.patch; 5 s unpatched).
+GRACE_ENV = "HOROVOD_GRACEFUL_TERMINATION_TIME_S"
+# horovodrun's ssh option StrictHostKeyChecking (`no` unpatched, which ssh_config cannot override).
+STRICT_HOST_KEYS_ENV = "HOROVOD_SSH_STRICT_HOST_KEY_CHECKING"
 _DEFAULT = defaults()  # one source for the defaults: the option table
 
 
@@ -46,6 +53,8 @@ class LaunchOptions:
       ssh_port: ssh port of the other hosts (horovodrun starts remote ranks
         over ssh).
       ssh_identity_file: private key for that ssh.
+      ssh_strict_host_keys: that ssh reaches only hosts whose key is in
+        known_hosts, instead of accepting any key (horovodrun's default).
       elastic: Horovod elastic mode (Gloo): workers may leave and join; the
         host list comes from host_discovery_script.
       min_np: elastic: fewest workers to keep training with (default np).
@@ -58,6 +67,9 @@ class LaunchOptions:
         because horovodrun finds the common interfaces by testing between hosts.
       verbose: show every line of the workers' output, TensorFlow's start-up
         banners included.
+      signal_grace_sec: after a stop signal, the workers get this long to
+        reach a step boundary and write their checkpoint before they are
+        killed (horovodrun's wait before its SIGKILL).
       python: interpreter that runs the workers.
       horovodrun: the horovodrun executable.
       srun: the srun executable.
@@ -81,6 +93,7 @@ class LaunchOptions:
     stall_shutdown_sec: int = _DEFAULT["stall_shutdown_sec"]
     ssh_port: int | None = _DEFAULT["ssh_port"]
     ssh_identity_file: str | None = _DEFAULT["ssh_identity_file"]
+    ssh_strict_host_keys: bool = _DEFAULT["ssh_strict_host_keys"]
     elastic: bool = _DEFAULT["elastic"]
     min_np: int | None = _DEFAULT["min_np"]
     max_np: int | None = _DEFAULT["max_np"]
@@ -88,6 +101,7 @@ class LaunchOptions:
     reset_limit: int | None = _DEFAULT["reset_limit"]
     network_interface: str | None = _DEFAULT["network_interface"]
     verbose: bool = _DEFAULT["verbose"]
+    signal_grace_sec: int = _DEFAULT["signal_grace_sec"]
     python: str = "python"
     horovodrun: str = "horovodrun"
     srun: str = "srun"
@@ -113,6 +127,8 @@ def check_options(opts: LaunchOptions) -> str:
         raise LaunchError(
             f"--stall-shutdown-sec {opts.stall_shutdown_sec} must exceed --stall-warning-sec {opts.stall_warning_sec}"
         )
+    if opts.signal_grace_sec < 1:
+        raise LaunchError(f"--signal-grace-sec must be >= 1, got {opts.signal_grace_sec}")
     if opts.cycle_time_ms is not None and opts.cycle_time_ms <= 0:
         raise LaunchError(f"--cycle-time-ms must be > 0, got {opts.cycle_time_ms}")
     if opts.fusion_threshold_mb is not None and opts.fusion_threshold_mb < 0:
@@ -132,6 +148,9 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
         return _srun_command(opts, env), env
 
     argv = [opts.horovodrun, "-np", str(opts.np), f"--{controller}"]
+    env[GRACE_ENV] = str(opts.signal_grace_sec)
+    if opts.ssh_strict_host_keys:
+        env[STRICT_HOST_KEYS_ENV] = "yes"
     if opts.elastic:
         argv += elastic_args(opts, controller)
     elif opts.min_np is not None or opts.max_np is not None or opts.host_discovery_script or opts.reset_limit:
@@ -145,7 +164,50 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
         # Open MPI refuses to start as root (containers, CI) without these.
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        if _local_only(opts):
+            # Ranks on one host need only shared memory; the tcp btl (and others
+            # such as ofi) would listen on every address whatever their
+            # interface settings. Replaces horovodrun's `-mca btl ^openib` (patch).
+            env.setdefault("OMPI_MCA_btl", "self,vader")
     return argv, env
+
+
+class StopPlan(NamedTuple):
+    """How the launcher stops the workers at a checkpoint (SIGTERM, Slurm's SIGUSR1) through the runner.
+
+    Attributes:
+      signal: what the runner gets first.
+      kill_after: seconds after which the runner gets SIGTERM, which ends the
+        job; None: the runner keeps the grace itself.
+    """
+
+    signal: int
+    kill_after: float | None
+
+
+PASS_SIGTERM = StopPlan(signal.SIGTERM, None)
+
+
+def stop_plan(opts: LaunchOptions) -> StopPlan:
+    """horovodrun (Gloo) passes SIGTERM on and kills after its grace (GRACE_ENV); srun passes it on.
+
+    mpirun instead answers SIGTERM with its own kill: the ranks get SIGTERM
+    1 s later and SIGKILL 1 s after that (Open MPI's odls_base_sigkill_timeout,
+    which also delays the SIGTERM itself). It passes SIGUSR2 straight on to
+    every rank, which trainer.preemption takes as a stop: the launcher sends
+    that, and SIGTERM only once the grace is over.
+    """
+    if opts.runner == "horovodrun" and check_options(opts) == "mpi":
+        return StopPlan(signal.SIGUSR2, float(opts.signal_grace_sec))
+    return PASS_SIGTERM
+
+
+def _local_only(opts: LaunchOptions) -> bool:
+    """Whether every rank runs on this host by name (the default `localhost:NP` included)."""
+    if opts.elastic:
+        return False
+    names = [h for h, _ in parse_hosts(opts.hosts)] if opts.hosts else ["localhost"]
+    return all(h in ("localhost", "127.0.0.1", "::1") for h in names)
 
 
 def _host_list(opts: LaunchOptions) -> str:

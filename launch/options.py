@@ -86,12 +86,17 @@ OPTIONS = (
            metavar="PORT", forward=False, horovodrun="--ssh-port"),
     Option("ssh_identity_file", "--ssh-identity-file", "private key for ssh to the other hosts", type=str,
            metavar="KEY", forward=False, horovodrun="--ssh-identity-file", shell="path"),
+    Option("ssh_strict_host_keys", "--ssh-strict-host-keys", "ssh to the other hosts only if their key is in "
+           "known_hosts (horovodrun's ssh accepts any key by default)", default=False, forward=False),
     Option("stall_warning_sec", "--stall-warning-sec", "log ranks missing from a collective after this long "
            "(default 60)", type=int, default=60, metavar="SEC", horovodrun="--stall-check-warning-time-seconds",
            env="HOROVOD_STALL_CHECK_TIME_SECONDS"),
     Option("stall_shutdown_sec", "--stall-shutdown-sec", "end the job when a collective waits this long; 0 never "
            "(default 600)", type=int, default=600, metavar="SEC", horovodrun="--stall-check-shutdown-time-seconds",
            env="HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"),
+    Option("signal_grace_sec", "--signal-grace-sec", "seconds the workers get to checkpoint after a stop signal "
+           "before they are killed; with `launch slurm` also how long before the time limit Slurm warns "
+           "(default 120)", type=int, default=120, metavar="SEC"),
     Option("verbose", "--verbose", "show every line of the workers' output (TensorFlow start-up banners included)",
            default=False),
     Option("elastic", "--elastic", "Horovod elastic mode; --np is the starting size", default=False,

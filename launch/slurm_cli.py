@@ -49,11 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shell line run first in the job, e.g. 'module load cuda' (repeatable)")
     p.add_argument("--venv", help="virtual environment activated in the job")
     p.add_argument("--python", help="interpreter in the job (default: this one, or `python` of --venv)")
-    p.add_argument("--signal-grace-sec", type=int, default=120,
-                   help="checkpoint and requeue this long before the time limit (default 120)")
     p.add_argument("--no-requeue", dest="requeue", action="store_false",
                    help="neither requeue at the time limit nor let Slurm requeue the job")
-    # The launcher's options that the job's launcher gets too.
+    # The launcher's options that the job's launcher gets too; among them
+    # --signal-grace-sec, which also sets how early Slurm warns (see launch.slurm).
     add_options(p, forwarded_only=True)
     p.add_argument("--tensorboard-host", default="127.0.0.1",
                    help="address in the printed TensorBoard command (default loopback)")

@@ -5,7 +5,15 @@ import sys
 import pytest
 
 from helpers import run
-from launch.command import LaunchError, LaunchOptions, build_command, tensorboard_command
+from launch.command import (
+    GRACE_ENV,
+    STRICT_HOST_KEYS_ENV,
+    LaunchError,
+    LaunchOptions,
+    build_command,
+    stop_plan,
+    tensorboard_command,
+)
 
 
 def opts(**kw):
@@ -276,3 +284,72 @@ def test_a_run_dir_that_cannot_be_written_is_one_line(digits_shards, tmp_path, c
         assert launch_run(args) == 2
         assert capsys.readouterr().err == (
             f"launch: error: run_dir '{tmp_path}/locked/a/run': '{tmp_path}/locked' is not writable\n")
+
+
+def test_the_grace_goes_to_horovodrun_and_mpi_jobs_are_stopped_with_sigusr2_then_sigterm():
+    import signal
+
+    assert build_command(opts(), {})[1][GRACE_ENV] == "120"
+    assert build_command(opts(signal_grace_sec=300), {GRACE_ENV: "5"})[1][GRACE_ENV] == "300"
+    assert stop_plan(opts()) == (signal.SIGTERM, None)
+    assert stop_plan(opts(runner="srun")) == (signal.SIGTERM, None)
+    # mpirun would kill the ranks 2 s after a SIGTERM: they get SIGUSR2, mpirun SIGTERM after the grace.
+    assert stop_plan(opts(controller="mpi", signal_grace_sec=300)) == (signal.SIGUSR2, 300.0)
+    with pytest.raises(LaunchError, match=r"^--signal-grace-sec must be >= 1, got 0$"):
+        build_command(opts(signal_grace_sec=0), {})
+
+
+def test_strict_host_keys_reach_horovodruns_ssh_command():
+    """ssh takes the first value of an option, so only horovodrun's own command line can turn the check on."""
+    assert STRICT_HOST_KEYS_ENV not in build_command(opts(), {})[1]
+    env = build_command(opts(hosts="n1:1,n2:1", ssh_strict_host_keys=True), {})[1]
+    assert env[STRICT_HOST_KEYS_ENV] == "yes"
+    code = "from horovod.runner.util.remote import get_ssh_command as c; print(c('true', 'n2', 22))"
+    for value, expected in (("yes", "StrictHostKeyChecking=yes"), ("", "StrictHostKeyChecking=no")):
+        res = run([sys.executable, "-c", code], env={STRICT_HOST_KEYS_ENV: value})
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split()[:5] == ["ssh", "-o", "PasswordAuthentication=no", "-o", expected]
+
+
+def test_a_local_mpi_job_uses_shared_memory_only():
+    """The tcp btl listens on every address; ranks on one host need none of it."""
+    assert build_command(opts(controller="mpi"), {})[1]["OMPI_MCA_btl"] == "self,vader"
+    assert build_command(opts(controller="mpi", hosts="localhost:2"), {})[1]["OMPI_MCA_btl"] == "self,vader"
+    assert "OMPI_MCA_btl" not in build_command(opts(controller="mpi", hosts="n1:1,n2:1"), {})[1]
+    assert "OMPI_MCA_btl" not in build_command(opts(), {})[1]  # Gloo
+    assert build_command(opts(controller="mpi"), {"OMPI_MCA_btl": "self,tcp"})[1]["OMPI_MCA_btl"] == "self,tcp"
+
+
+def test_the_launcher_stops_an_mpi_runner_with_sigusr2_and_sends_sigterm_when_the_grace_is_over(tmp_path):
+    """A runner that ignores the stop: it gets SIGUSR2 at once, and SIGTERM only after the grace."""
+    import signal
+    import threading
+    import time
+
+    from launch.cli import execute
+    from launch.command import StopPlan
+
+    out = tmp_path / "out"
+    runner = tmp_path / "runner.py"
+    runner.write_text(
+        "import signal, sys, time\n"
+        f"log = open({str(out)!r}, 'a', buffering=1)\n"
+        "t0 = time.time()\n"
+        "signal.signal(signal.SIGUSR2, lambda s, f: log.write(f'USR2 {time.time() - t0:.2f}\\n'))\n"
+        "signal.signal(signal.SIGTERM, lambda s, f: (log.write(f'TERM {time.time() - t0:.2f}\\n'), sys.exit(143)))\n"
+        "log.write('ready\\n')\n"
+        "time.sleep(60)\n"
+    )
+    out.write_text("")
+
+    def signal_when_ready():  # the launcher gets SIGTERM once the runner is up
+        while "ready" not in out.read_text():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_when_ready, daemon=True).start()
+    code = execute([sys.executable, str(runner)], dict(os.environ), verbose=True, stop=StopPlan(signal.SIGUSR2, 2.0))
+    lines = out.read_text().splitlines()
+    assert code == 143, lines
+    assert [x.split()[0] for x in lines] == ["ready", "USR2", "TERM"], lines
+    assert 1.8 < float(lines[2].split()[1]) - float(lines[1].split()[1]) < 10, lines

@@ -1,6 +1,7 @@
 """Stops through the real horovodrun with 2 ranks: on an epoch's last step, and on one rank's SIGTERM."""
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -138,3 +139,37 @@ def test_a_resumed_run_sees_the_same_batches_at_the_same_steps_by_default(digits
         combined = {**seen[rank], **after[rank]}
         differ = [s for s in range(3 * SPE) if combined.get(s) != expected[rank][s]]
         assert not differ, f"rank {rank}: other batches than the uninterrupted run's at steps {differ}"
+
+
+@pytest.mark.parametrize("controller", ["--gloo", "--mpi"])
+def test_a_save_slower_than_horovodruns_5_s_completes_within_the_grace_and_the_run_resumes_from_it(
+        digits_shards, tmp_path, controller):
+    # Unpatched, horovodrun SIGKILLs its workers 5 s after it passes SIGTERM on, and mpirun 2 s after its
+    # SIGTERM (the launcher stops MPI jobs with SIGUSR2, see launch.command.stop_plan): this save would be cut off.
+    run_dir = tmp_path / "run"
+    argv = launch_argv(run_dir, digits_shards, "--set", "train.epochs=4", "--set", "train.export=false", controller)
+    proc = start_and_wait_for([*argv, "--set", "runtime.fault_slow_save_sec=9", "--signal-grace-sec", "60"],
+                              run_dir / "checkpoints" / f"step-{SPE:09d}")
+    time.sleep(0.2)  # land inside epoch 2
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    took = time.time() - signalled
+    assert proc.returncode != 0, "the run finished before it could be stopped"
+    stopped = messages(out, "stopped at step")
+    assert sorted(stopped) == [0, 1], out[-3000:]
+    step = int(stopped[0][0].split()[0])
+    assert SPE < step <= 2 * SPE and step == int(stopped[1][0].split()[0])
+    assert f"holding the save of {run_dir}/checkpoints/step-{step:09d} for 9 s" in out
+    assert took > 9, f"the job ended {took:.1f} s after SIGTERM, before the save could have completed"
+    assert re.search(r"^[^[].*exiting with 143", out, re.M) and re.search(r"^\[1\] .*exiting with 143", out, re.M)
+    assert checkpoint_steps(run_dir)[-1] == step
+    assert not list((run_dir / "checkpoints").glob("*.tmp-*"))
+    if controller == "--mpi":
+        return  # the checkpoint is complete; resuming from one is the same under either controller
+
+    res = run(argv, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step-{step:09d}" in out
+    assert [r["epoch"] for r in epoch_records(run_dir)][-1] == 4

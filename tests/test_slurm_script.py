@@ -145,6 +145,7 @@ FORWARDED = {
     "autotune": ["--autotune"], "fusion_threshold_mb": ["--fusion-threshold-mb", "32"],
     "cycle_time_ms": ["--cycle-time-ms", "2.5"], "stall_warning_sec": ["--stall-warning-sec", "7"],
     "stall_shutdown_sec": ["--stall-shutdown-sec", "70"], "verbose": ["--verbose"],
+    "signal_grace_sec": ["--signal-grace-sec", "300"],
 }
 
 
@@ -229,3 +230,21 @@ def test_a_run_dir_that_cannot_be_written_is_one_line(digits_shards, tmp_path):
                "--set", f"data.dir={digits_shards}", "--set", f"run_dir={run_dir}"], env={"PATH": str(bindir)})
     assert res.returncode == 2
     assert res.stderr == f"launch: error: run_dir '{run_dir}': cannot write '{run_dir}': Not a directory\n"
+
+
+def test_the_grace_sets_slurms_warning_and_reaches_the_launcher_in_the_job(digits_shards, tmp_path, capsys):
+    """One --signal-grace-sec: Slurm warns that long before the limit, and the workers then get all of it."""
+    from launch.cli import prepare
+    from launch.command import GRACE_ENV
+    from launch.main import main, parse_args
+
+    common = ["--config", os.path.abspath("configs/digits.yaml"), "--set", f"run_dir={tmp_path}/run",
+              "--set", f"data.dir={digits_shards}"]
+    assert main(["slurm", *common, "--dry-run", "--signal-grace-sec", "300"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "#SBATCH --signal=B:USR1@300" in lines
+    exec_line = shlex.split(lines[-1])
+    args = parse_args(exec_line[exec_line.index("launch") + 1:])
+    assert args.signal_grace_sec == 300
+    job = prepare(parse_args(["--np", "2", *common, "--signal-grace-sec", "300"]))
+    assert job.env[GRACE_ENV] == "300"

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import shutil
+import time
 
 import numpy as np
 
@@ -78,11 +79,13 @@ def _first_line(e: BaseException) -> str:
 
 
 class CheckpointManager:
-    def __init__(self, directory: str, keep: int = 3, best_metric: str = "", best_mode: str = "max"):
+    def __init__(self, directory: str, keep: int = 3, best_metric: str = "", best_mode: str = "max",
+                 slow_save_sec: float = 0.0):
         self.directory = directory
         self.keep = keep
         self.best_metric = best_metric
         self.best_mode = best_mode
+        self.slow_save_sec = slow_save_sec  # runtime.fault_slow_save_sec: tests only
 
     def remove_leftovers(self) -> None:
         """Deletes `*.tmp-*` of killed writes; puts back a `*.old-*` whose replacement never arrived.
@@ -216,6 +219,9 @@ class CheckpointManager:
             model.optimizer.save_own_variables(store)
             np.savez(os.path.join(tmp, OPTIMIZER_FILE), **{k: np.asarray(v) for k, v in store.items()})
             np.savez(os.path.join(tmp, RNG_FILE), *[v.numpy() for v in rng_variables(model)])
+            if self.slow_save_sec:
+                log.warning("runtime.fault_slow_save_sec: holding the save of %s for %g s", final, self.slow_save_sec)
+                time.sleep(self.slow_save_sec)
             # state.json last: its presence marks the folder complete.
             with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
                 json.dump(state, f, indent=2, sort_keys=True)

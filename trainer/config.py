@@ -185,6 +185,9 @@ class RuntimeConfig:
       log_batch_digests: for tests and debugging: every rank logs
         `batch_digest STEP LABELS IMAGES` (hashes) for each training batch its
         input pipeline produces, to compare the data of two runs step by step.
+      fault_slow_save_sec: fault injection, for tests only: every checkpoint
+        save holds its temporary folder this many seconds before it completes,
+        as a slow filesystem would; 0 never.
     """
 
     intra_op_threads: int = 0
@@ -193,6 +196,7 @@ class RuntimeConfig:
     log_all_ranks: bool = False
     fault_stop_after_step: int = 0
     log_batch_digests: bool = False
+    fault_slow_save_sec: float = 0.0
 
 
 @dataclass

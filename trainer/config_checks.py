@@ -59,6 +59,7 @@ def validate(cfg) -> None:
     _check(m.channels in (0, 1, 3), "model.channels", m.channels, "must be 1, 3 or 0 (from the data)")
     _check(t.epochs > 0, "train.epochs", t.epochs, "must be > 0")
     _check(r.fault_stop_after_step >= 0, "runtime.fault_stop_after_step", r.fault_stop_after_step, "must be >= 0")
+    _check(r.fault_slow_save_sec >= 0, "runtime.fault_slow_save_sec", r.fault_slow_save_sec, "must be >= 0")
     _check(t.base_learning_rate > 0, "train.base_learning_rate", t.base_learning_rate, "must be > 0")
     _check(t.reference_batch_size > 0, "train.reference_batch_size", t.reference_batch_size, "must be > 0")
     _check(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "must be >= 0")

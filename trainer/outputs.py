@@ -46,7 +46,7 @@ class RunOutputs:
         self.run_dir = cfg.run_dir
         self.checkpoints = CheckpointManager(
             os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_checkpoints,
-            cfg.train.best_metric, best_mode(cfg.train),
+            cfg.train.best_metric, best_mode(cfg.train), cfg.runtime.fault_slow_save_sec,
         )
 
     def start(self) -> None:

@@ -1,8 +1,10 @@
 """Stopping on SIGTERM/SIGINT at a step boundary that every rank agrees on.
 
 Slurm sends SIGTERM before it kills a preempted or timed-out job, and
-horovodrun passes SIGTERM to every worker when it is interrupted. A rank that
-gets one only raises a flag; the flag travels with the next gradient allreduce
+horovodrun passes SIGTERM to every worker when it is interrupted; under
+mpirun the launcher sends SIGUSR2 instead, which mpirun passes straight on
+(it would answer SIGTERM by killing the ranks 2 s later, see
+launch.command.stop_plan). A rank that gets one only raises a flag; the flag travels with the next gradient allreduce
 (trainer.step), so all ranks learn of it at the same step and stop there
 together. Stopping at different steps would leave some ranks waiting forever in
 a collective that the others never join.
@@ -37,7 +39,7 @@ class StopRequest:
         self.cut_short = True
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
