@@ -21,12 +21,14 @@ measurement covers >= 20 s of steady-state steps after a warm-up epoch, and the
 ratios are taken per repetition (side by side) and reported as median, min and
 max. Results are merged into bench/results.json.
 
-    python scripts/bench.py [--repeats 3] [--epoch-seconds 11] [--only conversion,loader,input,predict,trainer]
+    python scripts/bench.py [--repeats 3] [--epoch-seconds 11]
+        [--only conversion,loader,input,predict,trainer,precision,jit,accumulation]
 
 `conversion` is scripts/bench_conversion.py (build_shards throughput and peak
 memory); `loader` and `input` use scripts/bench_input.py; `predict` is
 scripts/bench_predict.py (python -m trainer.predict on 2,000 images: images/s
-and peak RSS).
+and peak RSS). `precision`, `jit` and `accumulation` are scripts/bench_features.py
+(the training step's options side by side), with epochs of --feature-epoch-seconds.
 """
 
 import argparse
@@ -39,24 +41,22 @@ import tempfile
 import time
 
 import bench_conversion
+import bench_features
 import bench_input
 import bench_predict
-from bench_common import RESULTS, ROOT, machine, merge_results, stats, timestamp
+from bench_common import RESULTS, ROOT, bench_env, machine, merge_results, stats, timestamp, trainer_summary
 
 PY = sys.executable
 BATCH = 64
 EPOCHS = 3  # the first is warm-up; the other two are the steady-state measurement
-
-
-def _env() -> dict:
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+SECTIONS = ("conversion", "loader", "input", "predict", "trainer", *bench_features.SECTIONS)
 
 
 def plain(threads: int, steps: int) -> subprocess.Popen:
     return subprocess.Popen(
         [PY, "scripts/bench_plain_keras.py", "--threads", str(threads), "--batch", str(BATCH),
          "--steps", str(steps), "--epochs", str(EPOCHS)],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env=bench_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
@@ -68,19 +68,10 @@ def plain_rate(proc: subprocess.Popen) -> float:
 
 
 def trainer_rate(np_: int, steps: int, *launch_options: str, sets: tuple[str, ...] = ()) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        res = subprocess.run(
-            [PY, "-m", "launch", "--np", str(np_), *launch_options, "--config", "configs/bench_resnet20.yaml",
-             "--set", f"run_dir={tmp}/run", "--set", f"data.global_batch_size={BATCH * np_}",
-             "--set", f"train.steps_per_epoch={steps}", "--set", f"train.epochs={EPOCHS}",
-             "--set", "runtime.intra_op_threads=1", "--set", "runtime.inter_op_threads=1",
-             *(a for kv in sets for a in ("--set", kv))],
-            cwd=ROOT, env=_env(), capture_output=True, text=True,
-        )
-        if res.returncode:
-            raise RuntimeError(f"trainer np={np_} failed: {res.stderr[-2000:]}")
-        with open(os.path.join(tmp, "run", "summary.json"), encoding="utf-8") as f:
-            return json.load(f)["images_per_sec"]
+    return trainer_summary(
+        np_, "configs/bench_resnet20.yaml",
+        (f"data.global_batch_size={BATCH * np_}", f"train.steps_per_epoch={steps}", f"train.epochs={EPOCHS}", *sets),
+        launch_options)["images_per_sec"]
 
 
 def calibrate(epoch_seconds: float) -> int:
@@ -176,16 +167,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epoch-seconds", type=float, default=11.0, help="target length of one timed epoch")
-    p.add_argument("--only", default="conversion,loader,input,predict,trainer",
-                   help="comma list of: conversion, loader, input, predict, trainer")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of: {', '.join(SECTIONS)}")
+    p.add_argument("--feature-epoch-seconds", type=float, default=5.0,
+                   help="target length of one timed epoch in the precision, jit and accumulation sections")
+    p.add_argument("--digits-epochs", type=int, default=20, help="epochs of the precision section's digits runs")
     p.add_argument("--conversion-images", type=int, default=1000, help="images in the conversion's 1x set")
     p.add_argument("--loader-images", type=int, default=1000, help="JPEGs generated for the loader benchmark")
     p.add_argument("--loader-seconds", type=float, default=20.0, help="length of one loader measurement")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args()
     parts = set(args.only.split(","))
-    if not parts or parts - {"conversion", "trainer", "loader", "input", "predict"}:
-        p.error(f"--only {args.only!r}: expected a comma list of conversion, loader, input, predict, trainer")
+    if not parts or parts - set(SECTIONS):
+        p.error(f"--only {args.only!r}: expected a comma list of {', '.join(SECTIONS)}")
     if "conversion" in parts:
         merge_results(args.out, "conversion", bench_conversion.run(args.conversion_images))
     with tempfile.TemporaryDirectory(prefix="bench-input-") as work:
@@ -197,6 +190,12 @@ def main() -> int:
         merge_results(args.out, "predict", bench_predict.run(2000, args.repeats))
     if "trainer" in parts:
         trainer_bench(args)
+    features = [x for x in bench_features.SECTIONS if x in parts]
+    if features:
+        steps = calibrate(args.feature_epoch_seconds)
+        for section in features:
+            merge_results(args.out, f"step_{section}", bench_features.run(section, steps, args.repeats,
+                                                                          args.digits_epochs))
     print(f"\nwritten to {args.out}")
     return 0
 
