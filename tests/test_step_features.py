@@ -179,3 +179,25 @@ def test_digits_learns_under_mixed_precision(digits_shards, tmp_path, precision)
     out = served.signatures["serving_images"](images=tf.zeros([2, 8, 8, 1]))
     assert out["probabilities"].dtype == tf.float32
     np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.horovod
+def test_accumulating_ranks_stop_together_and_end_identical(digits_shards, tmp_path):
+    from test_horovod import launch_argv, messages
+
+    # 1437 examples, 32 x 2 per step: 22 steps an epoch; the stop comes mid-epoch.
+    run_dir = tmp_path / "run"
+    argv = launch_argv(run_dir, digits_shards, "--set", "train.epochs=1", "--set", "train.export=false",
+                       "--set", "data.global_batch_size=32", "--set", "train.accumulation_steps=2")
+    first = run([*argv, "--set", "runtime.fault_stop_after_step=7"], timeout=600)
+    out = first.stdout + first.stderr
+    assert first.returncode != 0, out[-3000:]
+    stopped = messages(out, "stopped at step")
+    assert sorted(stopped) == [0, 1] and all(m[0].startswith("7 ") for m in stopped.values()), out[-3000:]
+    res = run(argv, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step-{7:09d}" in out
+    # Every variable, BatchNorm moving statistics included, equal on both ranks.
+    after = messages(out, "weights after training:")
+    assert sorted(after) == [0, 1] and after[0] == after[1]
