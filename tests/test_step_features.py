@@ -201,3 +201,26 @@ def test_accumulating_ranks_stop_together_and_end_identical(digits_shards, tmp_p
     # Every variable, BatchNorm moving statistics included, equal on both ranks.
     after = messages(out, "weights after training:")
     assert sorted(after) == [0, 1] and after[0] == after[1]
+
+
+def test_the_loss_scale_is_saved_and_restored_with_the_optimizer(tmp_path):
+    import keras
+
+    from trainer.assembly import build_compiled_model
+    from trainer.checkpoint import CheckpointManager
+    from trainer.config import load_config
+    from trainer.data import DataSpec
+
+    cfg = load_config("configs/bench_resnet20.yaml", ["train.precision=mixed_float16", "model.name=simple_cnn"])
+    spec = DataSpec((8, 8, 1), 4, 2, [], [])
+    a = build_compiled_model(cfg, spec, 0.01)
+    assert isinstance(a.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert a.layers[1].compute_dtype == "float16" and a.output.dtype == "float32"
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is left as it was
+    a.optimizer.dynamic_scale.assign(1024.0)
+    a.optimizer.iterations.assign(7)
+    path = CheckpointManager(str(tmp_path)).save(a, {"epoch": 3})
+    b = build_compiled_model(cfg, spec, 0.01)
+    assert float(b.optimizer.dynamic_scale.numpy()) == 32768.0
+    CheckpointManager(str(tmp_path)).restore(b, path)
+    assert float(b.optimizer.dynamic_scale.numpy()) == 1024.0 and int(b.optimizer.iterations.numpy()) == 7
