@@ -26,13 +26,15 @@ measurement covers >= 20 s of steady-state steps after a warm-up epoch, and the
 ratios are taken per repetition (side by side) and reported as median, min and
 max. Results are merged into bench/results.json.
 
-    python scripts/bench.py [--repeats 3] [--epoch-seconds 11] [--only conversion,loader,input,predict,trainer]
-                            [--only scaling --scaling-variants default,cycle_1ms,...]
+    python scripts/bench.py [--repeats 3] [--epoch-seconds 11]
+        [--only conversion,loader,input,predict,trainer,precision,jit,accumulation,scaling]
+        [--scaling-variants default,cycle_1ms,...]
 
 `conversion` is scripts/bench_conversion.py (build_shards throughput and peak
 memory); `loader` and `input` use scripts/bench_input.py; `predict` is
 scripts/bench_predict.py (python -m trainer.predict on 2,000 images: images/s
-and peak RSS).
+and peak RSS). `precision`, `jit` and `accumulation` are scripts/bench_features.py
+(the training step's options side by side), with epochs of --feature-epoch-seconds.
 """
 
 import argparse
@@ -45,25 +47,23 @@ import tempfile
 import time
 
 import bench_conversion
+import bench_features
 import bench_input
 import bench_predict
 import bench_scaling
-from bench_common import RESULTS, ROOT, machine, merge_results, stats, timestamp
+from bench_common import RESULTS, ROOT, bench_env, machine, merge_results, stats, timestamp, trainer_summary
 
 PY = sys.executable
 BATCH = 64
 EPOCHS = 3  # the first is warm-up; the other two are the steady-state measurement
-
-
-def _env() -> dict:
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+SECTIONS = ("conversion", "loader", "input", "predict", "trainer", *bench_features.SECTIONS, "scaling")
 
 
 def plain(threads: int, steps: int) -> subprocess.Popen:
     return subprocess.Popen(
         [PY, "scripts/bench_plain_keras.py", "--threads", str(threads), "--batch", str(BATCH),
          "--steps", str(steps), "--epochs", str(EPOCHS)],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env=bench_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
@@ -75,19 +75,10 @@ def plain_rate(proc: subprocess.Popen) -> float:
 
 
 def trainer_rate(np_: int, steps: int, *launch_options: str, sets: tuple[str, ...] = (), env=None) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        res = subprocess.run(
-            [PY, "-m", "launch", "--np", str(np_), *launch_options, "--config", "configs/bench_resnet20.yaml",
-             "--set", f"run_dir={tmp}/run", "--set", f"data.global_batch_size={BATCH * np_}",
-             "--set", f"train.steps_per_epoch={steps}", "--set", f"train.epochs={EPOCHS}",
-             "--set", "runtime.intra_op_threads=1", "--set", "runtime.inter_op_threads=1",
-             *(a for kv in sets for a in ("--set", kv))],
-            cwd=ROOT, env={**_env(), **(env or {})}, capture_output=True, text=True,
-        )
-        if res.returncode:
-            raise RuntimeError(f"trainer np={np_} failed: {res.stderr[-2000:]}")
-        with open(os.path.join(tmp, "run", "summary.json"), encoding="utf-8") as f:
-            return json.load(f)["images_per_sec"]
+    return trainer_summary(
+        np_, "configs/bench_resnet20.yaml",
+        (f"data.global_batch_size={BATCH * np_}", f"train.steps_per_epoch={steps}", f"train.epochs={EPOCHS}", *sets),
+        launch_options, env=env)["images_per_sec"]
 
 
 def calibrate(epoch_seconds: float) -> int:
@@ -198,8 +189,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epoch-seconds", type=float, default=11.0, help="target length of one timed epoch")
-    p.add_argument("--only", default="conversion,loader,input,predict,trainer",
-                   help="comma list of: conversion, loader, input, predict, trainer, scaling")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of: {', '.join(SECTIONS)}")
+    p.add_argument("--feature-epoch-seconds", type=float, default=5.0,
+                   help="target length of one timed epoch in the precision, jit and accumulation sections")
+    p.add_argument("--digits-epochs", type=int, default=20, help="epochs of the precision section's digits runs")
     p.add_argument("--scaling-variants", default=",".join(bench_scaling.VARIANTS),
                    help="comma list of the `scaling` part's variants (scripts/bench_scaling.py)")
     p.add_argument("--conversion-images", type=int, default=1000, help="images in the conversion's 1x set")
@@ -208,9 +201,8 @@ def main() -> int:
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args()
     parts = set(args.only.split(","))
-    if not parts or parts - {"conversion", "trainer", "loader", "input", "predict", "scaling"}:
-        p.error(f"--only {args.only!r}: expected a comma list of conversion, loader, input, predict, trainer, "
-                "scaling")
+    if not parts or parts - set(SECTIONS):
+        p.error(f"--only {args.only!r}: expected a comma list of {', '.join(SECTIONS)}")
     variants = tuple(args.scaling_variants.split(","))
     if set(variants) - set(bench_scaling.VARIANTS) or "default" not in variants:
         p.error(f"--scaling-variants {args.scaling_variants!r}: expected default and any of "
@@ -230,6 +222,12 @@ def main() -> int:
         result = bench_scaling.scaling_bench(args, calibrate(args.epoch_seconds), trainer_rate, plain, plain_rate,
                                              variants)
         merge_results(args.out, "scaling_settings", result)
+    features = [x for x in bench_features.SECTIONS if x in parts]
+    if features:
+        steps = calibrate(args.feature_epoch_seconds)
+        for section in features:
+            merge_results(args.out, f"step_{section}", bench_features.run(section, steps, args.repeats,
+                                                                          args.digits_epochs))
     print(f"\nwritten to {args.out}")
     return 0
 

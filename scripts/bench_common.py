@@ -8,6 +8,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 from data_pipeline import atomic
@@ -41,3 +44,23 @@ def machine() -> dict:
 def timestamp() -> str:
     """The local date and time of a measurement, as stored in results.json."""
     return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def bench_env() -> dict:
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+
+
+def trainer_summary(np_: int, config: str, sets: tuple[str, ...] = (), launch_options: tuple[str, ...] = (),
+                    env: dict | None = None) -> dict:
+    """One run of this trainer through the launcher (one thread per rank, a fresh run_dir): its summary.json."""
+    with tempfile.TemporaryDirectory() as tmp:
+        res = subprocess.run(
+            [sys.executable, "-m", "launch", "--np", str(np_), *launch_options, "--config", config,
+             "--set", f"run_dir={tmp}/run", "--set", "runtime.intra_op_threads=1",
+             "--set", "runtime.inter_op_threads=1", *(a for kv in sets for a in ("--set", kv))],
+            cwd=ROOT, env={**bench_env(), **(env or {})}, capture_output=True, text=True,
+        )
+        if res.returncode:
+            raise RuntimeError(f"trainer np={np_} {' '.join(sets)} failed: {res.stderr[-2000:]}")
+        with open(os.path.join(tmp, "run", "summary.json"), encoding="utf-8") as f:
+            return json.load(f)

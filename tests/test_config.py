@@ -87,6 +87,11 @@ def test_bad_keys_and_types_name_the_key_and_value(override, message):
         ("train.best_mode=lowest", "train.best_mode='lowest': must be one of auto, max, min"),
         ("data.augment.crop_area_min=0", "data.augment.crop_area_min=0.0: must be in (0, 1]"),
         ("data.crop_fraction=1.2", "data.crop_fraction=1.2: must be in (0, 1]"),
+        ("train.precision=float16",
+         "train.precision='float16': must be one of auto, float32, mixed_bfloat16, mixed_float16"),
+        ("train.jit_compile=maybe", "train.jit_compile='maybe': must be auto, true or false"),
+        ("train.accumulation_steps=0", "train.accumulation_steps=0: must be >= 1"),
+        ("train.initial_loss_scale=0.5", "train.initial_loss_scale=0.5: must be >= 1"),
     ],
 )
 def test_bad_values_are_rejected_with_key_and_value(override, message):

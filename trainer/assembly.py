@@ -1,19 +1,59 @@
 """The model, its optimizer and what identifies them: built the same way for training and evaluation."""
 
 import hashlib
+import logging
 
 import keras
+import tensorflow as tf
 
 from trainer.config import ExperimentConfig, dump_yaml
 from trainer.data import DataSpec
 from trainer.models import build_model
 from trainer.step import DataParallelModel
 
+log = logging.getLogger(__name__)
 
-def build_optimizer(cfg: ExperimentConfig, schedule) -> keras.optimizers.Optimizer:
+
+def gpu_compute_capability() -> tuple[int, int] | None:
+    """The compute capability of this process's first visible GPU, or None on CPU."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return None
+    return tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+
+
+def resolve_precision(precision: str, capability: tuple[int, int] | None) -> str:
+    """`train.precision` with `auto` resolved for the device (`capability` None: CPU).
+
+    GPUs follow NVIDIA's recipes (not measured here): bfloat16 from compute
+    capability 8.0 (Ampere), whose range needs no loss scaling, float16
+    before. On the CPU float32: see docs/benchmarks.md for the measurement.
+    """
+    if precision != "auto":
+        return precision
+    if capability is None:
+        return "float32"
+    return "mixed_bfloat16" if tuple(capability) >= (8, 0) else "mixed_float16"
+
+
+def resolve_jit(jit_compile: str, capability: tuple[int, int] | None) -> bool:
+    """`train.jit_compile` as a bool: `auto` compiles on GPU only (slower on this CPU, docs/benchmarks.md)."""
+    value = jit_compile.lower()
+    if value == "auto":
+        return capability is not None
+    return value == "true"
+
+
+def build_optimizer(cfg: ExperimentConfig, schedule, precision: str = "float32") -> keras.optimizers.Optimizer:
     if cfg.train.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=schedule)
-    return keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.train.momentum, nesterov=True)
+        optimizer = keras.optimizers.Adam(learning_rate=schedule)
+    else:
+        optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.train.momentum, nesterov=True)
+    if precision == "mixed_float16":
+        # float16 gradients underflow without it. Its scale is optimizer state:
+        # checkpoints save and restore it with the other optimizer variables.
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=cfg.train.initial_loss_scale)
+    return optimizer
 
 
 def build_compiled_model(cfg: ExperimentConfig, spec: DataSpec, schedule, stop_request=None) -> DataParallelModel:
@@ -22,15 +62,27 @@ def build_compiled_model(cfg: ExperimentConfig, spec: DataSpec, schedule, stop_r
     `stop_request` (a trainer.preemption.StopRequest) lets a signal stop
     training at a step all ranks agree on; evaluation passes none.
     """
-    model = DataParallelModel.wrap(
-        build_model(cfg.model.name, spec.input_shape, spec.num_classes), cfg.allreduce.fp16_compression,
-        stop_request=stop_request, time_input=not cfg.runtime.deterministic,
-    )
+    capability = gpu_compute_capability()
+    precision = resolve_precision(cfg.train.precision, capability)
+    compile_parts = resolve_jit(cfg.train.jit_compile, capability)
+    log.info("precision %s, XLA for the gradients and the update: %s", precision, compile_parts)
+    previous = keras.config.dtype_policy()
+    # The policy is global in Keras: set only while the layers are made, which keep their own.
+    keras.config.set_dtype_policy(precision)
+    try:
+        model = DataParallelModel.wrap(
+            build_model(cfg.model.name, spec.input_shape, spec.num_classes), cfg.allreduce.fp16_compression,
+            stop_request=stop_request, time_input=not cfg.runtime.deterministic,
+            accumulation_steps=cfg.train.accumulation_steps, compile_parts=compile_parts,
+        )
+    finally:
+        keras.config.set_dtype_policy(previous)
     model.compile(
-        optimizer=build_optimizer(cfg, schedule),
+        optimizer=build_optimizer(cfg, schedule, precision),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        # Horovod's ops have no XLA kernels on CPU builds.
+        # Horovod's ops have no XLA kernels on CPU builds: at most the parts
+        # around the allreduce are compiled (compile_parts above).
         jit_compile=False,
     )
     model.optimizer.build(model.trainable_variables)

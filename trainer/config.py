@@ -21,6 +21,7 @@ from trainer.config_checks import (  # noqa: F401  (re-exported: callers import 
     BEST_MODES,
     LR_DECAYS,
     OPTIMIZERS,
+    PRECISIONS,
     ConfigError,
     best_mode,
     check_environment,
@@ -113,7 +114,8 @@ class TrainConfig:
       optimizer: adam or sgd (with momentum, Nesterov).
       momentum: SGD momentum.
       steps_per_epoch: 0 derives it from the training set size:
-        examples // global_batch_size, identical on every rank.
+        examples // (global_batch_size * accumulation_steps), identical on
+        every rank.
       resume: continue from the latest checkpoint in run_dir.
       keep_checkpoints: how many of the latest epoch checkpoints to keep.
       validate_every_epochs: evaluate on the whole validation split every N
@@ -133,6 +135,22 @@ class TrainConfig:
         training state every this many steps (0: at epoch ends only). A commit
         copies the variables to host memory and checks for added or removed
         hosts; a failed worker costs the steps since the last commit.
+      precision: float32, mixed_bfloat16 or mixed_float16 (the Keras dtype
+        policy: float32 weights, the layers compute in the 16-bit type; the
+        last layer and its softmax stay float32); `auto` is mixed_bfloat16 on
+        GPUs of compute capability >= 8.0, mixed_float16 on older GPUs and
+        float32 on CPUs (docs/training.md).
+      initial_loss_scale: with mixed_float16, the loss scale to start from; it
+        halves on every step whose gradients overflow (that step is skipped on
+        all ranks) and doubles after 2000 steps without overflow.
+      jit_compile: `true` XLA-compiles the gradient computation and the
+        optimizer update (the allreduce between them stays outside XLA);
+        `auto` does so on GPUs only, as it measured slower on CPU.
+      accumulation_steps: micro-batches per optimizer step: their gradients
+        are summed locally, then allreduced and applied once (Horovod's
+        backward_passes_per_step). The effective global batch, for the
+        learning-rate scaling, steps per epoch and checkpoints, is
+        global_batch_size * accumulation_steps.
     """
 
     epochs: int = 10
@@ -152,6 +170,10 @@ class TrainConfig:
     export: bool = True
     export_top_k: int = 5
     elastic_commit_steps: int = 0
+    precision: str = "auto"
+    initial_loss_scale: float = 32768.0
+    jit_compile: str = "auto"
+    accumulation_steps: int = 1
 
 
 @dataclass
@@ -238,6 +260,11 @@ class ExperimentConfig:
     allreduce: AllreduceConfig = field(default_factory=AllreduceConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
+
+
+def effective_batch_size(cfg: ExperimentConfig) -> int:
+    """Examples per optimizer step over all ranks: the batch the learning rate and the step count follow."""
+    return cfg.data.global_batch_size * cfg.train.accumulation_steps
 
 
 def load_config(path: str | None, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:

@@ -21,6 +21,7 @@ OPTIMIZERS = ("adam", "sgd")
 LR_DECAYS = ("cosine", "constant")
 BEST_METRICS = ("val_accuracy", "val_loss", "val_top5_accuracy")
 BEST_MODES = ("auto", "max", "min")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,11 @@ def validate(cfg) -> None:
            f"must be one of {', '.join(BEST_METRICS)} or empty")
     _check(t.best_mode in BEST_MODES, "train.best_mode", t.best_mode, f"must be one of {', '.join(BEST_MODES)}")
     _check(t.elastic_commit_steps >= 0, "train.elastic_commit_steps", t.elastic_commit_steps, "must be >= 0")
+    _check(t.precision in PRECISIONS, "train.precision", t.precision, f"must be one of {', '.join(PRECISIONS)}")
+    _check(t.initial_loss_scale >= 1, "train.initial_loss_scale", t.initial_loss_scale, "must be >= 1")
+    _check(t.jit_compile.lower() in ("auto", "true", "false"), "train.jit_compile", t.jit_compile,
+           "must be auto, true or false")
+    _check(t.accumulation_steps >= 1, "train.accumulation_steps", t.accumulation_steps, "must be >= 1")
     _check(r.intra_op_threads >= 0, "runtime.intra_op_threads", r.intra_op_threads, "must be >= 0")
     _check(r.inter_op_threads >= 0, "runtime.inter_op_threads", r.inter_op_threads, "must be >= 0")
     tb = cfg.tensorboard

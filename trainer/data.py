@@ -15,7 +15,7 @@ from data_pipeline import metadata as md
 from data_pipeline.positions import files_at
 from data_pipeline.reader import eval_stream, synthetic_dataset, train_stream
 from data_pipeline.stream_options import EvalOptions, TrainOptions
-from trainer.config import ConfigError, ExperimentConfig
+from trainer.config import ConfigError, ExperimentConfig, effective_batch_size
 from trainer.distributed import DistContext
 from trainer.evaluation import Evaluator
 
@@ -54,10 +54,12 @@ def resolve_data(cfg: ExperimentConfig) -> DataSpec:
     if num_classes < len(meta["class_names"]):
         raise ConfigError(f"model.num_classes={num_classes}: the data has {len(meta['class_names'])} classes")
     n_train = md.num_examples(meta, "train")
-    steps = t.steps_per_epoch or n_train // cfg.data.global_batch_size
+    # One step is one optimizer update: accumulation_steps batches of global_batch_size.
+    steps = t.steps_per_epoch or n_train // effective_batch_size(cfg)
     if steps < 1:
         raise ConfigError(
-            f"data.global_batch_size={cfg.data.global_batch_size}: larger than the {n_train} training examples"
+            f"data.global_batch_size={cfg.data.global_batch_size}: times train.accumulation_steps="
+            f"{t.accumulation_steps}, larger than the {n_train} training examples"
         )
     return DataSpec(
         (image_size, image_size, channels), num_classes, steps,

@@ -30,7 +30,7 @@ def simple_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Mod
     x = layers.Flatten()(x)
     x = layers.Dense(128, activation="relu")(x)
     x = layers.Dropout(0.5)(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name="probs")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probs", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="simple_cnn")
 
 
@@ -56,7 +56,8 @@ def resnet20(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model
             x = layers.ReLU()(layers.Add()([x, y]))
     x = layers.GlobalAveragePooling2D()(x)
     outputs = layers.Dense(
-        num_classes, activation="softmax", kernel_regularizer=keras.regularizers.L2(L2), name="probs"
+        num_classes, activation="softmax", kernel_regularizer=keras.regularizers.L2(L2), name="probs",
+        dtype="float32",
     )(x)
     return keras.Model(inputs, outputs, name="resnet20")
 
@@ -71,9 +72,9 @@ def resnet50(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model
     inputs = keras.Input(input_shape, name="image")
     x = layers.Rescaling(255.0, offset=-127.5)(inputs)
     base = keras.applications.ResNet50(
-        weights=None, include_top=True, input_shape=input_shape, classes=num_classes
+        weights=None, include_top=True, input_shape=input_shape, classes=num_classes, classifier_activation=None,
     )
-    outputs = base(x)
+    outputs = layers.Activation("softmax", dtype="float32", name="probs")(base(x))
     return keras.Model(inputs, outputs, name="resnet50")
 
 

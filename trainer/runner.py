@@ -19,7 +19,7 @@ from data_pipeline.reader import corrupt_shard_error
 from trainer import callbacks as cb
 from trainer.assembly import build_compiled_model, config_hash, model_signature
 from trainer.checkpoint import CheckpointError
-from trainer.config import ConfigError, ExperimentConfig
+from trainer.config import ConfigError, ExperimentConfig, effective_batch_size
 from trainer.data import SkippedRecords, check_shards, make_evaluator, resolve_data, train_dataset
 from trainer.distributed import DistContext, weights_digest
 from trainer.evaluation import PeriodicValidation, validation_logs
@@ -66,11 +66,14 @@ class TrainingRun:
         self.started = started
         self.spec = spec = resolve_data(cfg)
         check_shards(cfg, ctx)
-        self.global_batch = gbs = cfg.data.global_batch_size
+        # Per optimizer step: the schedule, the step count, checkpoints and throughput all follow it.
+        self.global_batch = gbs = effective_batch_size(cfg)
         self.steps_per_epoch = spec.steps_per_epoch
+        n = cfg.train.accumulation_steps
         log.info(
-            "world size %d; global batch %d = %d per replica; %d steps per epoch; input shape %s; %d classes",
-            ctx.size, gbs, gbs // ctx.size, spec.steps_per_epoch, spec.input_shape, spec.num_classes,
+            "world size %d; global batch %d = %d per replica (%d micro-batches of %d); %d steps per epoch; "
+            "input shape %s; %d classes", ctx.size, gbs, gbs // ctx.size, n, gbs // ctx.size // n,
+            spec.steps_per_epoch, spec.input_shape, spec.num_classes,
         )
         self.schedule = schedule = make_schedule(cfg.train, gbs, ctx.size, spec.steps_per_epoch)
         log.info("learning rate: peak %.6g (linear scaling), warmup from %.6g over %d steps, then %s",
@@ -172,7 +175,8 @@ class TrainingRun:
             raise err from None
 
     def evaluator(self, ctx: DistContext):
-        return make_evaluator(self.cfg, self.spec, ctx, self.global_batch // ctx.size)
+        # The micro-batch: evaluation keeps no gradients, but its memory should not exceed training's.
+        return make_evaluator(self.cfg, self.spec, ctx, self.cfg.data.global_batch_size // ctx.size)
 
     def finish(self, ctx: DistContext, outputs, history: dict | None) -> dict | None:
         """Validates if needed and writes the summary; returns it on rank 0, None elsewhere.

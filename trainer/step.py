@@ -2,7 +2,18 @@
 
 Keras 3 cannot use horovod.tensorflow.keras (its DistributedOptimizer needs
 Keras 2 variables), so the allreduce sits in a `train_step` override instead,
-between computing the gradients and applying them.
+between computing the gradients and applying them. One step is, in order:
+
+1. the local gradients: of the loss times the loss scale (mixed_float16; 1
+   otherwise), summed over `accumulation_steps` micro-batches of the batch;
+2. one grouped allreduce of those still-scaled gradients, the float state and
+   the stop flag;
+3. the optimizer update. A keras.optimizers.LossScaleOptimizer unscales the
+   allreduced gradients and skips the update if any is not finite: every rank
+   sees the same sums, so every rank skips alike.
+
+With `compile_parts`, steps 1 and 3 are XLA-compiled functions; step 2 cannot
+be (Horovod's ops have no XLA kernels on CPU builds) and stays between them.
 """
 
 import horovod.tensorflow as hvd
@@ -18,26 +29,36 @@ _FLOATS = ("float16", "bfloat16", "float32", "float64")
 class DataParallelModel(keras.Model):
     """A functional model whose training step averages gradients across all ranks."""
 
-    def __init__(self, *args, fp16_allreduce: bool = False, stop_request=None, time_input: bool = True, **kwargs):
+    def __init__(self, *args, fp16_allreduce: bool = False, stop_request=None, time_input: bool = True,
+                 accumulation_steps: int = 1, compile_parts: bool = False, **kwargs):
         """`stop_request`: a trainer.preemption.StopRequest whose flag rides on the allreduce, or None.
 
         `time_input`: time each step's wait for its batch; off under op
         determinism, where TensorFlow refuses tf.timestamp.
+        `accumulation_steps`: micro-batches each batch is split into, whose
+        gradients are summed locally before the one allreduce of the step.
+        `compile_parts`: XLA-compile the gradient computation and the
+        optimizer update (not the allreduce between them).
         """
         super().__init__(*args, **kwargs)
         self.fp16_allreduce = fp16_allreduce
         self.stop_request = stop_request
         self.time_input = time_input
+        self.accumulation_steps = int(accumulation_steps)
+        self.compile_parts = bool(compile_parts)
+        self._gradients_fn = self._apply_fn = None
 
     @classmethod
     def wrap(cls, net: keras.Model, fp16_allreduce: bool = False, stop_request=None,
-             time_input: bool = True) -> "DataParallelModel":
+             time_input: bool = True, accumulation_steps: int = 1, compile_parts: bool = False) -> "DataParallelModel":
         """The same layers and weights as `net`, with the distributed train_step."""
         return cls(inputs=net.input, outputs=net.output, name=net.name, fp16_allreduce=fp16_allreduce,
-                   stop_request=stop_request, time_input=time_input)
+                   stop_request=stop_request, time_input=time_input, accumulation_steps=accumulation_steps,
+                   compile_parts=compile_parts)
 
     def get_config(self):
-        return {**super().get_config(), "fp16_allreduce": self.fp16_allreduce}
+        return {**super().get_config(), "fp16_allreduce": self.fp16_allreduce,
+                "accumulation_steps": self.accumulation_steps}
 
     def make_train_function(self, force=False):
         """Keras's train function, plus the time each step waited for its batch (`input_wait`, seconds).
@@ -76,15 +97,69 @@ class DataParallelModel(keras.Model):
         self.train_function = function
         return function
 
+    def local_gradients(self, x, y, sample_weight):
+        """(mean loss, predictions, gradients of the scaled loss) over this rank's batch.
+
+        With accumulation, the batch is cut into `accumulation_steps` equal
+        micro-batches run one after another (memory holds one micro-batch's
+        activations); the mean of their gradients is the gradient of the
+        whole batch's mean loss, as their losses are means over equal counts.
+        The loop is unrolled in the graph: N is small.
+        """
+        n = self.accumulation_steps
+        parts = [tf.split(t, n) if t is not None else [None] * n for t in (x, y, sample_weight)]
+        variables = self.trainable_variables
+        losses, preds, total = [], [], None
+        for xi, yi, wi in zip(*parts):
+            with tf.GradientTape() as tape:
+                y_pred = self(xi, training=True)
+                loss = self.compute_loss(x=xi, y=yi, y_pred=y_pred, sample_weight=wi, training=True)
+                # The identity for optimizers without loss scaling.
+                scaled = self.optimizer.scale_loss(loss)
+            grads = tape.gradient(scaled, variables)
+            total = grads if total is None else [a + b for a, b in zip(total, grads)]
+            losses.append(loss)
+            preds.append(y_pred)
+        if n > 1:
+            total = [g / n for g in total]
+        return tf.add_n(losses) / n, tf.concat(preds, 0) if n > 1 else preds[0], total
+
+    def apply_gradients(self, grads):
+        """The optimizer update from allreduced (still loss-scaled) gradients.
+
+        A LossScaleOptimizer checks them, unscales and applies, or skips the
+        update and halves its scale; a skipped step does not advance its
+        `iterations`. The trainer counts steps with `iterations` (checkpoints,
+        the data position on resume, the schedule), so it is advanced here for
+        a skipped step: it counts batches consumed, skipped or not.
+        """
+        variables = self.trainable_variables
+        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            self.optimizer.apply(grads, variables)
+            return
+        finite = self.optimizer.check_finite(grads)
+        self.optimizer.apply(grads, variables)
+        self.optimizer.iterations.assign_add(tf.cast(tf.logical_not(finite), self.optimizer.iterations.dtype))
+
+    def _parts(self):
+        """local_gradients and apply_gradients, each XLA-compiled with `compile_parts`."""
+        if self._gradients_fn is None:
+            if self.compile_parts:
+                self._gradients_fn = tf.function(self.local_gradients, jit_compile=True, reduce_retracing=True)
+                self._apply_fn = tf.function(self.apply_gradients, jit_compile=True, reduce_retracing=True)
+            else:
+                self._gradients_fn, self._apply_fn = self.local_gradients, self.apply_gradients
+        return self._gradients_fn, self._apply_fn
+
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-        variables = self.trainable_variables
-        grads = tape.gradient(loss, variables)
+        gradients_fn, apply_fn = self._parts()
+        loss, y_pred, grads = gradients_fn(x, y, sample_weight)
         # Average, not sum: each rank's loss is a mean over its own per-replica
         # batch, so the mean over ranks is the gradient of the global-batch loss.
+        # Loss-scaled gradients are averaged as they are: the scale is the same
+        # on every rank (it changes only on the allreduced sums), and an
+        # overflow on any rank makes the average non-finite on all of them.
         #
         # Float state outside the gradients (BatchNorm moving statistics) is
         # averaged too, every step: each rank moved it towards its own batch,
@@ -108,7 +183,7 @@ class DataParallelModel(keras.Model):
             v.assign(mean)
         if self.stop_request is not None:
             self.stop_request.agreed.assign(extra[-1])
-        self.optimizer.apply(grads, variables)
+        apply_fn(grads)
         for metric in self.metrics:
             if metric.name == "loss":
                 metric.update_state(loss, sample_weight=tf.shape(x)[0])
