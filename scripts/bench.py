@@ -21,8 +21,12 @@ measurement covers >= 20 s of steady-state steps after a warm-up epoch, and the
 ratios are taken per repetition (side by side) and reported as median, min and
 max. Results are merged into bench/results.json.
 
-    python scripts/bench.py [--repeats 3] [--epoch-seconds 11] [--only conversion,loader,input,predict,trainer]
+    python scripts/bench.py [--repeats 3] [--epoch-seconds 11]
+                            [--only conversion,loader,input,predict,trainer,peers,keras_cost]
 
+`peers` and `keras_cost` are scripts/bench_peers.py: ResNet-50 against Horovod's
+own benchmark method and MultiWorkerMirroredStrategy on tf-keras (ratios
+trainer/peer), and single-process Keras 3 against tf-keras.
 `conversion` is scripts/bench_conversion.py (build_shards throughput and peak
 memory); `loader` and `input` use scripts/bench_input.py; `predict` is
 scripts/bench_predict.py (python -m trainer.predict on 2,000 images: images/s
@@ -40,12 +44,14 @@ import time
 
 import bench_conversion
 import bench_input
+import bench_peers
 import bench_predict
 from bench_common import RESULTS, ROOT, machine, merge_results, stats, timestamp
 
 PY = sys.executable
 BATCH = 64
 EPOCHS = 3  # the first is warm-up; the other two are the steady-state measurement
+PARTS = ("conversion", "loader", "input", "predict", "trainer", "keras_cost", "peers")
 
 
 def _env() -> dict:
@@ -176,16 +182,17 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epoch-seconds", type=float, default=11.0, help="target length of one timed epoch")
-    p.add_argument("--only", default="conversion,loader,input,predict,trainer",
-                   help="comma list of: conversion, loader, input, predict, trainer")
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma list of: {', '.join(PARTS)}")
+    p.add_argument("--peer-steps", type=int, default=5,
+                   help="ResNet-50 runs: warm-up steps; twice as many are timed")
     p.add_argument("--conversion-images", type=int, default=1000, help="images in the conversion's 1x set")
     p.add_argument("--loader-images", type=int, default=1000, help="JPEGs generated for the loader benchmark")
     p.add_argument("--loader-seconds", type=float, default=20.0, help="length of one loader measurement")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args()
     parts = set(args.only.split(","))
-    if not parts or parts - {"conversion", "trainer", "loader", "input", "predict"}:
-        p.error(f"--only {args.only!r}: expected a comma list of conversion, loader, input, predict, trainer")
+    if not parts or parts - set(PARTS):
+        p.error(f"--only {args.only!r}: expected a comma list of {', '.join(PARTS)}")
     if "conversion" in parts:
         merge_results(args.out, "conversion", bench_conversion.run(args.conversion_images))
     with tempfile.TemporaryDirectory(prefix="bench-input-") as work:
@@ -197,6 +204,10 @@ def main() -> int:
         merge_results(args.out, "predict", bench_predict.run(2000, args.repeats))
     if "trainer" in parts:
         trainer_bench(args)
+    if "keras_cost" in parts:
+        merge_results(args.out, "keras_cost", bench_peers.keras_cost(args.repeats, 2 * args.peer_steps))
+    if "peers" in parts:
+        merge_results(args.out, "peers", bench_peers.peers(args.repeats, args.peer_steps))
     print(f"\nwritten to {args.out}")
     return 0
 
