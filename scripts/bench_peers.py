@@ -57,7 +57,9 @@ DIFFERENCES = {
 
 def tf_keras_path() -> str:
     """A folder holding tf-keras for this TensorFlow, installed there on first use."""
-    tf_version = metadata.version("tensorflow")
+    # The distribution may be tensorflow or tensorflow-cpu: ask the module.
+    tf_version = subprocess.run([PY, "-c", "import tensorflow as tf; print(tf.__version__)"], env=_env(),
+                                capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     series = ".".join(tf_version.split(".")[:2])
     cache = os.environ.get("TF_KERAS_DIR") or os.path.join(
         subprocess.run([PY, "-m", "pip", "cache", "dir"], capture_output=True, text=True, check=True).stdout.strip(),
@@ -178,12 +180,17 @@ def keras_cost(repeats: int, steps: int) -> dict:
         for impl in impls:
             argv = [PY, "scripts/bench_keras_cost.py", "--impl", impl, "--warmup", "3", "--steps", str(steps)]
             env = _env(tf_keras if impl == "tf-keras" else None)
-            runs[impl].append(_run(argv, env, f"bench_keras_cost --impl {impl}")["images_per_sec"])
-        print(f"keras cost {rep + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs.items())
-              + " images/s", flush=True)
-    ratios = {f"{impl}_vs_tf_keras": stats([a / b for a, b in zip(runs[impl], runs["tf-keras"])])
-              for impl in ("keras3", "keras3-fused")}
-    ratios["fused_vs_keras3"] = stats([a / b for a, b in zip(runs["keras3-fused"], runs["keras3"])])
-    return {"model": "ResNet50(weights=None), 224x224, 1000 classes", "batch": BATCH, "threads": 1,
-            "timed_steps": steps, "repeats": repeats, "images_per_sec": {k: stats(v) for k, v in runs.items()},
-            **ratios, "keras": metadata.version("keras"), "machine": machine(), "date": timestamp()}
+            runs[impl].append(_run(argv, env, f"bench_keras_cost --impl {impl}"))
+        print(f"keras cost {rep + 1}/{repeats}: " + ", ".join(
+            f"{k} {v[-1]['images_per_sec']:.2f} ({v[-1]['images_per_cpu_sec']:.2f} per CPU s)" for k, v in runs.items())
+            + " images/s", flush=True)
+    result = {"model": "ResNet50(weights=None), 224x224, 1000 classes", "batch": BATCH, "threads": 1,
+              "timed_steps": steps, "repeats": repeats, "keras": metadata.version("keras"),
+              "machine": machine(), "date": timestamp()}
+    for key in ("images_per_sec", "images_per_cpu_sec"):
+        rates = {impl: [r[key] for r in runs[impl]] for impl in impls}
+        result[key] = {impl: stats(v) for impl, v in rates.items()}
+        for a, b in (("keras3", "tf-keras"), ("keras3-fused", "tf-keras"), ("keras3-fused", "keras3")):
+            ratio = f"{a}_vs_{b}".replace("-", "_") + ("" if key == "images_per_sec" else "_cpu")
+            result[ratio] = stats([x / y for x, y in zip(rates[a], rates[b])])
+    return result
