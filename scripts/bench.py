@@ -27,9 +27,12 @@ ratios are taken per repetition (side by side) and reported as median, min and
 max. Results are merged into bench/results.json.
 
     python scripts/bench.py [--repeats 3] [--epoch-seconds 11]
-        [--only conversion,loader,input,predict,trainer,precision,jit,accumulation,scaling]
-        [--scaling-variants default,cycle_1ms,...]
+        [--only conversion,loader,input,predict,trainer,precision,jit,accumulation,scaling,keras_cost,peers]
+        [--scaling-variants default,cycle_1ms,...] [--peer-steps 5]
 
+`peers` and `keras_cost` are scripts/bench_peers.py: ResNet-50 against Horovod's
+own benchmark method and MultiWorkerMirroredStrategy on tf-keras (ratios
+trainer/peer), and single-process Keras 3 against tf-keras.
 `conversion` is scripts/bench_conversion.py (build_shards throughput and peak
 memory); `loader` and `input` use scripts/bench_input.py; `predict` is
 scripts/bench_predict.py (python -m trainer.predict on 2,000 images: images/s
@@ -49,6 +52,7 @@ import time
 import bench_conversion
 import bench_features
 import bench_input
+import bench_peers
 import bench_predict
 import bench_scaling
 from bench_common import RESULTS, ROOT, bench_env, machine, merge_results, stats, timestamp, trainer_summary
@@ -56,7 +60,8 @@ from bench_common import RESULTS, ROOT, bench_env, machine, merge_results, stats
 PY = sys.executable
 BATCH = 64
 EPOCHS = 3  # the first is warm-up; the other two are the steady-state measurement
-SECTIONS = ("conversion", "loader", "input", "predict", "trainer", *bench_features.SECTIONS, "scaling")
+SECTIONS = ("conversion", "loader", "input", "predict", "trainer", *bench_features.SECTIONS, "scaling", "keras_cost",
+            "peers")
 
 
 def plain(threads: int, steps: int) -> subprocess.Popen:
@@ -195,6 +200,8 @@ def main() -> int:
     p.add_argument("--digits-epochs", type=int, default=20, help="epochs of the precision section's digits runs")
     p.add_argument("--scaling-variants", default=",".join(bench_scaling.VARIANTS),
                    help="comma list of the `scaling` part's variants (scripts/bench_scaling.py)")
+    p.add_argument("--peer-steps", type=int, default=5,
+                   help="ResNet-50 runs: warm-up steps; twice as many are timed")
     p.add_argument("--conversion-images", type=int, default=1000, help="images in the conversion's 1x set")
     p.add_argument("--loader-images", type=int, default=1000, help="JPEGs generated for the loader benchmark")
     p.add_argument("--loader-seconds", type=float, default=20.0, help="length of one loader measurement")
@@ -228,6 +235,10 @@ def main() -> int:
         for section in features:
             merge_results(args.out, f"step_{section}", bench_features.run(section, steps, args.repeats,
                                                                           args.digits_epochs))
+    if "keras_cost" in parts:
+        merge_results(args.out, "keras_cost", bench_peers.keras_cost(args.repeats, 2 * args.peer_steps))
+    if "peers" in parts:
+        merge_results(args.out, "peers", bench_peers.peers(args.repeats, args.peer_steps))
     print(f"\nwritten to {args.out}")
     return 0
 

@@ -9,6 +9,7 @@ trainer.model_names; each has a builder function of the same name here.
 import keras
 from keras import layers
 
+from trainer.batchnorm import BatchNormalization, fuse_batchnorm
 from trainer.model_names import MODEL_NAMES
 
 L2 = 1e-4  # weight decay of the ResNets, as in He et al. 2016
@@ -24,7 +25,7 @@ def simple_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Mod
     x = inputs
     for filters in (32, 64):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = layers.ReLU()(layers.BatchNormalization()(x))
+        x = layers.ReLU()(BatchNormalization()(x))
     x = layers.MaxPooling2D(2)(x)
     x = layers.Dropout(0.25)(x)
     x = layers.Flatten()(x)
@@ -39,7 +40,7 @@ def _conv_bn(x, filters: int, strides: int = 1, kernel_size: int = 3):
         filters, kernel_size, strides=strides, padding="same", use_bias=False,
         kernel_initializer="he_normal", kernel_regularizer=keras.regularizers.L2(L2),
     )(x)
-    return layers.BatchNormalization()(x)
+    return BatchNormalization()(x)
 
 
 def resnet20(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
@@ -67,13 +68,14 @@ def resnet50(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model
 
     keras.applications.ResNet50 expects caffe-style inputs (0-255, BGR, mean
     subtracted); our inputs are in [0, 1], so they are rescaled to 0-255 and
-    centred per channel first.
+    centred per channel first. Its BatchNorm layers are trainer.batchnorm's
+    (fused kernel; same names and weights).
     """
     inputs = keras.Input(input_shape, name="image")
     x = layers.Rescaling(255.0, offset=-127.5)(inputs)
-    base = keras.applications.ResNet50(
+    base = fuse_batchnorm(keras.applications.ResNet50(
         weights=None, include_top=True, input_shape=input_shape, classes=num_classes, classifier_activation=None,
-    )
+    ))
     outputs = layers.Activation("softmax", dtype="float32", name="probs")(base(x))
     return keras.Model(inputs, outputs, name="resnet50")
 
