@@ -25,10 +25,11 @@ PROBE_TAG = "GPU_PROBE "
 # Horovod's timeline activity names for the allreduce itself (horovod/common/common.h).
 CPU_ALLREDUCES = ("MPI_ALLREDUCE", "GLOO_ALLREDUCE", "CCL_ALLREDUCE", "MPI_ADASUM_ALLREDUCE")
 GPU_ALLREDUCES = ("NCCL_ALLREDUCE",)
-# Gradient tensors in a timeline: DistributedGradientTape / DistributedOptimizer name them so.
+# Gradient tensors in a timeline: trainer.step's grouped allreduce of the tape's gradients
+# ("HorovodGroupedAllreduce_gradient_tape_..."), and Horovod's DistributedGradientTape/Optimizer.
 GRADIENT_NAME = re.compile(r"grad", re.IGNORECASE)
-# The oldest driver each CUDA major version's runtime runs on (NVIDIA's minor-version
-# compatibility): Horovod's CUDA code carries the runtime of the nvcc that built it.
+# The oldest driver that loads code of each CUDA major version (NVIDIA's minor-version
+# compatibility): Horovod's kernels are code of the nvcc that built them.
 MIN_DRIVER = {12: 525, 13: 580}
 
 
