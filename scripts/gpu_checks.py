@@ -184,6 +184,13 @@ def probe() -> None:
     print(PROBE_TAG + json.dumps(report), flush=True)
 
 
+def probe_argv(np_: int) -> list[str]:
+    """horovodrun starting the probe on `np_` local ranks."""
+    bindir = os.path.dirname(sys.executable)
+    return [os.path.join(bindir, "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo",
+            sys.executable, os.path.join(ROOT, "scripts", "gpu_checks.py"), "probe"]
+
+
 def _run(argv: list[str]) -> str:
     print("+ " + " ".join(argv), flush=True)
     res = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -204,8 +211,7 @@ def smoke(np_: int | None, epochs: int, out: str) -> int:
     if np_ < 1:
         problems.append("nvidia-smi lists no GPU")
     else:
-        hvdrun = [os.path.join(bindir, "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}"]
-        reports = parse_probes(_run(hvdrun + [py, os.path.join(ROOT, "scripts", "gpu_checks.py"), "probe"]))
+        reports = parse_probes(_run(probe_argv(np_)))
         problems += probe_problems(reports, np_)
         timeline, run_dir = os.path.join(out, "timeline.json"), os.path.join(out, "run")
         _run([py, "scripts/run_digits.py", "--np", str(np_), "--timeline", timeline, "--set", f"run_dir={run_dir}",

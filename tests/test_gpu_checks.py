@@ -136,3 +136,15 @@ def test_without_a_gpu_the_gradients_go_through_gloo_not_nccl(digits_shards, tmp
     assert not any("NCCL_ALLREDUCE" in a for a in acts.values())
     [problem] = gpu_checks.timeline_problems(gpu_checks.load_timeline(timeline.read_text()))
     assert f"{len(grads)} of {len(grads)} gradient tensors were reduced by GLOO_ALLREDUCE, not NCCL" in problem
+
+
+@pytest.mark.horovod
+def test_the_probe_under_horovodrun_reports_every_rank():
+    # The real probe, pinning as training does: here no rank sees a GPU, and the check says so.
+    res = run(gpu_checks.probe_argv(2), timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    reports = gpu_checks.parse_probes(res.stdout)
+    assert [(r["rank"], r["local_rank"], r["physical_gpus"], r["pinned"]) for r in reports] == \
+        [(0, 0, 0, None), (1, 1, 0, None)]
+    assert gpu_checks.probe_problems(reports, 2) == [
+        f"rank {r} (local {r} on {reports[r]['host']}) sees 0 GPUs, expected exactly 1" for r in range(2)]
