@@ -145,7 +145,7 @@ if ! hvd_ok "$check_out" || [ "$(cat "$VENV/.horovod-build" 2>/dev/null)" != "$m
   echo "$marker" >"$VENV/.horovod-build"
 fi
 log "horovodrun --check-build:"
-grep -E '\[X\] (TensorFlow|MPI|Gloo|NCCL)' "$check_out" | sed 's/^/    /'
+grep -E '\[X\] (TensorFlow|MPI|Gloo|NCCL)' "$check_out" | awk '{$1=$1} !seen[$0]++' | sed 's/^/    /'
 
 # --- 4. this project ------------------------------------------------------------
 "${PIP[@]}" install -q --no-build-isolation -e ".[gpu,horovod-build,$(IFS=,; echo "${EXTRAS[*]}")]"
