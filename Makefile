@@ -4,13 +4,24 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 ARGS ?=
 
-.PHONY: setup run test test-unit lint docs bench clean-runs
+.PHONY: setup setup-gpu check-gpu-build run test test-unit lint docs bench clean-runs
 
 $(STAMP): setup.cfg pyproject.toml scripts/setup.sh scripts/requirements.py scripts/horovod-0.28.1-tf2.21-cpu.patch
 	bash scripts/setup.sh
 
 setup:
 	bash scripts/setup.sh
+
+## The GPU environment .venv-gpu: TensorFlow with CUDA, Horovod with NCCL (docs/setup.md). Not part of `make test`.
+GPU_VENV ?= .venv-gpu
+setup-gpu:
+	VENV=$(abspath $(GPU_VENV)) bash scripts/setup_gpu.sh
+
+## Proves the GPU build on any machine, GPU or not: the build lists NCCL, and the multi-process tests pass with it.
+check-gpu-build:
+	$(GPU_VENV)/bin/python scripts/gpu_checks.py build
+	$(GPU_VENV)/bin/python -m pytest -q -m "horovod or mpi" --ignore tests/test_slurm.py \
+	  --ignore tests/test_multihost.py --ignore tests/test_elastic.py $(ARGS)
 
 ## The main job: digits, simple CNN, horovodrun -np 2; writes runs/digits/.
 run: $(STAMP)
