@@ -40,9 +40,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.communicate()
 
 
-# "--mpi" passes alone and in `make check-gpu-build`, but in the whole suite mpirun exits 1
-# without a message (cause not found yet): Gloo only here until that is understood.
-@pytest.mark.parametrize("controller", ["--gloo"])
+@pytest.mark.parametrize("controller", ["--gloo", "--mpi"])
 def test_a_local_job_listens_on_loopback_only(digits_shards, tmp_path, controller):
     run_dir = tmp_path / "run"
     # Training is under way once the first checkpoint is there: the rendezvous is
