@@ -141,10 +141,11 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*") if ".tmp-" not in p.name)
 
 
-def start_and_wait_for(argv, path: Path, timeout=300) -> subprocess.Popen:
+def start_and_wait_for(argv, path: Path, timeout=300, ready=Path.exists) -> subprocess.Popen:
+    """Starts `argv` and returns once `ready(path)` (by default: once `path` exists)."""
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + timeout
-    while not path.exists():
+    while not (path.exists() and ready(path)):
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         assert time.time() < deadline, f"{path} did not appear"
         time.sleep(0.05)
@@ -213,13 +214,15 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(digits_s
     det = ("--set", "train.epochs=4", "--set", "runtime.deterministic=true", "--set", "train.export=false")
     straight = run(launch_argv(tmp_path / "a", digits_shards, *det), timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    proc = start_and_wait_for(launch_argv(tmp_path / "b", digits_shards, *det),
-                              tmp_path / "b" / "checkpoints" / "step-000000044")
-    time.sleep(0.1)
+    # The signal lands while rank 0 holds its first save (runtime.fault_slow_save_sec), so the
+    # step after it carries the stop, however fast the machine: a stop in the middle of epoch 2.
+    held = launch_argv(tmp_path / "b", digits_shards, *det, "--set", "runtime.fault_slow_save_sec=3")
+    proc = start_and_wait_for(held, tmp_path / "b" / "checkpoints", ready=lambda ckpt: any(ckpt.glob("*.tmp-*")))
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode != 0, "the run finished before it could be stopped"
     stopped_at = checkpoint_steps(tmp_path / "b")[-1]
+    assert stopped_at == 23, f"stopped at step {stopped_at}, not on the step after the held save"
     resumed = run(launch_argv(tmp_path / "b", digits_shards, *det), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"step-{stopped_at:09d}" in resumed.stdout + resumed.stderr
