@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, run
-from slurm_cluster import SlurmCluster, install_if_missing
+from slurm_cluster import SlurmCluster
 from test_horovod import checkpoint_steps, epoch_records, messages, rank_records
 
 pytestmark = [pytest.mark.horovod, pytest.mark.slurm]
@@ -18,15 +18,8 @@ pytestmark = [pytest.mark.horovod, pytest.mark.slurm]
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    install_if_missing()
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-        print(f"slurmctld and slurmd ready after {cluster.startup_sec:.1f} s")
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-    assert all(p.poll() is not None for p in cluster.procs)
 
 
 def test_daemons_listen_on_loopback_only(slurm):

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, run
-from slurm_cluster import install_if_missing
 from slurm_nodes import TwoNodeCluster
 from test_horovod import checkpoint_steps, messages
 
@@ -28,15 +27,8 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
-    install_if_missing()
-    cluster = TwoNodeCluster(tmp_path_factory.mktemp("slurm2"))
-    try:
-        cluster.start()
-        print(f"slurmctld, 2 slurmd and sshd ready after {cluster.startup_sec:.1f} s")
+    with TwoNodeCluster(tmp_path_factory.mktemp("slurm2")) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-    assert all(p.poll() is not None for p in cluster.procs)
 
 
 def submit(nodes: TwoNodeCluster, run_dir: Path, shards: Path, *extra) -> str:
