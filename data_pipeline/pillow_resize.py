@@ -125,12 +125,10 @@ def _resample_rows(image: tf.Tensor, in_extent: tf.Tensor, out_size: tf.Tensor) 
 def vertical_first(in_h: tf.Tensor, in_w: tf.Tensor, out_h: tf.Tensor, out_w: tf.Tensor, pass_order: str) -> tf.Tensor:
     """Whether the recorded Pillow resamples the columns before the rows (the order changes the rounding).
 
-    Pillow 10 to 12.1 always go rows first; 12.2 and 12.3 go columns first for an image over 100 times
-    taller than wide that shrinks in height (Image.resize); 13 when the height shrinks by more than twice
-    as many pixels as the width (ImagingResampleInner). Sizes are those after the reduce.
+    Pillow 10 to 12.1 always go rows first (resize does not ask); 12.2 and 12.3 go columns first for an
+    image over 100 times taller than wide that shrinks in height (Image.resize); 13 when the height shrinks
+    by more than twice as many pixels as the width (ImagingResampleInner). Sizes are those after the reduce.
     """
-    if pass_order == PASS_ORDERS[0]:
-        return tf.constant(False)
     if pass_order == PASS_ORDERS[1]:
         return tf.logical_and(in_h > in_w * 100, out_h < in_h)
     return tf.logical_and(in_h - out_h > 0, in_h - out_h > (in_w - out_w) * 2)
@@ -154,7 +152,10 @@ def resize(image: tf.Tensor, out_h: tf.Tensor, out_w: tf.Tensor, reducing_gap: f
     def columns(img):
         return tf.transpose(_resample_rows(tf.transpose(img, [1, 0, 2]), extent_h, out_h), [1, 0, 2])
 
-    # Each pass is rounded to uint8, as Pillow's are, so the order matters.
+    # Each pass is rounded to uint8, as Pillow's are, so the order matters. (No cond on a constant:
+    # grappler then fails to sort the graph, and says so at every load.)
+    if pass_order == PASS_ORDERS[0]:
+        return columns(rows(reduced))
     in_h, in_w = tf.shape(reduced)[0], tf.shape(reduced)[1]
     return tf.cond(vertical_first(in_h, in_w, out_h, out_w, pass_order),
                    lambda: rows(columns(reduced)), lambda: columns(rows(reduced)))

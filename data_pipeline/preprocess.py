@@ -49,7 +49,10 @@ def source_pixels(encoded: tf.Tensor, channels: int, source: Normalisation) -> t
     def normalised():
         return source_image.as_read(source_image.normalise(encoded, source), encoded, source, channels)
 
-    image = tf.cond(source_image.stored_unchanged(encoded, source), lambda: decode(encoded, channels), normalised)
+    # switch_case rather than cond: a lowered cond around the normaliser's loops and checks makes
+    # grappler log a warning at every load of the export.
+    image = tf.switch_case(tf.cast(source_image.stored_unchanged(encoded, source), tf.int32),
+                           [normalised, lambda: decode(encoded, channels)])
     image.set_shape([None, None, channels])
     return image
 

@@ -50,15 +50,18 @@ def _with_checks(checks: list, tensors: tuple) -> tuple:
 
 def _jpeg(encoded: tf.Tensor, norm: Normalisation) -> tf.Tensor:
     height, width, components = tf.unstack(tf.image.extract_jpeg_shape(encoded))
-    scale = pillow_resize.jpeg_draft_scale(height, width, norm.max_side) if norm.max_side else tf.constant(1)
     branches = [lambda r=r: tf.io.decode_jpeg(encoded, channels=0, ratio=r, dct_method="INTEGER_ACCURATE")
                 for r in (1, 2, 4, 8)]
     # TensorFlow converts CMYK by Adobe's marker (inverted) or without it (plain); Pillow always inverts.
     cmyk_ok = tf.cond(components == 4, lambda: image_headers.jpeg_has_adobe_marker(encoded), lambda: tf.constant(True))
     check = _refuse_unless(cmyk_ok, "a CMYK JPEG without the Adobe APP14 marker: the converter reads it inverted, "
                                     "TensorFlow does not; convert it to RGB")
-    branch = tf.where(scale == 8, 3, tf.where(scale == 4, 2, tf.where(scale == 2, 1, 0)))
-    return _with_checks([check], (tf.switch_case(branch, branches),))[0]
+    if norm.max_side:
+        scale = pillow_resize.jpeg_draft_scale(height, width, norm.max_side)
+        pixels = tf.switch_case(tf.where(scale == 8, 3, tf.where(scale == 4, 2, tf.where(scale == 2, 1, 0))), branches)
+    else:
+        pixels = branches[0]()
+    return _with_checks([check], (pixels,))[0]
 
 
 def _png(encoded: tf.Tensor) -> tf.Tensor:
@@ -170,5 +173,9 @@ def as_read(pixels: tf.Tensor, encoded: tf.Tensor, norm: Normalisation, channels
         return pixels
     if channels == 3:
         return tf.tile(pixels, [1, 1, 3])
-    png_record = tf.constant(norm.encoding == "png") if norm.encoding != "auto" else image_format(encoded) != 0
-    return tf.cond(png_record, lambda: tf.io.decode_png(tf.io.encode_png(pixels), channels=1), lambda: to_gray(pixels))
+    def through_png():
+        return tf.io.decode_png(tf.io.encode_png(pixels), channels=1)
+
+    if norm.encoding != "auto":  # decided here: grappler cannot sort a graph with a cond on a constant
+        return through_png() if norm.encoding == "png" else to_gray(pixels)
+    return tf.cond(image_format(encoded) != 0, through_png, lambda: to_gray(pixels))
