@@ -26,13 +26,12 @@ import tensorflow as tf
 from data_pipeline import image_headers, pillow_resize
 from data_pipeline.normalisation import Normalisation
 
-# The leading bytes of each format, in the order of _FORMATS.
+# The leading bytes of JPEG, PNG, GIF and BMP files: image_format's indices.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
-_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
 
 
 def image_format(encoded: tf.Tensor) -> tf.Tensor:
-    """Index into _FORMATS of a file's format by its first bytes, -1 for none of them."""
+    """0 (JPEG), 1 (PNG), 2 (GIF) or 3 (BMP) by a file's first bytes, -1 for none of them."""
     found = tf.constant(-1)
     for i, magic in reversed(list(enumerate(_MAGIC))):
         found = tf.where(tf.equal(tf.strings.substr(encoded, 0, len(magic)), magic), i, found)

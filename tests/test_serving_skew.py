@@ -13,8 +13,11 @@ so there the served input is held to the same file's input when the same
 conversion stores PNG.
 """
 
+import json
+
 import keras
 import numpy as np
+import PIL
 import pytest
 import tensorflow as tf
 
@@ -84,7 +87,12 @@ def served_and_validated(request, originals, tmp_path_factory):
     cfg = _convert(originals, tmp / "shards", encoding, max_side)
     model = _model(channels)
     export_serving(model, str(tmp / "export"), export_info(cfg, model, {"global_step": 0}, "0" * 64))
-    preprocess = tf.saved_model.load(str(tmp / "export")).preprocess
+    loaded = tf.saved_model.load(str(tmp / "export"))
+    # The export records the normalisation it repeats: the one metadata.json says the converter applied.
+    recorded = json.loads((tmp / "shards" / "metadata.json").read_text())["normalisation"]
+    assert json.loads(loaded.metadata().numpy())["normalisation"] == recorded
+    assert recorded["max_side"] == max_side and recorded["pillow_version"] == PIL.__version__
+    preprocess = loaded.preprocess
     validated = _validation_inputs(tmp / "shards", channels)
     files = {key: (originals / key).read_bytes() for key in validated}
     served = {key: preprocess(tf.constant(data)).numpy() for key, data in files.items()}
