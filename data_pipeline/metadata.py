@@ -4,6 +4,8 @@ import hashlib
 import json
 import os
 
+from data_pipeline import normalisation
+
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
@@ -82,6 +84,10 @@ def check_metadata(meta, path: str) -> None:
         total = sum(s["num_examples"] for s in shards)
         if info.get("num_examples", total) != total:
             fail(f"splits.{split}.num_examples={info.get('num_examples')!r}: its shards hold {total}")
+    try:  # read again by the serving export, at the end of training: a bad record must stop the start
+        normalisation.from_metadata(meta)
+    except ValueError as e:
+        fail(str(e))
 
 
 def num_examples(meta: dict, split: str) -> int:

@@ -12,10 +12,14 @@ Outputs:
   top_k_names      string [batch, k], their class names
 
 The bytes signature runs data_pipeline.preprocess.eval_image, the function of
-the evaluation stream itself, inside the graph: a served image is decoded with
-the training channels, centre-cropped by data.crop_fraction and resized exactly
-as the validation images were. A string that is not a JPEG, PNG, GIF or BMP
-fails the whole call with InvalidArgumentError naming its batch index.
+the evaluation stream itself, inside the graph. A served file is an original,
+not a record: it first goes through the normalisation build_shards recorded in
+metadata.json (mode rules, the --max-side downscale, with Pillow's integer
+formulas; data_pipeline.source_image), then it is decoded with the training
+channels, centre-cropped by data.crop_fraction and resized exactly as the
+validation images were. A string that is not a JPEG, PNG, GIF or BMP, or a
+file the export cannot normalise as the converter did, fails the whole call
+with InvalidArgumentError saying why.
 
 `loaded.preprocess(one_file_bytes)` is the per-image part of serving_default
 (check, decode, crop, resize, scale), for callers that decode in their own
@@ -35,6 +39,7 @@ import tensorflow as tf
 
 from data_pipeline import atomic
 from data_pipeline import metadata as md
+from data_pipeline.normalisation import Normalisation, from_metadata
 from data_pipeline.preprocess import eval_image
 
 METADATA_FILE = "serving.json"
@@ -58,6 +63,9 @@ class ExportInfo:
       config_sha256: the hash of the training run's resolved config.
       global_step: the optimizer step of the exported weights.
       metrics: the checkpoint's validation metrics (val_accuracy, ...).
+      normalisation: what build_shards did to each file before storing it
+        (metadata.json), repeated on a served file; None (synthetic data):
+        served files are decoded as records are.
     """
 
     class_names: tuple[str, ...]
@@ -68,6 +76,7 @@ class ExportInfo:
     config_sha256: str = ""
     global_step: int = 0
     metrics: dict = field(default_factory=dict)
+    normalisation: Normalisation | None = None
 
 
 def class_names_for(num_classes: int, names: list[str] | None) -> tuple[str, ...]:
@@ -82,7 +91,8 @@ def export_info(cfg, model, result: dict, config_sha256: str) -> ExportInfo:
     `result` may give `global_step` (an evaluated checkpoint's); the optimizer's step otherwise.
     """
     _, size, _, channels = model.input_shape
-    names = None if cfg.data.synthetic else md.load_metadata(cfg.data.dir)["class_names"]
+    meta = None if cfg.data.synthetic else md.load_metadata(cfg.data.dir)
+    names = None if meta is None else meta["class_names"]
     step = result.get("global_step")
     if step is None:
         step = int(model.optimizer.iterations.numpy())
@@ -91,6 +101,7 @@ def export_info(cfg, model, result: dict, config_sha256: str) -> ExportInfo:
         channels=int(channels), crop_fraction=float(cfg.data.crop_fraction), top_k=cfg.train.export_top_k,
         config_sha256=config_sha256, global_step=int(step),
         metrics={k: v for k, v in result.items() if k.startswith("val_")},
+        normalisation=None if meta is None else from_metadata(meta),
     )
 
 
@@ -137,7 +148,7 @@ class ServingModule(tf.Module):
         # decode_image reads more formats (WebP): the check keeps `preprocess` to the four of serving_default.
         with tf.control_dependencies([check_image_bytes(encoded[tf.newaxis])]):
             encoded = tf.identity(encoded)
-        return eval_image(encoded, i.channels, i.image_size, i.crop_fraction)
+        return eval_image(encoded, i.channels, i.image_size, i.crop_fraction, source=i.normalisation)
 
     def _from_bytes(self, image_bytes):
         i = self.info
