@@ -160,7 +160,13 @@ def metadata_dict(info: ExportInfo) -> dict:
 
 
 def export_serving(model, final: str, info: ExportInfo) -> str:
-    """Writes the serving SavedModel to `final`; an old export is replaced only once the new one is whole."""
+    """Writes the serving SavedModel to `final`; an old export is replaced only once the new one is whole.
+
+    Durable, as checkpoints are: a power loss after the rename cannot leave an
+    export whose files are empty. A kill between the rename of the old export
+    aside and that of the new one into place is repaired at the next start
+    (atomic.recover_dir, from trainer.outputs).
+    """
     with tempfile.TemporaryDirectory() as scratch:
         metadata_path = os.path.join(scratch, METADATA_FILE)
         with open(metadata_path, "w", encoding="utf-8") as f:
@@ -170,6 +176,6 @@ def export_serving(model, final: str, info: ExportInfo) -> str:
             BYTES_SIGNATURE: module.serve_bytes.get_concrete_function(),
             IMAGES_SIGNATURE: module.serve_images.get_concrete_function(),
         }
-        with atomic.staged_dir(final) as tmp:
+        with atomic.staged_dir(final, durable=True) as tmp:
             tf.saved_model.save(module, tmp, signatures=signatures)
     return final
