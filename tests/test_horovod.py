@@ -114,27 +114,28 @@ def test_only_rank0_writes_checkpoints_events_and_summary(trained):
     assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name]
 
 
-def test_exported_model_serves_the_evaluated_accuracy(trained, digits_shards):
+def test_exported_model_serves_the_evaluated_accuracy(trained):
     import tensorflow as tf
 
-    from data_pipeline.metadata import load_metadata, shard_files
-    from data_pipeline.reader import eval_stream
-    from data_pipeline.stream_options import EvalOptions
+    from helpers import evaluation_predictions
 
     run_dir, _ = trained
     summary = json.loads((run_dir / "summary.json").read_text())
+    # The evaluation path image by image: the final checkpoint's model on the validation stream.
+    expected, labels, encoded = evaluation_predictions(run_dir)
     served = tf.saved_model.load(str(run_dir / "export"))
-    meta = load_metadata(str(digits_shards))
-    ds = eval_stream(shard_files(str(digits_shards), meta, "validation"),
-                     EvalOptions(per_replica_batch_size=50, image_size=8, channels=1))
-    correct = total = 0
-    for x, y in ds:
-        pred = np.argmax(served.signatures["serving_images"](images=x)["probabilities"].numpy(), axis=1)
-        correct += int((pred == y.numpy()).sum())
-        total += len(y)
-    assert total == meta["splits"]["validation"]["num_examples"] == summary["val_examples"]
+    by_bytes, by_images = [], []
+    for start in range(0, len(labels), 50):
+        by_bytes.append(served.signatures["serving_default"](
+            image_bytes=tf.constant(encoded[start:start + 50]))["probabilities"].numpy())
+        images = tf.stack([served.preprocess(e) for e in encoded[start:start + 50]])
+        by_images.append(served.signatures["serving_images"](images=images)["probabilities"].numpy())
+    for answers in (np.concatenate(by_bytes), np.concatenate(by_images)):
+        np.testing.assert_allclose(answers, expected, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(answers.argmax(axis=1), expected.argmax(axis=1))
+    assert len(labels) == summary["val_examples"]
     # The summary comes from the 2-rank evaluation (by record: one validation file); this one ran in one process.
-    assert correct / total == pytest.approx(summary["val_accuracy"], abs=1e-6)
+    assert np.mean(expected.argmax(axis=1) == labels) == pytest.approx(summary["val_accuracy"], abs=1e-6)
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
+EXPORT_DIR = "export"
 
 
 class RunOutputs:
@@ -81,7 +82,9 @@ class ChiefOutputs(RunOutputs):
 
     def start(self) -> None:
         os.makedirs(self.run_dir, mode=0o750, exist_ok=True)
-        self.checkpoints.remove_leftovers()  # only rank 0 saves, so no save of this run is under way
+        # Only rank 0 writes them, so no save or export of this run is under way.
+        self.checkpoints.remove_leftovers()
+        atomic.recover_dir(os.path.join(self.run_dir, EXPORT_DIR))
         atomic.write_text(os.path.join(self.run_dir, "config.yaml"), dump_yaml(self.cfg))
 
     def restore_latest(self, model, expect_model: dict) -> dict | None:
@@ -164,7 +167,7 @@ class ChiefOutputs(RunOutputs):
         if best:
             summary["best_checkpoint"] = best
         if self.cfg.train.export:
-            summary["export_dir"] = self._export(model, os.path.join(self.run_dir, "export"), summary)
+            summary["export_dir"] = self._export(model, os.path.join(self.run_dir, EXPORT_DIR), summary)
         atomic.write_json(os.path.join(self.run_dir, SUMMARY_FILE), summary)
         return summary
 

@@ -189,10 +189,11 @@ class TrainingRun:
             # Rank 0 reads it; an unreadable one must stop every rank, not leave them waiting.
             summary = on_root(ctx.is_chief, lambda v: ctx.broadcast_object(v, "resume.finished"),
                               outputs.load_summary, CheckpointError)
-            if summary is not None:
+            # One of an earlier start with fewer epochs is not this run's: its export is of older weights.
+            if summary is not None and summary.get("epochs", epochs) >= epochs:
                 log.info("run in %s already finished at epoch %d", self.cfg.run_dir, epochs)
                 return summary if ctx.is_chief else None
-            # Training finished but the summary was never written: evaluate again,
+            # Training finished but its summary was never written: evaluate again,
             # on every rank, from rank 0's restored weights.
             ctx.broadcast_variables(self.model.variables, "eval.model")
             history = {}
