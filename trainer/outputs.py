@@ -6,8 +6,9 @@ rank and never asks for the rank itself.
 
 RUN_DIR/
   config.yaml            the resolved config of the latest start
-  checkpoints/step-N/    see trainer.checkpoint
+  checkpoints/ckpt-N-step-S/  see trainer.checkpoint
   checkpoints/best.json  which checkpoint is the best by train.best_metric
+  checkpoints/damaged/   checkpoints that could not be read, moved aside at start
   tensorboard/train/     epoch and step scalars, rank timing, input images,
                          histograms, profiler traces (see trainer.summaries)
   tensorboard/validation/ validation scalars of the evaluated epochs
