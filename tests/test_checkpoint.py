@@ -291,3 +291,27 @@ def test_a_checkpoint_is_fsynced_file_by_file_and_folder_before_its_rename(tmp_p
     synced = {os.path.relpath(p, tmp) for kind, p in events[:moved] if kind == "fsync"}
     assert synced == {".", *os.listdir(final)}
     assert ("fsync", str(tmp_path)) in events[moved:]
+
+
+def test_a_resumed_run_keeps_the_metrics_records_of_the_epochs_before_its_resume_point(tmp_path):
+    cfg = ExperimentConfig()
+    cfg.run_dir = str(tmp_path)
+    chief = outputs.ChiefOutputs(cfg)
+    path = tmp_path / "metrics.jsonl"
+    records = [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.5}, {"epoch": 3, "loss": 1.2, "val_accuracy": 0.9},
+               {"epoch": 4, "loss": 1.1}]  # epoch 4 cut short by a stop, or trained past a torn checkpoint
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    path.write_text(text)
+    inode = path.stat().st_ino
+    chief.keep_records(4)  # nothing to drop: the file is left alone
+    assert path.read_text() == text and path.stat().st_ino == inode
+    chief.keep_records(3)
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in records[:3])
+    # An earlier version appended a cut-short epoch's record and then the completed one's; a kill tore a line.
+    path.write_text(text + json.dumps({"epoch": 4, "loss": 1.0}) + "\n" + '{"epoch": 5, "lo')
+    chief.keep_records(5)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [*records[:3], {"epoch": 4, "loss": 1.0}]
+    chief.keep_records(0)  # a start from scratch writes every epoch anew
+    assert path.read_text() == ""
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    outputs.RunOutputs(cfg).keep_records(0)  # other ranks write nothing

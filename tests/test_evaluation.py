@@ -100,7 +100,8 @@ def test_two_rank_validation_equals_one_process_and_the_best_checkpoint_survives
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == sorted([
         "best.json", best["checkpoint"], checkpoint_dir(run_dir, 3 * spe).name])
     state = json.loads((run_dir / "checkpoints" / best["checkpoint"] / "state.json").read_text())
-    assert state["validation"] == {k: by_loss[k] for k in ("val_accuracy", "val_loss", "val_top5_accuracy")}
+    keys = ("val_accuracy", "val_loss", "val_top5_accuracy", "val_examples")
+    assert state["validation"] == {k: by_loss[k] for k in keys} and by_loss["val_examples"] == n_val
     assert summary["val_examples"] == n_val and summary["val_loss"] == records[-1]["val_loss"]
     assert summary["best_checkpoint"] == str(run_dir / "checkpoints" / best["checkpoint"])
 

@@ -190,13 +190,14 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits
     assert res.returncode == 0, out[-3000:]
     assert f"resumed from {stopped_at} " in out
     spe = 22
-    records = epoch_records(run_dir, skip=len(before))  # a resumed run appends to metrics.jsonl
+    records = epoch_records(run_dir)
     first_epoch = step // spe + 1  # the interrupted epoch is finished first, then the rest
-    assert [r["epoch"] for r in records] == [r["epoch"] for r in rank_records(out)[1]] == list(range(first_epoch, 41))
-    # Across the stop and the resume, every epoch has exactly one validated record.
-    validated = [r["epoch"] for r in before + records if "val_accuracy" in r]
-    assert validated == list(range(1, 41))
-    assert all("val_accuracy" in r for r in records)  # the completed interrupted epoch too
+    assert [r["epoch"] for r in rank_records(out)[1]] == list(range(first_epoch, 41))
+    # Across the stop and the resume, metrics.jsonl holds every epoch once, each validated: the resumed
+    # run replaced the record of the epoch the stop cut short by the completed epoch's.
+    assert [r["epoch"] for r in records] == list(range(1, 41))
+    assert records[:first_epoch - 1] == before[:first_epoch - 1]
+    assert all("val_accuracy" in r for r in records)
     after = messages(out, "weights after training:")
     assert after[0] == after[1]
     assert checkpoint_steps(run_dir)[-1] == 40 * spe
@@ -209,7 +210,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits
     assert res.returncode == 0, out[-3000:]
     assert "already finished at epoch 40" in out
     assert "epoch_metrics" not in out
-    assert len(epoch_records(run_dir)) == len(before) + len(records)
+    assert epoch_records(run_dir) == records
     assert f"val_accuracy            {summary['val_accuracy']:.4f}" in out
 
 
@@ -271,7 +272,6 @@ def test_resume_at_another_world_size_and_refusal_of_another_model(digits_shards
     run_dir = tmp_path / "run"
     res = run(launch_argv(run_dir, digits_shards, "--set", "train.epochs=2", "--set", "train.export=false"))
     assert res.returncode == 0, res.stderr[-3000:]
-    first = len(epoch_records(run_dir))
     # np=2 -> np=1, and a smaller global batch: more steps per epoch, a lower peak learning rate.
     res = run([sys.executable, "-m", "launch", "--np", "1", "--config", "configs/digits.yaml",
                "--set", f"run_dir={run_dir}", "--set", f"data.dir={digits_shards}", "--set", "train.epochs=3",
@@ -281,7 +281,7 @@ def test_resume_at_another_world_size_and_refusal_of_another_model(digits_shards
     assert re.search(r"checkpoint written at world size 2, resuming at 1: global batch 64 -> 32, "
                      r"per-replica batch 32 -> 32, peak learning rate 0.002 -> 0.001", out), out[-3000:]
     assert "steps per epoch 22 -> 44: continuing at the start of epoch 3 (step 88)" in out
-    assert [r["epoch"] for r in epoch_records(run_dir, skip=first)] == [3]
+    assert [r["epoch"] for r in epoch_records(run_dir)] == [1, 2, 3]
     assert checkpoint_steps(run_dir)[-1] == 3 * 44
 
     # The same run directory with another network: refused, nothing overwritten.
