@@ -203,8 +203,8 @@ class TrainingRun:
             if summary is not None and summary.get("epochs", epochs) >= epochs:
                 log.info("run in %s already finished at epoch %d", self.cfg.run_dir, epochs)
                 return summary if ctx.is_chief else None
-            # Training finished but its summary was never written: evaluate again,
-            # on every rank, from rank 0's restored weights.
+            # Training finished but its summary was never written: the weights restored on rank 0
+            # are evaluated again on every rank below, unless their checkpoint recorded the validation.
             ctx.broadcast_variables(self.model.variables, "eval.model")
             history = {}
         # The last epoch is always validated in fit, unless a stop cut it short,
