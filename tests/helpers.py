@@ -1,11 +1,12 @@
-"""Helpers the tests share: the repository root, running a command from it, a free port, and
-the evaluation path's per-image answers, against which the serving tests compare the export.
+"""Helpers the tests share: the repository root, running a command from it, a free port, checkpoint
+folders, and the evaluation path's per-image answers, against which the serving tests compare the export.
 
 Kept apart from conftest.py, which pytest loads by itself and which holds only
 fixtures: a test module imports these names explicitly (`from helpers import run`).
 """
 
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -26,6 +27,29 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+# A checkpoint folder's name ends with its global step: `ckpt-<save number>-step-<step>`, or an
+# older version's `step-<step>` (`-2`, `-3` when taken).
+CHECKPOINT_STEP = re.compile(r"(?:^|-)step-(\d{9,})(?:-\d+)?$")
+
+
+def checkpoint_step(path) -> int | None:
+    """The global step in a checkpoint folder's name; None for anything else (best.json, a `*.tmp-*` save)."""
+    m = CHECKPOINT_STEP.search(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_steps(run_dir) -> list[int]:
+    """The global steps of RUN_DIR's checkpoints, in ascending order."""
+    folder = Path(run_dir) / "checkpoints"
+    return sorted(s for s in map(checkpoint_step, folder.iterdir() if folder.is_dir() else []) if s is not None)
+
+
+def checkpoint_dir(run_dir, step: int) -> Path:
+    """The one checkpoint folder of RUN_DIR at global step `step`."""
+    (found,) = [p for p in (Path(run_dir) / "checkpoints").iterdir() if checkpoint_step(p) == step]
+    return found
 
 
 def evaluation_predictions(run_dir, checkpoint: str = "latest", batch_size: int = 50):

@@ -7,7 +7,7 @@ import subprocess
 import psutil
 import pytest
 
-from test_horovod import launch_argv, start_and_wait_for
+from test_horovod import at_step, launch_argv, start_and_wait_for
 
 pytestmark = pytest.mark.horovod
 
@@ -46,7 +46,7 @@ def test_a_local_job_listens_on_loopback_only(digits_shards, tmp_path, controlle
     # Training is under way once the first checkpoint is there: the rendezvous is
     # up and the ranks have connected their Gloo pairs or MPI channels.
     proc = start_and_wait_for(launch_argv(run_dir, digits_shards, "--set", "train.epochs=40", controller),
-                              run_dir / "checkpoints" / "step-000000022")
+                              run_dir / "checkpoints", ready=at_step(22))
     try:
         found = listeners(psutil.Process(proc.pid))
     finally:
