@@ -22,6 +22,9 @@ import tensorflow as tf
 log = logging.getLogger(__name__)
 
 EXIT_STOPPED = 143  # 128 + SIGTERM, whichever signal asked for the stop: resumable
+# The other stops of every rank at one agreed step (trainer.failures); not resumable as they are.
+EXIT_NONFINITE = 3  # the loss or the weights became NaN or inf (train.stop_on_nonfinite)
+EXIT_WRITE_FAILED = 74  # a write of the run failed (EX_IOERR): disk full, quota, permissions
 # The batch-log key under which the train step returns the agreed flag: Keras
 # fetches the step's logs anyway, so the host learns of a stop without a
 # device read of its own every step.

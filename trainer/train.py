@@ -3,8 +3,11 @@
     python -m trainer.train --config configs/digits.yaml [--set train.epochs=5 ...]
 
 Exit codes: 0 done; 2 bad config, data or checkpoint, or a run_dir in use by
-another job (one line on stderr); 143 stopped by SIGTERM/SIGINT after writing
-a checkpoint (resumable); 1 anything else.
+another job (one line on stderr); 3 stopped because the loss or the weights
+became non-finite (train.stop_on_nonfinite); 74 a write of the run failed
+(checkpoint, metrics, summary, events or export), the earlier checkpoints
+intact; 143 stopped by SIGTERM/SIGINT after writing a checkpoint (resumable);
+1 anything else. The lines of 3 and 74 come from rank 0 alone.
 
 Without the launcher, rank 0 claims run_dir for the run (trainer.run_claim);
 under it, the launcher's claim is this run's.
@@ -15,6 +18,7 @@ Files are created without permissions for others (umask 027).
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from data_pipeline.metadata import DataError
@@ -126,7 +130,8 @@ def main(argv=None) -> int:
     # Imported only now: TensorFlow and Horovod take seconds to load, and a bad
     # config should fail at once.
     from trainer.distributed import DistContext
-    from trainer.preemption import EXIT_STOPPED, Stopped
+    from trainer.failures import Diverged, WriteFailed
+    from trainer.preemption import EXIT_NONFINITE, EXIT_STOPPED, EXIT_WRITE_FAILED, Stopped
     from trainer.runner import run
 
     ctx = DistContext.initialize(cfg.runtime.intra_op_threads, cfg.runtime.inter_op_threads)
@@ -152,11 +157,29 @@ def main(argv=None) -> int:
     except Stopped as e:
         log.warning("%s; exiting with %d, the next start resumes from it", e, EXIT_STOPPED)
         return EXIT_STOPPED
+    except Diverged as e:
+        return report_stop(f"training error: {e}" if str(e) else "", EXIT_NONFINITE)
+    except WriteFailed as e:
+        return report_stop(f"write error: {e}" if str(e) else "", EXIT_WRITE_FAILED)
     if code:
         return code
     if summary is not None:
         print_summary(summary)
     return 0
+
+
+def report_stop(line: str, code: int) -> int:
+    """`code`, after the one line on stderr (rank 0's; the other ranks' is empty).
+
+    Every rank stops with the same code, but not at the same instant: horovodrun
+    answers the first to exit by terminating the others, and a SIGTERM that
+    lands while this process winds down would replace its code. It is ignored
+    from here on (Python keeps an ignored signal ignored through its shutdown).
+    """
+    if line:
+        print(line, file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
 
 
 def print_summary(summary: dict) -> None:
