@@ -89,3 +89,34 @@ def evaluation_predictions(run_dir, checkpoint: str = "latest", batch_size: int 
         labels.append(y.numpy())
     encoded = [parse_example(r)["image/encoded"].numpy() for r in tf.data.TFRecordDataset(files)]
     return np.concatenate(probabilities), np.concatenate(labels), encoded
+
+
+SHAPES = ("circle", "square", "triangle")
+
+
+def write_shapes(folder: Path, per_class: int = 40, size: int = 64, seed: int = 0) -> Path:
+    """A small image folder of three classes of shapes (PNG), each at a random place, size and colour.
+
+    The quick start's case of a small data set of one's own: with the
+    quick start's global batch of 64, one training step per epoch.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for label, shape in enumerate(SHAPES):
+        (folder / shape).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(150, 256, 3)))
+            draw = ImageDraw.Draw(image)
+            r = int(rng.integers(size // 8, size // 3))
+            cx, cy = (int(c) for c in rng.integers(r, size - r, 2))
+            colour = tuple(int(c) for c in rng.integers(0, 110, 3))
+            if label == 0:
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            elif label == 1:
+                draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            else:
+                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+            image.save(folder / shape / f"{i:03d}.png")
+    return folder

@@ -80,6 +80,9 @@ def validate(cfg) -> None:
     _check(t.jit_compile.lower() in ("auto", "true", "false"), "train.jit_compile", t.jit_compile,
            "must be auto, true or false")
     _check(t.accumulation_steps >= 1, "train.accumulation_steps", t.accumulation_steps, "must be >= 1")
+    _check(t.precise_bn.lower() in ("auto", "true", "false"), "train.precise_bn", t.precise_bn,
+           "must be auto, true or false")
+    _check(t.precise_bn_examples >= 1, "train.precise_bn_examples", t.precise_bn_examples, "must be >= 1")
     _check(r.intra_op_threads >= 0, "runtime.intra_op_threads", r.intra_op_threads, "must be >= 0")
     _check(r.inter_op_threads >= 0, "runtime.inter_op_threads", r.inter_op_threads, "must be >= 0")
     tb = cfg.tensorboard
