@@ -244,31 +244,35 @@ from trainer.distributed import DistContext
 from trainer.models import build_model
 from trainer.precise_bn import PreciseBatchNorm, batchnorm_layers, batches_for
 
-mode, shards, policy = sys.argv[1:4]
+mode, shards = sys.argv[1:3]
 hvd.init()
 ctx = DistContext(hvd.rank(), hvd.local_rank(), hvd.size(), hvd.local_size())
 cfg = load_config("configs/digits.yaml", ["run_dir=unused", f"data.dir={shards}", "model.image_size=16",
                                           "data.global_batch_size=16", "train.precise_bn_examples=48",
                                           "data.augment.random_resized_crop=true", "data.augment.flip=true"])
 spec = resolve_data(cfg)
-keras.utils.set_random_seed(hvd.rank())
-keras.config.set_dtype_policy(policy)
-model = build_model("simple_cnn", spec.input_shape, spec.num_classes)
-layers = batchnorm_layers(model)
-for layer in layers:
-    layer.moving_mean.assign(np.full(layer.moving_mean.shape, 3.0 + hvd.rank()))
-ctx.broadcast_variables(model.trainable_variables, "weights")
 k = batches_for(cfg.train.precise_bn_examples, spec.num_train, cfg.data.global_batch_size)
-if mode == "one":
-    def sample(_, n):
-        parts = [precise_bn_dataset(cfg, spec, DistContext(r, r, 2, 2), n) for r in range(2)]
-        return parts[0].concatenate(parts[1])
-else:
-    def sample(c, n):
+
+
+def sample(c, n):
+    if mode == "ranks":
         return precise_bn_dataset(cfg, spec, c, n)
-PreciseBatchNorm("true", k, 16, 1, sample).maybe_run(model, ctx, 1)
-stats = {l.name: [l.moving_mean.numpy().tolist(), l.moving_variance.numpy().tolist()] for l in layers}
-sys.stdout.write("REPORT " + json.dumps({"rank": hvd.rank(), "batches": k, "stats": stats}) + "\\n")
+    parts = [precise_bn_dataset(cfg, spec, DistContext(r, r, 2, 2), n) for r in range(2)]
+    return parts[0].concatenate(parts[1])
+
+
+report = {"rank": hvd.rank(), "batches": k}
+for policy in ("float32", "mixed_bfloat16"):
+    keras.utils.set_random_seed(hvd.rank())
+    keras.config.set_dtype_policy(policy)
+    model = build_model("simple_cnn", spec.input_shape, spec.num_classes)
+    layers = batchnorm_layers(model)
+    for layer in layers:
+        layer.moving_mean.assign(np.full(layer.moving_mean.shape, 3.0 + hvd.rank()))
+    ctx.broadcast_variables(model.trainable_variables, "weights." + policy)
+    PreciseBatchNorm("true", k, 16, 1, sample).maybe_run(model, ctx, 1)
+    report[policy] = [[l.moving_mean.numpy().tolist(), l.moving_variance.numpy().tolist()] for l in layers]
+sys.stdout.write("REPORT " + json.dumps(report) + "\\n")
 """
 
 
@@ -293,14 +297,15 @@ def worker_reports(tmp_path, script: str, *args, ranks: int = 2) -> list[dict]:
 
 
 @pytest.mark.horovod
-@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
-def test_two_ranks_get_identical_statistics_equal_to_one_process_over_their_examples(shapes, tmp_path, policy):
+def test_two_ranks_get_identical_statistics_equal_to_one_process_over_their_examples(shapes, tmp_path):
     _, shards = shapes
-    r0, r1 = worker_reports(tmp_path, PRECISE_WORKER, "ranks", str(shards), policy)
-    (one,) = worker_reports(tmp_path, PRECISE_WORKER, "one", str(shards), policy, ranks=1)
-    assert r0["batches"] == 3 and r0["stats"] == r1["stats"]  # identical, not merely close
-    assert sorted(one["stats"]) == sorted(r0["stats"]) and len(one["stats"]) == 2
-    for name, (mean, variance) in one["stats"].items():
-        assert np.all(np.asarray(mean) != 3.0)  # recomputed on both ranks
-        np.testing.assert_allclose(r0["stats"][name][0], mean, rtol=1e-5, atol=1e-6, err_msg=name)
-        np.testing.assert_allclose(r0["stats"][name][1], variance, rtol=1e-5, atol=1e-6, err_msg=name)
+    r0, r1 = worker_reports(tmp_path, PRECISE_WORKER, "ranks", str(shards))
+    (one,) = worker_reports(tmp_path, PRECISE_WORKER, "one", str(shards), ranks=1)
+    assert r0["batches"] == 3
+    for policy in ("float32", "mixed_bfloat16"):
+        assert r0[policy] == r1[policy], policy  # identical, not merely close
+        assert len(one[policy]) == len(r0[policy]) == 2
+        for i, (mean, variance) in enumerate(one[policy]):
+            assert np.all(np.asarray(mean) != 3.0)  # recomputed on both ranks
+            np.testing.assert_allclose(r0[policy][i][0], mean, rtol=1e-5, atol=1e-6, err_msg=f"{policy} {i}")
+            np.testing.assert_allclose(r0[policy][i][1], variance, rtol=1e-5, atol=1e-6, err_msg=f"{policy} {i}")
