@@ -11,7 +11,7 @@ a plain Keras model, step by step, in one process without Horovod.
 import numpy as np
 import pytest
 
-from test_precise_bn import worker_reports
+from helpers import worker_reports
 
 N, MICRO, STEPS = 2, 4, 3
 

@@ -2,14 +2,12 @@
 
 import json
 import logging
-import os
 import sys
 
 import numpy as np
 import pytest
 
-from helpers import ROOT, run, write_shapes
-from launch.command import LaunchOptions, build_command
+from helpers import run, worker_reports, write_shapes
 
 
 def _ctx():
@@ -274,26 +272,6 @@ for policy in ("float32", "mixed_bfloat16"):
     report[policy] = [[l.moving_mean.numpy().tolist(), l.moving_variance.numpy().tolist()] for l in layers]
 sys.stdout.write("REPORT " + json.dumps(report) + "\\n")
 """
-
-
-def worker_reports(tmp_path, script: str, *args, ranks: int = 2) -> list[dict]:
-    """Runs `script` under horovodrun -np `ranks` (or as one plain process for 1); its REPORT lines, by rank."""
-    path = tmp_path / "worker.py"
-    path.write_text(script)
-    argv = [sys.executable, str(path), *args]
-    if ranks > 1:
-        opts = LaunchOptions(np=ranks, config="unused.yaml", python=sys.executable,
-                             horovodrun=os.path.join(os.path.dirname(sys.executable), "horovodrun"))
-        command, env = build_command(opts, dict(os.environ))
-        argv = command[: command.index(sys.executable)] + argv
-    else:
-        env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    res = run(argv, env=env, timeout=300)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
-    reports = [json.loads(line.split("REPORT ", 1)[1]) for line in res.stdout.splitlines() if "REPORT " in line]
-    assert len(reports) == ranks, res.stdout[-3000:]
-    return sorted(reports, key=lambda r: r["rank"])
 
 
 @pytest.mark.horovod
