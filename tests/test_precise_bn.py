@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import run, worker_reports, write_shapes
+from helpers import checkpoint_dir, run, worker_reports, write_shapes
 
 
 def _ctx():
@@ -219,7 +219,7 @@ def test_a_stop_and_resume_give_the_statistics_of_the_uninterrupted_run(shapes, 
 
     def weights(run_dir):
         out = {}
-        with h5py.File(run_dir / "checkpoints" / "step-000000006" / "model.weights.h5") as f:
+        with h5py.File(checkpoint_dir(run_dir, 6) / "model.weights.h5") as f:
             f.visititems(lambda name, item: out.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None)
         return out
 
