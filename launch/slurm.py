@@ -24,7 +24,8 @@ from launch.command import LaunchError
 _NAME = re.compile(r"[A-Za-z0-9_.+\-]{1,128}")
 _PARTITIONS = re.compile(r"[A-Za-z0-9_.+\-]+(,[A-Za-z0-9_.+\-]+)*")
 _PATH_BAD = re.compile(r'["\\\x00-\x1f\x7f]')
-_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+# ASCII digits only: `\d` and int() take other scripts' digits, which sbatch does not.
+_TIME = re.compile(r"(?:([0-9]+)-)?([0-9]+)(?::([0-9]+))?(?::([0-9]+))?")
 MAX_SIGNAL_DELAY_SEC = 65535  # sbatch's --signal limit
 
 
