@@ -38,7 +38,9 @@ from launch.command import (
 )
 from launch.hosts import HostError, allocation_hosts, expand_nodelist, format_hosts, parse_hostfile
 from launch.options import add_config_options, add_options, launch_values
-from trainer.config import ConfigError, check_environment, load_config, validate, validate_world
+from trainer.checkpoint import CheckpointError
+from trainer.config import ConfigError, check_environment, check_run_dir, load_config, validate, validate_world
+from trainer.model_signature import check_resume
 
 DESCRIPTION = "Start data-parallel workers with horovodrun (or srun inside a Slurm allocation)."
 
@@ -201,7 +203,12 @@ class Job(NamedTuple):
 
 
 def prepare(args: argparse.Namespace) -> Job:
-    """Builds the job; LaunchError, HostError or ConfigError for anything that cannot work, before any worker starts."""
+    """Builds the job; for anything that cannot work, before any worker starts, an error of one line.
+
+    LaunchError, HostError or ConfigError for the options and the config,
+    DataError for the data, CheckpointError for a run folder whose newest
+    checkpoint does not fit the configured model.
+    """
     np, hosts = resolve_hosts(args)
     script = args.host_discovery_script
     if script and not (os.path.isfile(script) and os.access(script, os.X_OK)):
@@ -216,6 +223,8 @@ def prepare(args: argparse.Namespace) -> Job:
     for n in world_sizes(opts):
         validate_world(cfg, n)
     check_run_dir(cfg.run_dir)
+    # What a worker's restore would refuse, refused here: before the workers load TensorFlow.
+    check_resume(cfg)
     logdir = os.path.join(cfg.run_dir, "tensorboard")
     if args.tensorboard is None:  # no server: the command to start one, for people to run
         board = tensorboard_command(None, logdir, host=args.tensorboard_host)
@@ -229,17 +238,6 @@ def prepare(args: argparse.Namespace) -> Job:
         if not shutil.which("scontrol"):
             raise LaunchError("--requeue-on-timeout needs scontrol, which is not on PATH")
     return Job(cmd, env, board, requeue_job, opts, stop_plan(opts))
-
-
-def check_run_dir(run_dir: str) -> None:
-    """Rank 0 creates and writes run_dir: a path it cannot write fails here, before the workers start."""
-    existing = os.path.abspath(run_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise LaunchError(f"run_dir {run_dir!r}: {existing!r} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise LaunchError(f"run_dir {run_dir!r}: {existing!r} is not writable")
 
 
 def check_runner(argv: list[str]) -> None:
@@ -256,6 +254,9 @@ def run(args: argparse.Namespace) -> int:
             check_runner(job.argv)
     except DataError as e:
         print(f"launch: data error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"launch: checkpoint error: {e}", file=sys.stderr)
         return 2
     except (ConfigError, LaunchError, HostError) as e:
         print(f"launch: error: {e}", file=sys.stderr)

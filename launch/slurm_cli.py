@@ -29,7 +29,9 @@ from launch.command import LaunchError, tensorboard_command
 from launch.options import add_config_options, add_options, to_argv, unsafe_value
 from launch.slurm import SlurmOptions, build_script, tasks_per_node
 from launch.slurm import validate as validate_slurm
+from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, check_environment, load_config, validate, validate_world
+from trainer.model_signature import check_resume
 
 DESCRIPTION = "Write an sbatch script that runs `python -m launch run` in the allocation, and submit it."
 
@@ -115,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         validate(cfg)
         if args.data_check:
             check_environment(cfg)
+            check_resume(cfg)  # needs the data's metadata.json, like the model's input shape
         opts = options_from_args(args, cfg.run_dir)
         validate_slurm(opts)
         validate_world(cfg, opts.nodes * tasks_per_node(opts))
@@ -140,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
         job_id = submit(script_path)
     except DataError as e:
         print(f"launch: data error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"launch: checkpoint error: {e}", file=sys.stderr)
         return 2
     except (ConfigError, LaunchError) as e:
         print(f"launch: error: {e}", file=sys.stderr)

@@ -248,3 +248,38 @@ def test_a_checkpoint_is_fsynced_file_by_file_and_folder_before_its_rename(tmp_p
     synced = {os.path.relpath(p, tmp) for kind, p in events[:moved] if kind == "fsync"}
     assert synced == {".", *os.listdir(final)}
     assert ("fsync", str(tmp_path)) in events[moved:]
+
+
+def test_the_launcher_refuses_the_checkpoints_a_worker_refuses_with_the_same_line(digits_shards, tmp_path):
+    import sys
+
+    from helpers import run
+    from trainer.config import load_config
+    from trainer.data import resolve_data
+    from trainer.model_signature import config_signature, model_signature
+
+    base = [f"run_dir={tmp_path / 'run'}", f"data.dir={digits_shards}"]
+    written = config_signature(load_config("configs/digits.yaml", base))
+    manager = CheckpointManager(str(tmp_path / "run" / "checkpoints"))
+    model = small_model(0)
+    train_a_little(model, 1)
+    path = manager.save(model, {"epoch": 1, "steps_per_epoch": 1, "model": written})
+
+    for override in (None, "model.name=resnet20", "model.num_classes=12", "model.image_size=16", "model.channels=3"):
+        overrides = base + ([override] if override else [])
+        # The worker's way: the signature of the data spec it builds its model from, checked by restore.
+        cfg = load_config("configs/digits.yaml", overrides)
+        spec = resolve_data(cfg)
+        try:
+            manager.restore(small_model(1), path, model_signature(cfg.model.name, spec.input_shape, spec.num_classes))
+            worker_line = None
+        except CheckpointError as e:
+            worker_line = f"checkpoint error: {e}"
+        assert (worker_line is None) == (override is None)
+
+        res = run([sys.executable, "-m", "launch", "--np", "2", "--config", "configs/digits.yaml", "--dry-run",
+                   *[x for o in overrides for x in ("--set", o)]])
+        if override is None:
+            assert res.returncode == 0, res.stderr
+        else:
+            assert (res.returncode, res.stderr) == (2, f"launch: {worker_line}\n"), override

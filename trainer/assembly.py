@@ -89,10 +89,5 @@ def build_compiled_model(cfg: ExperimentConfig, spec: DataSpec, schedule, stop_r
     return model
 
 
-def model_signature(cfg: ExperimentConfig, spec: DataSpec) -> dict:
-    """What a checkpoint must match to be restored into this run's model."""
-    return {"name": cfg.model.name, "input_shape": list(spec.input_shape), "num_classes": spec.num_classes}
-
-
 def config_hash(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(dump_yaml(cfg).encode()).hexdigest()

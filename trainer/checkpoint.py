@@ -41,6 +41,7 @@ from data_pipeline import atomic
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{9,})(-\d+)?$")
+CHECKPOINT_DIR = "checkpoints"  # in the run folder
 STATE_FILE = "state.json"
 BEST_FILE = "best.json"
 WEIGHTS_FILE = "model.weights.h5"
@@ -275,11 +276,8 @@ class CheckpointManager:
         weight is touched.
         """
         state = self.read_state(path)
-        if expect_model is not None and state.get("model") != expect_model:
-            raise CheckpointError(
-                f"checkpoint {path!r} was written for {describe(state.get('model'))}; "
-                f"this run builds {describe(expect_model)}"
-            )
+        if expect_model is not None:
+            check_model(path, state, expect_model)
         try:
             # Built first: the weights file holds the optimizer's variables too,
             # and Keras skips them (with a warning) for an unbuilt optimizer.
@@ -298,6 +296,15 @@ class CheckpointManager:
         except (OSError, ValueError, KeyError) as e:
             raise UnreadableCheckpoint(f"cannot restore checkpoint {path!r}: {_first_line(e)}") from None
         return state
+
+
+def check_model(path: str, state: dict, expect_model: dict) -> None:
+    """Raises CheckpointError when the checkpoint at `path` (its `state`) was written for another model."""
+    if state.get("model") != expect_model:
+        raise CheckpointError(
+            f"checkpoint {path!r} was written for {describe(state.get('model'))}; "
+            f"this run builds {describe(expect_model)}"
+        )
 
 
 def describe(signature: dict | None) -> str:

@@ -25,6 +25,7 @@ from trainer.config_checks import (  # noqa: F401  (re-exported: callers import 
     ConfigError,
     best_mode,
     check_environment,
+    check_run_dir,
     profile_range,
     validate,
     validate_world,

@@ -4,6 +4,7 @@
 
     validate(cfg)                      # static checks of the values alone
     check_environment(cfg)             # the data folder and its files, on this machine
+    check_run_dir(cfg.run_dir)         # a run folder this machine can create and write
     validate_world(cfg, world_size)    # checks that depend on the number of ranks
 
 The functions take an ExperimentConfig (or, for best_mode, its TrainConfig)
@@ -14,7 +15,7 @@ import, no circle. Like trainer.config, this module needs no TensorFlow.
 import glob
 import os
 
-from data_pipeline.metadata import DataError
+from data_pipeline.metadata import DataError, load_metadata
 from trainer.model_names import MODEL_NAMES
 
 OPTIMIZERS = ("adam", "sgd")
@@ -96,7 +97,7 @@ def validate(cfg) -> None:
 
 
 def check_environment(cfg) -> None:
-    """Checks against this machine's file system: the shard folder and its files.
+    """Checks against this machine's file system: the shard folder, its metadata.json and its shards.
 
     Separate from validate() so that a job can be checked and submitted from a
     host that does not see the data (`launch slurm --no-data-check`). A folder
@@ -112,6 +113,18 @@ def check_environment(cfg) -> None:
             f"data.dir={d.dir!r}: has no metadata.json (build it with python -m data_pipeline.build_shards)")
     if not glob.glob(os.path.join(d.dir, "train-*-of-*.tfrecord")):
         raise DataError(f"data.dir={d.dir!r}: has no train-*.tfrecord shards")
+    load_metadata(d.dir)  # its values and the shards it lists, before any worker or TensorFlow starts
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Rank 0 creates and writes run_dir: a path it cannot write fails here, before the workers start."""
+    existing = os.path.abspath(run_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"run_dir {run_dir!r}: {existing!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_dir {run_dir!r}: {existing!r} is not writable")
 
 
 def best_mode(t) -> str:

@@ -18,6 +18,7 @@ from data_pipeline.stream_options import EvalOptions, TrainOptions
 from trainer.config import ConfigError, ExperimentConfig, effective_batch_size
 from trainer.distributed import DistContext
 from trainer.evaluation import Evaluator
+from trainer.model_signature import model_input
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +39,13 @@ class DataSpec:
 
 def resolve_data(cfg: ExperimentConfig) -> DataSpec:
     """Fills the model's input shape, class count and steps per epoch from config and metadata."""
-    m, t = cfg.model, cfg.train
+    t = cfg.train
     if cfg.data.synthetic:
-        return DataSpec((m.image_size, m.image_size, m.channels), m.num_classes, t.steps_per_epoch, [], [])
+        return DataSpec(*model_input(cfg, None), t.steps_per_epoch, [], [])
     # A broken metadata.json or a missing shard is the data's fault, not the config's:
     # md.DataError passes through and is reported as `data error:`, naming the file.
     meta = md.load_metadata(cfg.data.dir)
-    shape = meta.get("image_shape")
-    image_size = m.image_size or (shape[0] if shape and shape[0] == shape[1] else 0)
-    if not image_size:
-        raise ConfigError(
-            f"model.image_size=0: the images in {cfg.data.dir!r} differ in size or are not square; set it")
-    channels = m.channels or int(meta["channels"])
-    num_classes = m.num_classes or len(meta["class_names"])
-    if num_classes < len(meta["class_names"]):
-        raise ConfigError(f"model.num_classes={num_classes}: the data has {len(meta['class_names'])} classes")
+    input_shape, num_classes = model_input(cfg, meta)
     n_train = md.num_examples(meta, "train")
     # One step is one optimizer update: accumulation_steps batches of global_batch_size.
     steps = t.steps_per_epoch or n_train // effective_batch_size(cfg)
@@ -62,7 +55,7 @@ def resolve_data(cfg: ExperimentConfig) -> DataSpec:
             f"{t.accumulation_steps}, larger than the {n_train} training examples"
         )
     return DataSpec(
-        (image_size, image_size, channels), num_classes, steps,
+        input_shape, num_classes, steps,
         md.shard_files(cfg.data.dir, meta, "train"), md.shard_files(cfg.data.dir, meta, "validation"),
         n_train, md.num_examples(meta, "validation"),
         tuple(int(x["num_examples"]) for x in meta["splits"]["train"]["shards"]),

@@ -18,8 +18,8 @@ import logging
 import os
 import sys
 
-from data_pipeline.metadata import DataError
 from trainer.config import ConfigError, check_environment, load_config, validate
+from trainer.model_signature import check_checkpoint
 from trainer.train import run_reporting_bad_input, setup_logging
 
 
@@ -34,8 +34,9 @@ def parse_args(argv):
 
 
 def evaluate_checkpoint(cfg, ctx, which: str, export_dir: str) -> None:
-    from trainer.assembly import build_compiled_model, model_signature
+    from trainer.assembly import build_compiled_model
     from trainer.data import make_evaluator, resolve_data
+    from trainer.model_signature import model_signature
     from trainer.outputs import make_outputs
     from trainer.resume import broadcast_restore
     from trainer.schedule import make_schedule
@@ -47,7 +48,8 @@ def evaluate_checkpoint(cfg, ctx, which: str, export_dir: str) -> None:
                                                           spec.steps_per_epoch))
     evaluator = make_evaluator(cfg, spec, ctx, per_replica)
     outputs = make_outputs(ctx, cfg)
-    state = broadcast_restore(ctx, lambda: outputs.restore(model, which, model_signature(cfg, spec)))
+    signature = model_signature(cfg.model.name, spec.input_shape, spec.num_classes)
+    state = broadcast_restore(ctx, lambda: outputs.restore(model, which, signature))
     ctx.broadcast_variables(model.variables, "eval.model")  # rank 0 alone loaded the checkpoint
     result = evaluator.evaluate(model)
     report = {
@@ -59,21 +61,23 @@ def evaluate_checkpoint(cfg, ctx, which: str, export_dir: str) -> None:
     outputs.report_evaluation(model, report, export_dir)
 
 
+def checked_config(args):
+    """The config, after every check that needs no TensorFlow, the checkpoint's model among them."""
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg)
+    check_environment(cfg)
+    if args.export and os.path.exists(args.export):
+        raise ConfigError(f"--export {args.export!r}: already exists; name a new folder")
+    check_checkpoint(cfg, args.checkpoint)
+    return cfg
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.umask(0o027)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        validate(cfg)
-        check_environment(cfg)
-        if args.export and os.path.exists(args.export):
-            raise ConfigError(f"--export {args.export!r}: already exists; name a new folder")
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
+    cfg, code = run_reporting_bad_input(lambda: checked_config(args))
+    if code:
+        return code
 
     from trainer.distributed import DistContext
 

@@ -26,7 +26,7 @@ import tensorflow as tf
 from data_pipeline import atomic
 from trainer import callbacks as cb
 from trainer import summaries
-from trainer.checkpoint import CheckpointError, CheckpointManager
+from trainer.checkpoint import CHECKPOINT_DIR, CheckpointError, CheckpointManager
 from trainer.config import ExperimentConfig, best_mode, dump_yaml, profile_range
 from trainer.console import progress_wanted
 
@@ -45,7 +45,7 @@ class RunOutputs:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.checkpoints = CheckpointManager(
-            os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_checkpoints,
+            os.path.join(self.run_dir, CHECKPOINT_DIR), cfg.train.keep_checkpoints,
             cfg.train.best_metric, best_mode(cfg.train), cfg.runtime.fault_slow_save_sec,
         )
 

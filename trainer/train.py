@@ -14,7 +14,9 @@ import os
 import sys
 
 from data_pipeline.metadata import DataError
-from trainer.config import ConfigError, check_environment, load_config, validate, validate_world
+from trainer.checkpoint import CheckpointError
+from trainer.config import ConfigError, check_environment, check_run_dir, load_config, validate, validate_world
+from trainer.model_signature import check_resume
 
 
 def parse_args(argv):
@@ -66,8 +68,6 @@ def setup_logging(rank_fn, all_ranks: bool) -> None:
 
 def run_reporting_bad_input(call):
     """`(call(), 0)`, or `(None, 2)` after one line on stderr for a bad config, data or checkpoint."""
-    from trainer.checkpoint import CheckpointError
-
     try:
         return call(), 0
     except CheckpointError as e:
@@ -80,19 +80,22 @@ def run_reporting_bad_input(call):
     return None, 2
 
 
+def checked_config(args):
+    """The config, after every check that needs no TensorFlow: values, data, run folder, checkpoint to resume."""
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg)
+    check_environment(cfg)
+    check_run_dir(cfg.run_dir)
+    check_resume(cfg)
+    return cfg
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.umask(0o027)  # run directories and checkpoints: owner and group only
-    try:
-        cfg = load_config(args.config, args.overrides)
-        validate(cfg)
-        check_environment(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
+    cfg, code = run_reporting_bad_input(lambda: checked_config(args))
+    if code:
+        return code
 
     # Imported only now: TensorFlow and Horovod take seconds to load, and a bad
     # config should fail at once.
