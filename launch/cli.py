@@ -40,7 +40,7 @@ from launch.hosts import HostError, allocation_hosts, expand_nodelist, format_ho
 from launch.options import add_config_options, add_options, launch_values
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, check_environment, check_run_dir, load_config, validate, validate_world
-from trainer.model_signature import check_resume
+from trainer.data_spec import check_start
 
 DESCRIPTION = "Start data-parallel workers with horovodrun (or srun inside a Slurm allocation)."
 
@@ -223,8 +223,9 @@ def prepare(args: argparse.Namespace) -> Job:
     for n in world_sizes(opts):
         validate_world(cfg, n)
     check_run_dir(cfg.run_dir)
-    # What a worker's restore would refuse, refused here: before the workers load TensorFlow.
-    check_resume(cfg)
+    # The config against its data, and the checkpoint a resume would restore: what the
+    # workers would refuse after loading TensorFlow, refused here with the same line.
+    check_start(cfg)
     logdir = os.path.join(cfg.run_dir, "tensorboard")
     if args.tensorboard is None:  # no server: the command to start one, for people to run
         board = tensorboard_command(None, logdir, host=args.tensorboard_host)

@@ -31,7 +31,7 @@ from launch.slurm import SlurmOptions, build_script, tasks_per_node
 from launch.slurm import validate as validate_slurm
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, check_environment, load_config, validate, validate_world
-from trainer.model_signature import check_resume
+from trainer.data_spec import check_start
 
 DESCRIPTION = "Write an sbatch script that runs `python -m launch run` in the allocation, and submit it."
 
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         validate(cfg)
         if args.data_check:
             check_environment(cfg)
-            check_resume(cfg)  # needs the data's metadata.json, like the model's input shape
+            check_start(cfg)  # reads the data's metadata.json, as the workers will
         opts = options_from_args(args, cfg.run_dir)
         validate_slurm(opts)
         validate_world(cfg, opts.nodes * tasks_per_node(opts))

@@ -255,11 +255,11 @@ def test_the_launcher_refuses_the_checkpoints_a_worker_refuses_with_the_same_lin
 
     from helpers import run
     from trainer.config import load_config
-    from trainer.data import resolve_data
-    from trainer.model_signature import config_signature, model_signature
+    from trainer.data_spec import model_signature, resolve_data
 
     base = [f"run_dir={tmp_path / 'run'}", f"data.dir={digits_shards}"]
-    written = config_signature(load_config("configs/digits.yaml", base))
+    cfg = load_config("configs/digits.yaml", base)
+    written = model_signature(cfg, resolve_data(cfg))
     manager = CheckpointManager(str(tmp_path / "run" / "checkpoints"))
     model = small_model(0)
     train_a_little(model, 1)
@@ -271,7 +271,7 @@ def test_the_launcher_refuses_the_checkpoints_a_worker_refuses_with_the_same_lin
         cfg = load_config("configs/digits.yaml", overrides)
         spec = resolve_data(cfg)
         try:
-            manager.restore(small_model(1), path, model_signature(cfg.model.name, spec.input_shape, spec.num_classes))
+            manager.restore(small_model(1), path, model_signature(cfg, spec))
             worker_line = None
         except CheckpointError as e:
             worker_line = f"checkpoint error: {e}"

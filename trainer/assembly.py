@@ -7,7 +7,7 @@ import keras
 import tensorflow as tf
 
 from trainer.config import ExperimentConfig, dump_yaml
-from trainer.data import DataSpec
+from trainer.data_spec import DataSpec
 from trainer.models import build_model
 from trainer.step import DataParallelModel
 

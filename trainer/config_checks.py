@@ -15,7 +15,7 @@ import, no circle. Like trainer.config, this module needs no TensorFlow.
 import glob
 import os
 
-from data_pipeline.metadata import DataError, load_metadata
+from data_pipeline.metadata import DataError
 from trainer.model_names import MODEL_NAMES
 
 OPTIMIZERS = ("adam", "sgd")
@@ -97,7 +97,7 @@ def validate(cfg) -> None:
 
 
 def check_environment(cfg) -> None:
-    """Checks against this machine's file system: the shard folder, its metadata.json and its shards.
+    """Checks against this machine's file system: the shard folder and its files.
 
     Separate from validate() so that a job can be checked and submitted from a
     host that does not see the data (`launch slurm --no-data-check`). A folder
@@ -113,7 +113,6 @@ def check_environment(cfg) -> None:
             f"data.dir={d.dir!r}: has no metadata.json (build it with python -m data_pipeline.build_shards)")
     if not glob.glob(os.path.join(d.dir, "train-*-of-*.tfrecord")):
         raise DataError(f"data.dir={d.dir!r}: has no train-*.tfrecord shards")
-    load_metadata(d.dir)  # its values and the shards it lists, before any worker or TensorFlow starts
 
 
 def check_run_dir(run_dir: str) -> None:

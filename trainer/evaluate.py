@@ -19,7 +19,7 @@ import os
 import sys
 
 from trainer.config import ConfigError, check_environment, load_config, validate
-from trainer.model_signature import check_checkpoint
+from trainer.data_spec import check_evaluation, model_signature, resolve_data
 from trainer.train import run_reporting_bad_input, setup_logging
 
 
@@ -35,8 +35,7 @@ def parse_args(argv):
 
 def evaluate_checkpoint(cfg, ctx, which: str, export_dir: str) -> None:
     from trainer.assembly import build_compiled_model
-    from trainer.data import make_evaluator, resolve_data
-    from trainer.model_signature import model_signature
+    from trainer.data import make_evaluator
     from trainer.outputs import make_outputs
     from trainer.resume import broadcast_restore
     from trainer.schedule import make_schedule
@@ -48,8 +47,7 @@ def evaluate_checkpoint(cfg, ctx, which: str, export_dir: str) -> None:
                                                           spec.steps_per_epoch))
     evaluator = make_evaluator(cfg, spec, ctx, per_replica)
     outputs = make_outputs(ctx, cfg)
-    signature = model_signature(cfg.model.name, spec.input_shape, spec.num_classes)
-    state = broadcast_restore(ctx, lambda: outputs.restore(model, which, signature))
+    state = broadcast_restore(ctx, lambda: outputs.restore(model, which, model_signature(cfg, spec)))
     ctx.broadcast_variables(model.variables, "eval.model")  # rank 0 alone loaded the checkpoint
     result = evaluator.evaluate(model)
     report = {
@@ -68,7 +66,7 @@ def checked_config(args):
     check_environment(cfg)
     if args.export and os.path.exists(args.export):
         raise ConfigError(f"--export {args.export!r}: already exists; name a new folder")
-    check_checkpoint(cfg, args.checkpoint)
+    check_evaluation(cfg, args.checkpoint)
     return cfg
 
 

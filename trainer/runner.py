@@ -19,11 +19,11 @@ from data_pipeline.reader import corrupt_shard_error
 from trainer import callbacks as cb
 from trainer.assembly import build_compiled_model, config_hash
 from trainer.checkpoint import CheckpointError
-from trainer.config import ConfigError, ExperimentConfig, effective_batch_size
-from trainer.data import SkippedRecords, check_shards, make_evaluator, resolve_data, train_dataset
+from trainer.config import ExperimentConfig, effective_batch_size
+from trainer.data import SkippedRecords, check_shards, make_evaluator, train_dataset
+from trainer.data_spec import model_signature, resolve_data
 from trainer.distributed import DistContext, weights_digest
 from trainer.evaluation import PeriodicValidation, validation_logs
-from trainer.model_signature import model_signature
 from trainer.outputs import make_outputs
 from trainer.preemption import StopOnRequest, Stopped, StopRequest
 from trainer.resume import fit_phases, resume_state, resume_step
@@ -84,9 +84,7 @@ class TrainingRun:
         self.model = build_compiled_model(cfg, spec, schedule, stop_request=self.request)
         # Undecodable training records replaced on this rank (data.skip_corrupt_records), over the whole start.
         self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False)
-        if cfg.train.best_metric == "val_top5_accuracy" and spec.num_classes <= 5:
-            raise ConfigError(f"train.best_metric='val_top5_accuracy': the data has {spec.num_classes} classes")
-        self.signature = model_signature(cfg.model.name, spec.input_shape, spec.num_classes)
+        self.signature = model_signature(cfg, spec)
         self.config_sha = config_hash(cfg)
         self.validated: dict[int, dict] = {}  # validation results by epoch, from every train() call
         self.logged_final = False  # the last epoch's validation logged by an earlier start

@@ -16,7 +16,7 @@ import sys
 from data_pipeline.metadata import DataError
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, check_environment, check_run_dir, load_config, validate, validate_world
-from trainer.model_signature import check_resume
+from trainer.data_spec import check_start
 
 
 def parse_args(argv):
@@ -86,7 +86,7 @@ def checked_config(args):
     validate(cfg)
     check_environment(cfg)
     check_run_dir(cfg.run_dir)
-    check_resume(cfg)
+    check_start(cfg)
     return cfg
 
 
