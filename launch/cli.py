@@ -9,8 +9,9 @@
         [--dry-run] [--tensorboard PORT [--tensorboard-host HOST]]
 
 `run` may be left out (launch.main). The options after `--requeue-on-timeout`
-are the table of launch.options. Exits with horovodrun's exit code, or 2 for
-bad options or config.
+are the table of launch.options. Exits 2 for bad options, config, data or a
+checkpoint of another model (before any worker starts), else with the exit
+code of the first worker that failed (docs/training.md), or horovodrun's.
 """
 
 import argparse
@@ -117,19 +118,22 @@ def options_from_args(args: argparse.Namespace, np: int, hosts: str | None) -> L
 
 def execute(argv: list[str], env: dict[str, str], requeue_job: str | None = None,
             board: list[str] | None = None, verbose: bool = True,
-            stop: StopPlan = PASS_SIGTERM) -> int:
-    """Runs horovodrun (or srun), passing SIGINT on to it, and returns its exit code.
+            stop: StopPlan = PASS_SIGTERM, elastic: bool = False) -> int:
+    """Runs horovodrun (or srun), passing SIGINT on to it; returns the first failed worker's exit code, else its own.
 
     SIGTERM, and SIGUSR1 (what Slurm sends before the time limit, see
     launch.slurm), stop the workers as `stop` says (launch.command.stop_plan),
     which makes them checkpoint; after SIGUSR1, with `requeue_job`, that Slurm
     job is then requeued, and resumes from the checkpoint.
     `board`, a TensorBoard command, runs alongside and is stopped when the job ends.
-    Unless `verbose`, the job's output goes through launch.console.
+    The job's output goes through launch.console (unchanged with `verbose`),
+    which reads the runner's account of the workers' ends (launch.runner_report):
+    a job that failed ends with one line saying how, unless the failed
+    worker's own line said why.
     """
     server = subprocess.Popen(board) if board else None
     try:
-        return _run_job(argv, env, requeue_job, verbose, stop)
+        return _run_job(argv, env, requeue_job, verbose, stop, elastic)
     finally:
         if server is not None:
             server.terminate()
@@ -141,8 +145,9 @@ def execute(argv: list[str], env: dict[str, str], requeue_job: str | None = None
 
 
 def _run_job(argv: list[str], env: dict[str, str], requeue_job: str | None, verbose: bool = True,
-             stop: StopPlan = PASS_SIGTERM) -> int:
-    proc, pumps = console.start(argv, env, verbose)
+             stop: StopPlan = PASS_SIGTERM, elastic: bool = False) -> int:
+    runner = os.path.basename(argv[0])
+    proc, pumps, output = console.start(argv, env, verbose, srun=runner == "srun", elastic=elastic)
     timed_out = []
     # Started by the first stop: the runner's SIGTERM once the grace is over.
     deadline = threading.Timer(stop.kill_after or 0, proc.send_signal, (signal.SIGTERM,))
@@ -166,12 +171,16 @@ def _run_job(argv: list[str], env: dict[str, str], requeue_job: str | None, verb
     previous = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
         code = proc.wait()
-        console.finish(pumps)
+        console.finish(pumps, output)
     finally:
         deadline.cancel()
         for s, handler in previous.items():
             signal.signal(s, handler)
     code = 128 - code if code < 0 else code
+    account = output.report.account(code, runner)
+    if account:
+        print(account, file=sys.stderr, flush=True)
+    code = output.report.exit_code(code)
     if timed_out and requeue_job and code != 0:
         res = subprocess.run(["scontrol", "requeue", requeue_job], capture_output=True, text=True, check=False)
         if res.returncode == 0:
@@ -273,9 +282,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"launch: {shlex.join(job.argv)}", file=sys.stderr, flush=True)
     if args.tensorboard is None:
         print(f"launch: watch with: {shlex.join(job.board)}", file=sys.stderr, flush=True)
-        return execute(job.argv, job.env, job.requeue_job, verbose=job.options.verbose, stop=job.stop)
+        return execute(job.argv, job.env, job.requeue_job, verbose=job.options.verbose, stop=job.stop,
+                       elastic=job.options.elastic)
     print(f"launch: TensorBoard: {shlex.join(job.board)}", file=sys.stderr, flush=True)
-    return execute(job.argv, job.env, job.requeue_job, job.board, verbose=job.options.verbose, stop=job.stop)
+    return execute(job.argv, job.env, job.requeue_job, job.board, verbose=job.options.verbose, stop=job.stop,
+                   elastic=job.options.elastic)
 
 
 def main(argv=None) -> int:

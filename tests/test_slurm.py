@@ -11,7 +11,16 @@ import pytest
 
 from helpers import ROOT, run
 from slurm_cluster import SlurmCluster, install_if_missing
-from test_horovod import checkpoint_steps, epoch_records, messages, rank_records
+from test_horovod import (
+    RUNNER_NOISE,
+    checkpoint_steps,
+    epoch_records,
+    error_lines,
+    messages,
+    rank_records,
+    torn_checkpoint_line,
+    write_torn_checkpoint,
+)
 
 pytestmark = [pytest.mark.horovod, pytest.mark.slurm]
 
@@ -130,6 +139,19 @@ def test_time_limit_requeue_scancel_and_resubmission_resume_from_checkpoints(slu
     assert [r["epoch"] for r in records] == [r["epoch"] for r in rank1] == list(range(step2 // 22 + 1, 5))
     assert checkpoint_steps(run_dir)[-1] == 4 * 22
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
+
+
+def test_a_worker_error_under_srun_is_one_line_and_the_jobs_exit_code(slurm, digits_shards, tmp_path):
+    """srun exits with the highest code of its tasks and prints a line per task: the launcher shows neither."""
+    run_dir = tmp_path / "run"
+    torn = write_torn_checkpoint(run_dir)
+    job_id, _ = submit(slurm, run_dir, digits_shards, "--set", "train.epochs=2", "--srun")
+    info = slurm.wait(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
+    log = job_log(run_dir, job_id)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), log[-3000:]
+    errors = error_lines(log)
+    assert len(errors) == 1 and errors[0].startswith(torn_checkpoint_line(run_dir, torn)), log[-3000:]
+    assert not RUNNER_NOISE.search(log) and "srun: " not in log and "slurmstepd" not in log, log[-3000:]
 
 
 def test_unknown_partition_is_refused_before_submitting(slurm, digits_shards, tmp_path):

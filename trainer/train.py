@@ -17,6 +17,7 @@ from data_pipeline.metadata import DataError
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, check_environment, check_run_dir, load_config, validate, validate_world
 from trainer.data_spec import check_start
+from trainer.exit_codes import EXIT_BAD_INPUT, EXIT_STOPPED
 
 
 def parse_args(argv):
@@ -77,7 +78,7 @@ def run_reporting_bad_input(call):
     except ConfigError as e:
         line = f"config error: {e}"
     print(line, file=sys.stderr)
-    return None, 2
+    return None, EXIT_BAD_INPUT
 
 
 def checked_config(args):
@@ -99,8 +100,10 @@ def main(argv=None) -> int:
 
     # Imported only now: TensorFlow and Horovod take seconds to load, and a bad
     # config should fail at once.
-    from trainer.distributed import DistContext
-    from trainer.preemption import EXIT_STOPPED, Stopped
+    import tensorflow as tf
+
+    from trainer.distributed import DistContext, collective_failed
+    from trainer.preemption import Stopped
     from trainer.runner import run
 
     ctx = DistContext.initialize(cfg.runtime.intra_op_threads, cfg.runtime.inter_op_threads)
@@ -121,6 +124,14 @@ def main(argv=None) -> int:
     except Stopped as e:
         log.warning("%s; exiting with %d, the next start resumes from it", e, EXIT_STOPPED)
         return EXIT_STOPPED
+    except tf.errors.OpError as e:
+        if not collective_failed(e):
+            raise
+        # Another rank failed and said why, or died, or the stall check ended the job: a traceback
+        # of this rank's collective would bury that (its details are at DEBUG, runtime.log_all_ranks).
+        log.debug("the failed collective", exc_info=True)
+        log.error("a collective failed: another rank ended or the stall check stopped the job; exiting")
+        return 1
     if code:
         return code
     if summary is not None:
