@@ -24,6 +24,7 @@ import sys
 import threading
 from typing import NamedTuple
 
+from data_pipeline.arguments import ArgumentParser
 from data_pipeline.metadata import DataError
 from data_pipeline.textfile import TextFileError, read_utf8
 from launch import console
@@ -66,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m launch run", description=DESCRIPTION)
+    p = ArgumentParser(prog="python -m launch run", description=DESCRIPTION)
     add_arguments(p)
     return p.parse_args(argv)
 

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 
+from data_pipeline.arguments import ArgumentParser
 from data_pipeline.metadata import DataError
 from launch.command import LaunchError, tensorboard_command
 from launch.options import add_config_options, add_options, to_argv, unsafe_value
@@ -65,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m launch slurm", description=DESCRIPTION)
+    p = ArgumentParser(prog="python -m launch slurm", description=DESCRIPTION)
     add_arguments(p)
     return p.parse_args(argv)
 

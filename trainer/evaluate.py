@@ -13,18 +13,18 @@ must not exist yet. Nothing in run_dir is written.
 Exit codes: 0 done; 2 bad config, data or checkpoint (one line on stderr); 1 anything else.
 """
 
-import argparse
 import logging
 import os
 import sys
 
+from data_pipeline.arguments import ArgumentParser
 from trainer.config import ConfigError, check_environment, load_config, validate
 from trainer.data_spec import check_evaluation, model_signature, resolve_data
 from trainer.train import run_reporting_bad_input, setup_logging
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML experiment file of the run (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable)")
@@ -66,6 +66,8 @@ def checked_config(args):
     check_environment(cfg)
     if args.export and os.path.exists(args.export):
         raise ConfigError(f"--export {args.export!r}: already exists; name a new folder")
+    if args.export and not os.path.isdir(os.path.dirname(os.path.abspath(args.export))):
+        raise ConfigError(f"--export {args.export!r}: its folder does not exist")
     check_evaluation(cfg, args.checkpoint)
     return cfg
 

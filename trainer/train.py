@@ -8,11 +8,11 @@ Exit codes: 0 done; 2 bad config, data or checkpoint (one line on stderr);
 Files are created without permissions for others (umask 027).
 """
 
-import argparse
 import logging
 import os
 import sys
 
+from data_pipeline.arguments import ArgumentParser
 from data_pipeline.metadata import DataError
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, check_environment, check_run_dir, load_config, validate, validate_world
@@ -21,7 +21,7 @@ from trainer.exit_codes import EXIT_BAD_INPUT, EXIT_STOPPED
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m trainer.train", description="Train one Horovod worker.")
+    parser = ArgumentParser(prog="python -m trainer.train", description="Train one Horovod worker.")
     parser.add_argument("--config", required=True, help="YAML experiment file (see configs/)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
