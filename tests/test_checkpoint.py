@@ -283,3 +283,19 @@ def test_the_launcher_refuses_the_checkpoints_a_worker_refuses_with_the_same_lin
             assert res.returncode == 0, res.stderr
         else:
             assert (res.returncode, res.stderr) == (2, f"launch: {worker_line}\n"), override
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused_not_half_restored(tmp_path):
+    """Keras skips every optimizer variable of a mismatched count with a warning: the step counter too."""
+    manager = CheckpointManager(str(tmp_path))
+    model = small_model(0)
+    train_a_little(model, 2)
+    path = manager.save(model, {"epoch": 1})
+    scaled = small_model(1)
+    scaled.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(1e-2)),
+                   loss="sparse_categorical_crossentropy", jit_compile=False)
+    before = [v.numpy() for v in scaled.weights]
+    with pytest.raises(CheckpointError, match=r"holds \d+ optimizer variables, this run's optimizer \d+: it was "
+                                              r"written with another train.optimizer or train.precision"):
+        manager.restore(scaled, path)
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, scaled.weights))

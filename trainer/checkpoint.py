@@ -283,9 +283,15 @@ class CheckpointManager:
             # and Keras skips them (with a warning) for an unbuilt optimizer.
             if not model.optimizer.built:
                 model.optimizer.build(model.trainable_variables)
-            model.load_weights(os.path.join(path, WEIGHTS_FILE))
             with np.load(os.path.join(path, OPTIMIZER_FILE), allow_pickle=False) as npz:
                 store = {k: npz[k] for k in npz.files}
+            if len(store) != len(model.optimizer.variables):
+                # Keras would only warn and skip them all, the step counter too: the schedule would restart.
+                raise CheckpointError(
+                    f"checkpoint {path!r} holds {len(store)} optimizer variables, this run's optimizer "
+                    f"{len(model.optimizer.variables)}: it was written with another train.optimizer or "
+                    "train.precision (mixed_float16 adds a loss scale)")
+            model.load_weights(os.path.join(path, WEIGHTS_FILE))
             model.optimizer.load_own_variables(store)
             rng = rng_variables(model)
             with np.load(os.path.join(path, RNG_FILE), allow_pickle=False) as npz:

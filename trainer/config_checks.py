@@ -23,6 +23,7 @@ LR_DECAYS = ("cosine", "constant")
 BEST_METRICS = ("val_accuracy", "val_loss", "val_top5_accuracy")
 BEST_MODES = ("auto", "max", "min")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+MAX_THREADS = 1024
 
 
 class ConfigError(ValueError):
@@ -81,8 +82,11 @@ def validate(cfg) -> None:
     _check(t.jit_compile.lower() in ("auto", "true", "false"), "train.jit_compile", t.jit_compile,
            "must be auto, true or false")
     _check(t.accumulation_steps >= 1, "train.accumulation_steps", t.accumulation_steps, "must be >= 1")
-    _check(r.intra_op_threads >= 0, "runtime.intra_op_threads", r.intra_op_threads, "must be >= 0")
-    _check(r.inter_op_threads >= 0, "runtime.inter_op_threads", r.inter_op_threads, "must be >= 0")
+    for key in ("intra_op_threads", "inter_op_threads"):
+        # TensorFlow takes an int32 and starts that many threads; 100000000000 was a ValueError traceback.
+        _check(0 <= getattr(r, key) <= MAX_THREADS, f"runtime.{key}", getattr(r, key), f"must be in 0..{MAX_THREADS}")
+    # Keras seeds rank r with train.seed + r, and takes 0 .. 2**32 - 1 only (-5 was a ValueError traceback).
+    _check(0 <= t.seed < 2**31, "train.seed", t.seed, "must be in 0..2147483647")
     tb = cfg.tensorboard
     _check(tb.step_frequency >= 0, "tensorboard.step_frequency", tb.step_frequency, "must be >= 0")
     _check(tb.sample_images >= 0, "tensorboard.sample_images", tb.sample_images, "must be >= 0")

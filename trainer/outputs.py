@@ -27,7 +27,7 @@ from data_pipeline import atomic
 from trainer import callbacks as cb
 from trainer import summaries
 from trainer.checkpoint import CHECKPOINT_DIR, CheckpointError, CheckpointManager
-from trainer.config import ExperimentConfig, best_mode, dump_yaml, profile_range
+from trainer.config import ConfigError, ExperimentConfig, best_mode, dump_yaml, profile_range
 from trainer.console import progress_wanted
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,10 @@ class ChiefOutputs(RunOutputs):
     _writer = None  # tensorboard/train, see train_writer
 
     def start(self) -> None:
-        os.makedirs(self.run_dir, mode=0o750, exist_ok=True)
+        try:
+            os.makedirs(self.run_dir, mode=0o750, exist_ok=True)
+        except OSError as e:  # past check_run_dir, a filesystem may still refuse (/proc, a read-only mount)
+            raise ConfigError(f"run_dir {self.run_dir!r}: cannot be created: {e.strerror or e}") from None
         self.checkpoints.remove_leftovers()  # only rank 0 saves, so no save of this run is under way
         atomic.write_text(os.path.join(self.run_dir, "config.yaml"), dump_yaml(self.cfg))
 
