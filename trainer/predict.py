@@ -10,15 +10,17 @@ export's own `preprocess` (the function its serving_default signature maps over
 its input), and batched into its `serving_images` signature: the answers are
 the ones a TensorFlow Serving deployment of the same export gives. A file that
 cannot be read or decoded (not an image, truncated) is reported on stderr with
-serving_default's message, counted and skipped; the others are written, one row per image: the
+serving_default's message, counted and skipped, and so is one whose name is not
+UTF-8; the others are written, one row per image: the
 path and the top-k class names with their probabilities, to --output (CSV, or
 JSON lines for a .jsonl name) or to stdout as CSV. A summary line on stderr
 gives the counts. A progress bar shows on stderr when it is a terminal.
 
 Nothing of the training stack is imported (no Horovod, no Keras model code).
 
-Exit codes: 0 done (bad files skipped and counted); 2 bad arguments, a missing
-or unreadable model, or no image files; 1 anything else, or no file predicted.
+Exit codes: 0 done (bad files skipped and counted); 2 bad arguments, a missing,
+unreadable or damaged model, or no image files (one line); 1 anything else, or
+no file predicted.
 """
 
 import argparse

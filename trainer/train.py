@@ -3,7 +3,9 @@
     python -m trainer.train --config configs/digits.yaml [--set train.epochs=5 ...]
 
 Exit codes: 0 done; 2 bad config, data or checkpoint (one line on stderr);
-143 stopped by SIGTERM/SIGINT after writing a checkpoint (resumable); 1 anything else.
+143 stopped by SIGTERM/SIGINT after writing a checkpoint (resumable); 1 anything
+else (trainer.exit_codes, docs/training.md). Every check that needs no
+TensorFlow runs before it is imported.
 
 Files are created without permissions for others (umask 027).
 """
