@@ -69,6 +69,10 @@ CASES = {
         "launch: data error: " + METADATA.format(d="{d}", name="channels") + "channels='3': expected 1 or 3"),
     "launch: checkpoint of another model": (
         [*LAUNCH, *BASE, *sets("run_dir={d}/run")], 2, "launch: checkpoint error: " + CHECKPOINT),
+    "launch: a state.json whose model is a string": (
+        [*LAUNCH, *BASE, *sets("run_dir={d}/odd")], 2,
+        "launch: checkpoint error: checkpoint '{d}/odd/checkpoints/step-000000002' was written for an unknown "
+        "model; this run builds model simple_cnn with 2 classes and input 8x8x1"),
     "launch: batch larger than the data": (
         [*LAUNCH, *BASE, *sets("data.global_batch_size=64")], 2,
         "launch: error: data.global_batch_size=64: times train.accumulation_steps=1, larger than the 8 training "
@@ -161,11 +165,11 @@ def d(tmp_path_factory) -> Path:
         (d / name / "metadata.json").write_text(json.dumps(meta))
     (d / "afile").write_text("a plain file\n")
     (d / "hostfile").write_text("localhost slots=\u00b2\n")
-    checkpoint = d / "run" / "checkpoints" / "step-000000002"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "state.json").write_text(json.dumps({
-        "epoch": 1, "global_step": 2, "steps_per_epoch": 2,
-        "model": {"name": "resnet20", "input_shape": [8, 8, 1], "num_classes": 2}}))
+    for run_dir, model in (("run", {"name": "resnet20", "input_shape": [8, 8, 1], "num_classes": 2}), ("odd", "x")):
+        checkpoint = d / run_dir / "checkpoints" / "step-000000002"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "state.json").write_text(json.dumps({
+            "epoch": 1, "global_step": 2, "steps_per_epoch": 2, "model": model}))
     return d
 
 

@@ -313,8 +313,10 @@ def check_model(path: str, state: dict, expect_model: dict) -> None:
         )
 
 
-def describe(signature: dict | None) -> str:
-    if not signature:
+def describe(signature) -> str:
+    """A model signature in words; a state.json may hold anything there (edited, or of another tool)."""
+    if not isinstance(signature, dict) or not signature:
         return "an unknown model"
-    shape = "x".join(str(d) for d in signature.get("input_shape", []))
+    shape = signature.get("input_shape")
+    shape = "x".join(str(d) for d in shape) if isinstance(shape, list) else repr(shape)
     return f"model {signature.get('name')} with {signature.get('num_classes')} classes and input {shape}"
