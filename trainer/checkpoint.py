@@ -285,12 +285,10 @@ class CheckpointManager:
                 model.optimizer.build(model.trainable_variables)
             with np.load(os.path.join(path, OPTIMIZER_FILE), allow_pickle=False) as npz:
                 store = {k: npz[k] for k in npz.files}
-            if len(store) != len(model.optimizer.variables):
-                # Keras would only warn and skip them all, the step counter too: the schedule would restart.
-                raise CheckpointError(
-                    f"checkpoint {path!r} holds {len(store)} optimizer variables, this run's optimizer "
-                    f"{len(model.optimizer.variables)}: it was written with another train.optimizer or "
-                    "train.precision (mixed_float16 adds a loss scale)")
+            if len(store) != len(model.optimizer.variables):  # Keras would skip them all, the step counter too
+                raise CheckpointError(f"checkpoint {path!r} holds {len(store)} optimizer variables, this run's "
+                                      f"optimizer {len(model.optimizer.variables)}: it was written with another "
+                                      "train.optimizer or train.precision (mixed_float16 adds a loss scale)")
             model.load_weights(os.path.join(path, WEIGHTS_FILE))
             model.optimizer.load_own_variables(store)
             rng = rng_variables(model)
@@ -314,8 +312,7 @@ def check_model(path: str, state: dict, expect_model: dict) -> None:
 
 
 def describe(signature) -> str:
-    """A model signature in words; a state.json may hold anything there (edited, or of another tool)."""
-    if not isinstance(signature, dict) or not signature:
+    if not isinstance(signature, dict) or not signature:  # a state.json may hold anything there
         return "an unknown model"
     shape = signature.get("input_shape")
     shape = "x".join(str(d) for d in shape) if isinstance(shape, list) else repr(shape)
