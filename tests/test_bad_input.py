@@ -58,6 +58,9 @@ CASES = {
         "launch: error: {d}/hostfile line 1: slots='\u00b2' is not a number"),
     "launch: cycle time nan": (
         [*LAUNCH, "--cycle-time-ms", "nan", *BASE], 2, "launch: error: --cycle-time-ms must be a number > 0, got nan"),
+    "launch: timeline in a folder that does not exist": (
+        [*LAUNCH, "--timeline", "{d}/missing/timeline.json", *BASE], 2,
+        "launch: error: --timeline '{d}/missing/timeline.json': its folder does not exist"),
     "launch: infinite learning rate": (
         [*LAUNCH, *BASE, *sets("train.base_learning_rate=.inf")], 2,
         "launch: error: train.base_learning_rate=inf: expected a finite number"),
