@@ -223,13 +223,13 @@ def prepare(args: argparse.Namespace) -> Job:
     script = args.host_discovery_script
     if script and not (os.path.isfile(script) and os.access(script, os.X_OK)):
         raise LaunchError(f"--host-discovery-script {script!r} is not an executable file")
-    # Rank 0 writes the timeline; on this host when all ranks are local. Horovod would only log that
-    # it cannot open the file, and train on without a timeline.
+    opts = options_from_args(args, np, hosts)
+    cmd, env = build_command(opts, dict(os.environ))
+    # Rank 0 writes the timeline, on this host when all ranks are local (checked past build_command's
+    # shell check). Horovod would only log that it cannot open the file, and train on without one.
     local = hosts is None and not args.elastic
     if args.timeline and local and not os.path.isdir(os.path.dirname(os.path.abspath(args.timeline))):
         raise LaunchError(f"--timeline {args.timeline!r}: its folder does not exist")
-    opts = options_from_args(args, np, hosts)
-    cmd, env = build_command(opts, dict(os.environ))
     # Check the config here, once, before any worker starts; elastic jobs
     # keep the global batch, so it must divide by every size they may reach.
     cfg = load_config(args.config, args.overrides)
