@@ -27,7 +27,7 @@ import re
 import signal
 from typing import NamedTuple
 
-from trainer.exit_codes import OWN_LINE
+from trainer.exit_codes import CAUSES, OWN_LINE
 
 TRACEBACK = "Traceback (most recent call last):"
 CHAINED = ("During handling of the above exception, another exception occurred:",
@@ -88,7 +88,14 @@ class RunnerReport:
 
     @property
     def first_failure(self) -> WorkerEnd | None:
-        return self.first or (self.ends[0] if self.ends else None)
+        """The first worker that ended with a cause of its own (exit 2, 3, 74), else the first that failed.
+
+        The others' ends follow from it: their collective failed, or the
+        runner stopped them; and the first to exit is not always the first
+        to fail (trainer.train's yield_to_the_failed_rank makes it rare).
+        """
+        ends = ([self.first] if self.first else []) + self.ends
+        return next((e for e in ends if e.code in CAUSES), ends[0] if ends else None)
 
     def show(self, stream: str, text: str) -> list[str]:
         shown = self._read(stream, text)

@@ -174,6 +174,14 @@ def test_a_line_repeated_by_one_rank_stays_and_the_ranks_log_lines_are_all_kept(
                     "[1] 2026-12-02 13:00:17,001 rank1 WARNING x: a\n2026-12-02 13:00:17,001 rank0 WARNING x: a\n")
 
 
+def test_a_worker_that_ends_with_its_own_cause_counts_before_one_that_exited_first():
+    """Rank 0's collective failed when rank 1 stopped with a data error, and rank 0 happened to exit first."""
+    stdout = ("Process 0 exit with status code 1.\nTerminating remaining workers after failure of Process 0.\n"
+              "Process 1 exit with status code 2.\n")
+    text, report = through_console("horovodrun", stdout, GLOO_TRACEBACK.format(rank=0, code=1))
+    assert text == "" and report.exit_code(1) == 2 and report.account(1, "horovodrun") is None
+
+
 def test_elastic_jobs_keep_horovodruns_lines_about_a_worker_that_left():
     report = RunnerReport(keep_ends=True)
     assert report.show("stdout", "Process 1 exit with status code 1.\n") == ["Process 1 exit with status code 1.\n"]

@@ -9,5 +9,7 @@ EXIT_NONFINITE = 3  # the loss or the weights became non-finite (train.stop_on_n
 EXIT_WRITE_FAILED = 74  # a write of the run failed (EX_IOERR); the earlier checkpoints are intact
 EXIT_STOPPED = 143  # 128 + SIGTERM, whichever signal asked for the stop: resumable
 
-# A worker that ends with one of these has said why in its own line.
-OWN_LINE = frozenset({EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_WRITE_FAILED, EXIT_STOPPED})
+# A worker that ends with one of these has found what is wrong, and said it in its own line.
+CAUSES = frozenset({EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_WRITE_FAILED})
+# ... and with these it has said why it ended.
+OWN_LINE = CAUSES | {EXIT_STOPPED}

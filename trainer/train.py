@@ -12,7 +12,9 @@ Files are created without permissions for others (umask 027).
 
 import logging
 import os
+import signal
 import sys
+import time
 
 from data_pipeline.arguments import ArgumentParser
 from data_pipeline.metadata import DataError
@@ -20,6 +22,8 @@ from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, check_environment, check_run_dir, load_config, validate, validate_world
 from trainer.data_spec import check_start
 from trainer.exit_codes import EXIT_BAD_INPUT, EXIT_STOPPED
+
+PEER_GRACE_SEC = 30  # see yield_to_the_failed_rank
 
 
 def parse_args(argv):
@@ -133,12 +137,26 @@ def main(argv=None) -> int:
         # of this rank's collective would bury that (its details are at DEBUG, runtime.log_all_ranks).
         log.debug("the failed collective", exc_info=True)
         log.error("a collective failed: another rank ended or the stall check stopped the job; exiting")
+        yield_to_the_failed_rank()
         return 1
     if code:
         return code
     if summary is not None:
         print_summary(summary)
     return 0
+
+
+def yield_to_the_failed_rank(seconds: float = PEER_GRACE_SEC) -> None:
+    """Lets the rank that failed first end first, so that the runner names it, and its exit code.
+
+    That rank says why and exits, which takes it a moment; this one learnt of
+    it at once, through its collective. The runner's SIGTERM, which ends the
+    other ranks once one has ended, now ends this one at once (no checkpoint
+    to write); without one (the stall check shut every rank down), it exits
+    after `seconds`.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(seconds)
 
 
 def print_summary(summary: dict) -> None:
