@@ -6,7 +6,7 @@ ARGS ?=
 
 .PHONY: setup setup-gpu check-gpu-build run test test-unit lint docs bench clean-runs
 
-$(STAMP): setup.cfg pyproject.toml scripts/setup.sh scripts/requirements.py scripts/horovod-0.28.1-tf2.21-cpu.patch
+$(STAMP): setup.cfg pyproject.toml scripts/setup.sh scripts/setup_lib.sh scripts/requirements.py scripts/horovod-0.28.1-tf2.21-cpu.patch
 	bash scripts/setup.sh
 
 setup:

@@ -9,8 +9,12 @@ and metadata.json (data_pipeline/), and exports.
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
+
+log = logging.getLogger(__name__)
 
 
 def fsync_dir(path: str) -> None:
@@ -58,12 +62,21 @@ def write_json(path: str, obj, durable: bool = False) -> None:
 
 
 def replace_dir(new: str, target: str) -> None:
-    """Moves the folder `new` to `target`; an old `target` is removed only once `new` is in place."""
+    """Moves the folder `new` to `target`; an old `target` is removed only once `new` is in place.
+
+    If the second rename fails, the old folder is put back; if the process is
+    killed between the two, recover_dir puts it back at the next start.
+    """
     old = None
     if os.path.exists(target):
         old = f"{target}.old-{os.getpid()}"
         os.rename(target, old)
-    os.rename(new, target)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        if old:
+            os.rename(old, target)
+        raise
     if old:
         shutil.rmtree(old)
 
@@ -90,3 +103,28 @@ def staged_dir(final: str, mode: int = 0o750, durable: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_dir(final: str) -> None:
+    """Repairs what a killed staged_dir left beside `final`, for a writer about to start.
+
+    A kill between replace_dir's two renames leaves `final.old-PID` (the
+    complete old folder) and no `final`: the old one is put back. Any
+    `final.tmp-PID` (a write cut short) and any other `final.old-PID` (a kill
+    after the second rename) are removed. Only for a caller that knows no
+    write of `final` is under way.
+    """
+    parent, base = os.path.split(final)
+    parent = parent or "."
+    if not os.path.isdir(parent):
+        return
+    leftover = re.compile(rf"^{re.escape(base)}\.(tmp|old)-\d+$")
+    found = [(m.group(1), os.path.join(parent, name)) for name in os.listdir(parent) if (m := leftover.match(name))]
+    olds = sorted((p for kind, p in found if kind == "old"), key=os.path.getmtime)
+    if olds and not os.path.lexists(final):
+        log.warning("putting back %s, set aside by a replacement that was killed before it completed", final)
+        os.rename(olds.pop(), final)
+        fsync_dir(parent)
+    for path in sorted([p for kind, p in found if kind == "tmp"] + olds):
+        log.info("removing %s, left by a write that was killed", path)
+        shutil.rmtree(path, ignore_errors=True)

@@ -6,7 +6,11 @@ complete one, and says what a file's bytes really are, whatever its
 extension. It is also much lighter to import in worker processes.
 
 Every record holds 8-bit RGB (or grayscale with `channels=1`), so the reader
-never meets a mode it cannot decode.
+never meets a mode it cannot decode. EXIF orientation is not applied: pixels
+stay in the order the file stores them, as TensorFlow's decoders (and so the
+serving export) read them. metadata.json records these rules
+(`normalisation_record`) and the serving export repeats them on a served file
+(data_pipeline.source_image): change one, change the other.
 """
 
 import io
@@ -15,7 +19,10 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import PIL
 from PIL import Image
+
+from data_pipeline import normalisation
 
 # Pillow's format name for each extension the converter reads.
 EXTENSIONS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP"}
@@ -63,6 +70,11 @@ class Normalised:
     format: str  # "jpeg" or "png": the record's image/format
     shape: tuple[int, int, int]  # stored height, width, channels
     original_size: tuple[int, int]  # height, width of the source
+
+
+def normalisation_record(opts: ImageOptions) -> dict:
+    """metadata.json's `normalisation`: how normalise() treats every image with these options, by this Pillow."""
+    return normalisation.record(opts.channels, opts.encoding, opts.max_side, PIL.__version__)
 
 
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:

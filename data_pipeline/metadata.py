@@ -5,6 +5,8 @@ import json
 import os
 import re
 
+from data_pipeline import normalisation
+
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
@@ -95,6 +97,10 @@ def check_metadata(meta, path: str) -> None:
         count = info.get("num_examples", total)
         if not _is_count(count) or count != total:
             fail(f"splits.{split}.num_examples={count!r}: its shards hold {total}")
+    try:  # read again by the serving export, at the end of training: a bad record must stop the start
+        normalisation.from_metadata(meta)
+    except ValueError as e:
+        fail(str(e))
 
 
 def _checked_shards(shards, where: str, fail) -> list:

@@ -8,7 +8,9 @@ one.
 
 import tensorflow as tf
 
+from data_pipeline import source_image
 from data_pipeline.augment import Augment
+from data_pipeline.normalisation import Normalisation
 
 
 def decode(encoded: tf.Tensor, channels: int) -> tf.Tensor:
@@ -38,13 +40,35 @@ def center_crop(image: tf.Tensor, image_size: int, crop_fraction: float = 1.0) -
     return _to_float(image[top : top + side, left : left + side], image_size)
 
 
-def eval_image(encoded: tf.Tensor, channels: int, image_size: int, crop_fraction: float = 1.0) -> tf.Tensor:
+def source_pixels(encoded: tf.Tensor, channels: int, source: Normalisation) -> tf.Tensor:
+    """uint8 [h, w, channels] of an original image file, as the reader would decode the record build_shards made of it.
+
+    The file's own bytes where build_shards stored them unchanged, else the
+    converter's normalisation `source` (data_pipeline.source_image).
+    """
+    def normalised():
+        return source_image.as_read(source_image.normalise(encoded, source), encoded, source, channels)
+
+    # switch_case rather than cond: a lowered cond around the normaliser's loops and checks makes
+    # grappler log a warning at every load of the export.
+    image = tf.switch_case(tf.cast(source_image.stored_unchanged(encoded, source), tf.int32),
+                           [normalised, lambda: decode(encoded, channels)])
+    image.set_shape([None, None, channels])
+    return image
+
+
+def eval_image(encoded: tf.Tensor, channels: int, image_size: int, crop_fraction: float = 1.0,
+               source: Normalisation | None = None) -> tf.Tensor:
     """Encoded bytes to the evaluation input, float32 [image_size, image_size, channels] in [0, 1].
 
     The one definition for the evaluation stream and the serving export
-    (trainer.export): a served model sees exactly the pixels it was validated on.
+    (trainer.export): a served model sees the pixels it was validated on. A
+    record (source None) is decoded as it is; an original file (the export)
+    goes first through the normalisation `source` that build_shards applied
+    to make the record.
     """
-    return center_crop(decode(encoded, channels), image_size, crop_fraction)
+    image = decode(encoded, channels) if source is None else source_pixels(encoded, channels, source)
+    return center_crop(image, image_size, crop_fraction)
 
 
 def augment(image: tf.Tensor, seed: tf.Tensor, image_size: int, aug: Augment, crop_fraction: float = 1.0) -> tf.Tensor:

@@ -5,7 +5,7 @@ import os
 from dataclasses import asdict
 
 from data_pipeline import atomic
-from data_pipeline.images import ImageOptions
+from data_pipeline.images import ImageOptions, normalisation_record
 from data_pipeline.metadata import FORMAT_VERSION, METADATA_FILE
 from data_pipeline.shard_plan import PLAN_FILE
 from data_pipeline.shard_writer import DONE_SUFFIX, ShardTask
@@ -43,6 +43,8 @@ def collect_metadata(tasks: list[ShardTask], inv: Inventory, work_dir: str, opts
         "ignored": inv.ignored,
         "empty_classes": inv.empty_classes,
         "options": {**options, **asdict(opts)},
+        # What the serving export must repeat on an original file to give the model these pixels.
+        "normalisation": normalisation_record(opts),
     }
 
 

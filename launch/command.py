@@ -7,6 +7,7 @@ written in the option table, launch.options.
 """
 
 import math
+import re
 import signal
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -143,6 +144,21 @@ def check_options(opts: LaunchOptions) -> str:
     return controller
 
 
+# What Open MPI's singleton MPI_Init (a process that called MPI_Init without
+# mpirun: e.g. hvd.init() in a notebook, a test process, a script run by
+# srun --mpi=pmix) puts in its environment, and its children inherit. They
+# describe that other job: an mpirun started with them joins it, finds its
+# PMIx server gone, and exits 1 without a message.
+_ENCLOSING_MPI_JOB = re.compile(
+    r"^(PMIX_.*|OMPI_MCA_ess|OMPI_MCA_pmix|OMPI_MCA_orte_(launch|ess_num_procs|precondition_transports)"
+    r"|OMPI_APP_CTX_NUM_PROCS|ORTE_SCHIZO_DETECTION)$")
+
+
+def without_enclosing_mpi_job(env: dict[str, str]) -> dict[str, str]:
+    """`env` less the variables of an MPI job this process runs inside: the job started here is a new one."""
+    return {k: v for k, v in env.items() if not _ENCLOSING_MPI_JOB.match(k)}
+
+
 def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """The horovodrun (or srun) argv and the environment to run it with."""
     controller = check_options(opts)
@@ -155,6 +171,7 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
         return _srun_command(opts, env), env
 
     argv = [opts.horovodrun, "-np", str(opts.np), f"--{controller}"]
+    env = without_enclosing_mpi_job(env)
     env[GRACE_ENV] = str(opts.signal_grace_sec)
     if opts.ssh_strict_host_keys:
         env[STRICT_HOST_KEYS_ENV] = "yes"

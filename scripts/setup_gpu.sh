@@ -15,26 +15,15 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 VENV=${VENV:-$ROOT/.venv-gpu}
-PY=$VENV/bin/python
+LOG_PREFIX=setup-gpu
 EXTRAS=(test demo)
 APT_PACKAGES=(libopenmpi-dev openmpi-bin build-essential cmake patch python3-dev)
-
-log() { printf '[setup-gpu] %s\n' "$*"; }
-die() { printf '[setup-gpu] error: %s\n' "$*" >&2; exit 1; }
-reqs() { "$PYTHON" scripts/requirements.py "$@"; }
+PATCH_KINDS=(cpu gpu)
+# shellcheck source=scripts/setup_lib.sh
+. "$ROOT/scripts/setup_lib.sh"
 
 # --- 1. system packages -------------------------------------------------------
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "installing apt packages: ${missing[*]}"
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+apt_install "${APT_PACKAGES[@]}"
 
 # --- the CUDA compiler ----------------------------------------------------------
 CUDA_HOME=${HOROVOD_CUDA_HOME:-${CUDA_HOME:-}}
@@ -59,32 +48,15 @@ esac
 CUDA_CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-$default_cc}
 
 # --- 2. virtual environment ---------------------------------------------------
-PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
-HOROVOD_VERSION=$(reqs --only horovod install | sed -n 's/^horovod==//p')
-[ -n "$HOROVOD_VERSION" ] || die "setup.cfg does not pin horovod==VERSION in install_requires"
-PATCHES=("$ROOT/scripts/horovod-$HOROVOD_VERSION-tf2.21-cpu.patch" "$ROOT/scripts/horovod-$HOROVOD_VERSION-tf2.21-gpu.patch")
-for p in "${PATCHES[@]}"; do [ -f "$p" ] || die "no Horovod patch: $p"; done
-if [ ! -x "$PY" ]; then
-  log "creating $VENV with $PYTHON"
-  "$PYTHON" -m venv "$VENV"
-fi
-PIP=("$PY" -m pip --disable-pip-version-check)
-
-stamp=$VENV/.setup-stamp
-want=$( (cat setup.cfg "${PATCHES[@]}" scripts/setup_gpu.sh scripts/requirements.py; echo "$CUDA_VERSION") |
-  sha256sum | cut -c1-16)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "import horovod.tensorflow" 2>/dev/null; then
-  touch "$stamp"
+venv_create
+want=$( (cat setup.cfg "${PATCHES[@]}" scripts/setup_gpu.sh scripts/setup_lib.sh scripts/requirements.py
+         echo "$CUDA_VERSION") | sha256sum | cut -c1-16)
+if stamp_current "$want"; then
   log "environment up to date ($VENV)"
   exit 0
 fi
-
 log "installing Python packages (TensorFlow with CUDA: several GB)"
-"${PIP[@]}" install -q --upgrade pip setuptools wheel
-mapfile -t first < <(reqs --without horovod --without mpi4py gpu install horovod-build "${EXTRAS[@]}")
-[ ${#first[@]} -gt 0 ] || die "no requirements read from setup.cfg"
-"${PIP[@]}" install -q "${first[@]}"
-"$PY" -c "import mpi4py" 2>/dev/null || "${PIP[@]}" install -q --no-binary mpi4py "$(reqs --only mpi4py install)"
+python_packages gpu "${EXTRAS[@]}"
 
 # --- 3. Horovod -----------------------------------------------------------------
 hvd_ok() {
@@ -92,9 +64,28 @@ hvd_ok() {
   local what
   for what in TensorFlow MPI Gloo NCCL; do grep -q "\[X\] $what" "$1" || return 1; done
 }
+build_gpu() {  # SOURCE CACHE_DIR LOG
+  local nccl_lib
+  nccl_lib=$(dirname "$3")/nccl-lib
+  # The NCCL wheel has libnccl.so.2 but no libnccl.so for the linker to find.
+  mkdir -p "$nccl_lib"
+  ln -sf "$NCCL_DIR/lib/libnccl.so.2" "$nccl_lib/libnccl.so"
+  # TensorFlow 2.21's XLA headers include HighwayHash and FarmHash relative to their
+  # own repositories, which the wheel ships under include/external/.
+  local tf_inc=$site/tensorflow/include/external
+  # The rpath finds libnccl.so.2 in the nvidia-nccl-cu12 wheel from site-packages/horovod/*/.
+  HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
+    HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
+    HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_CUDA_HOME="$CUDA_HOME" \
+    HOROVOD_NCCL_LINK=SHARED HOROVOD_NCCL_INCLUDE="$NCCL_DIR/include" HOROVOD_NCCL_LIB="$nccl_lib" \
+    HOROVOD_BUILD_CUDA_CC_LIST="$CUDA_CC_LIST" \
+    CXXFLAGS="${CXXFLAGS:-} -I$tf_inc/highwayhash -I$tf_inc/farmhash_archive/src" \
+    LDFLAGS="${LDFLAGS:-} -Wl,-rpath,\$ORIGIN/../../nvidia/nccl/lib" \
+    PATH="$CUDA_HOME/bin:$PATH" MAKEFLAGS="-j$(nproc)" \
+    "${PIP[@]}" wheel -v --no-deps --no-build-isolation -w "$2" "$1" >"$3" 2>&1
+}
 check_out=$(mktemp)
-work=""
-trap 'rm -f "$check_out"; [ -z "$work" ] || rm -rf "$work"' EXIT
+trap 'rm -f "$check_out"' EXIT
 site=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 NCCL_DIR=$site/nvidia/nccl
 [ -f "$NCCL_DIR/include/nccl.h" ] && [ -f "$NCCL_DIR/lib/libnccl.so.2" ] ||
@@ -103,44 +94,8 @@ patch_sha=$(cat "${PATCHES[@]}" | sha256sum | cut -c1-12)
 marker="cuda$CUDA_VERSION-$patch_sha"
 if ! hvd_ok "$check_out" || [ "$(cat "$VENV/.horovod-build" 2>/dev/null)" != "$marker" ]; then
   tf_version=$("$PY" -c "import tensorflow as tf; print(tf.__version__)" 2>/dev/null)
-  key="tf$tf_version-cuda$CUDA_VERSION-$patch_sha"
-  cache_dir=${HOROVOD_WHEEL_CACHE:-$("$PY" -m pip cache dir)/hvd-keras-cnn/horovod-$HOROVOD_VERSION-gpu-$key}
-  wheel=$(ls "$cache_dir"/horovod-"$HOROVOD_VERSION"-*.whl 2>/dev/null | head -n1 || true)
-  if [ -z "$wheel" ]; then
-    log "building Horovod $HOROVOD_VERSION (NCCL, CUDA $CUDA_VERSION) against TensorFlow $tf_version"
-    work=$(mktemp -d)
-    "${PIP[@]}" download -q --no-deps --no-binary :all: -d "$work" "horovod==$HOROVOD_VERSION"
-    tar -xzf "$work/horovod-$HOROVOD_VERSION.tar.gz" -C "$work"
-    for p in "${PATCHES[@]}"; do
-      patch -s -p1 -d "$work/horovod-$HOROVOD_VERSION" <"$p" || die "the Horovod patch does not apply: $p"
-    done
-    # The NCCL wheel has libnccl.so.2 but no libnccl.so for the linker to find.
-    mkdir -p "$work/nccl-lib"
-    ln -s "$NCCL_DIR/lib/libnccl.so.2" "$work/nccl-lib/libnccl.so"
-    # TensorFlow 2.21's XLA headers include HighwayHash and FarmHash relative to their
-    # own repositories, which the wheel ships under include/external/.
-    tf_inc=$site/tensorflow/include/external
-    mkdir -p "$cache_dir"
-    # The rpath finds libnccl.so.2 in the nvidia-nccl-cu12 wheel from site-packages/horovod/*/.
-    HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
-      HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
-      HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_CUDA_HOME="$CUDA_HOME" \
-      HOROVOD_NCCL_LINK=SHARED HOROVOD_NCCL_INCLUDE="$NCCL_DIR/include" HOROVOD_NCCL_LIB="$work/nccl-lib" \
-      HOROVOD_BUILD_CUDA_CC_LIST="$CUDA_CC_LIST" \
-      CXXFLAGS="${CXXFLAGS:-} -I$tf_inc/highwayhash -I$tf_inc/farmhash_archive/src" \
-      LDFLAGS="${LDFLAGS:-} -Wl,-rpath,\$ORIGIN/../../nvidia/nccl/lib" \
-      PATH="$CUDA_HOME/bin:$PATH" MAKEFLAGS="-j$(nproc)" \
-      "${PIP[@]}" wheel -v --no-deps --no-build-isolation -w "$cache_dir" "$work/horovod-$HOROVOD_VERSION" \
-      >"$work/build.log" 2>&1 || {
-      cp "$work/build.log" "$VENV/horovod-build.log"
-      grep -E 'error|Error' "$work/build.log" | head -n 20 >&2
-      die "Horovod build failed (log: $VENV/horovod-build.log)"
-    }
-    wheel=$(ls "$cache_dir"/horovod-"$HOROVOD_VERSION"-*.whl | head -n1)
-  else
-    log "reusing cached Horovod wheel $(basename "$wheel") ($key)"
-  fi
-  "${PIP[@]}" install -q --force-reinstall --no-deps "$wheel"
+  horovod_install "$(horovod_cache_dir "gpu-tf$tf_version-cuda$CUDA_VERSION-$patch_sha")" build_gpu \
+    "(NCCL, CUDA $CUDA_VERSION) against TensorFlow $tf_version"
   hvd_ok "$check_out" || { cat "$check_out" >&2; die "horovodrun --check-build does not list TensorFlow, MPI, Gloo and NCCL"; }
   echo "$marker" >"$VENV/.horovod-build"
 fi
@@ -148,6 +103,5 @@ log "horovodrun --check-build:"
 grep -E '\[X\] (TensorFlow|MPI|Gloo|NCCL)' "$check_out" | awk '{$1=$1} !seen[$0]++' | sed 's/^/    /'
 
 # --- 4. this project ------------------------------------------------------------
-"${PIP[@]}" install -q --no-build-isolation -e ".[gpu,horovod-build,$(IFS=,; echo "${EXTRAS[*]}")]"
-echo "$want" >"$stamp"
+project_install "gpu,horovod-build,$(IFS=,; echo "${EXTRAS[*]}")" "$want"
 log "done: activate with 'source .venv-gpu/bin/activate'; check with 'make check-gpu-build'"

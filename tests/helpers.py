@@ -1,10 +1,12 @@
-"""Helpers the tests share: the repository root, running a command from it, a free port.
+"""Helpers the tests share: the repository root, running a command from it, a free port, checkpoint
+folders, and the evaluation path's per-image answers, against which the serving tests compare the export.
 
 Kept apart from conftest.py, which pytest loads by itself and which holds only
 fixtures: a test module imports these names explicitly (`from helpers import run`).
 """
 
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -25,3 +27,65 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+# A checkpoint folder's name ends with its global step: `ckpt-<save number>-step-<step>`, or an
+# older version's `step-<step>` (`-2`, `-3` when taken).
+CHECKPOINT_STEP = re.compile(r"(?:^|-)step-(\d{9,})(?:-\d+)?$")
+
+
+def checkpoint_step(path) -> int | None:
+    """The global step in a checkpoint folder's name; None for anything else (best.json, a `*.tmp-*` save)."""
+    m = CHECKPOINT_STEP.search(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_steps(run_dir) -> list[int]:
+    """The global steps of RUN_DIR's checkpoints, in ascending order."""
+    folder = Path(run_dir) / "checkpoints"
+    return sorted(s for s in map(checkpoint_step, folder.iterdir() if folder.is_dir() else []) if s is not None)
+
+
+def checkpoint_dir(run_dir, step: int) -> Path:
+    """The one checkpoint folder of RUN_DIR at global step `step`."""
+    (found,) = [p for p in (Path(run_dir) / "checkpoints").iterdir() if checkpoint_step(p) == step]
+    return found
+
+
+def evaluation_predictions(run_dir, checkpoint: str = "latest", batch_size: int = 50):
+    """(probabilities [N, classes], labels [N], encoded images [N]) of a run's validation records, in file order.
+
+    The evaluation path, image by image: the run's model restored from
+    `checkpoint` as trainer.evaluate restores it, applied to the validation
+    stream (data_pipeline.reader.eval_stream with the run's crop) in this one
+    process. The encoded images are the records' own bytes.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from data_pipeline.metadata import load_metadata, shard_files
+    from data_pipeline.reader import eval_stream
+    from data_pipeline.records import parse_example
+    from data_pipeline.stream_options import EvalOptions
+    from trainer.assembly import build_compiled_model, model_signature
+    from trainer.checkpoint import CheckpointManager
+    from trainer.config import load_config
+    from trainer.data import resolve_data
+    from trainer.schedule import make_schedule
+
+    cfg = load_config(str(Path(run_dir) / "config.yaml"))
+    spec = resolve_data(cfg)
+    model = build_compiled_model(cfg, spec, make_schedule(cfg.train, cfg.data.global_batch_size, 1,
+                                                          spec.steps_per_epoch))
+    manager = CheckpointManager(str(Path(run_dir) / "checkpoints"))
+    manager.restore(model, manager.resolve(checkpoint), model_signature(cfg, spec))
+    files = shard_files(cfg.data.dir, load_metadata(cfg.data.dir), "validation")
+    size, _, channels = spec.input_shape
+    options = EvalOptions(per_replica_batch_size=batch_size, image_size=size, channels=channels,
+                          crop_fraction=cfg.data.crop_fraction)
+    probabilities, labels = [], []
+    for x, y in eval_stream(files, options):
+        probabilities.append(tf.cast(model(x, training=False), tf.float32).numpy())
+        labels.append(y.numpy())
+    encoded = [parse_example(r)["image/encoded"].numpy() for r in tf.data.TFRecordDataset(files)]
+    return np.concatenate(probabilities), np.concatenate(labels), encoded

@@ -1,5 +1,8 @@
 """A one-node Slurm cluster on loopback for the tests: slurmctld and slurmd from Debian's slurm-wlm.
 
+    with SlurmCluster(tmp_path) as cluster:   # installs slurm-wlm if missing, starts, always stops
+        cluster.run("sbatch", ...)
+
 Everything (config, state, spool, logs) lives in one temporary folder; the
 daemons run in the foreground as children of the test process and are stopped
 by process id. Authentication is off (auth/none), so it must never listen
@@ -75,6 +78,10 @@ def install_if_missing() -> None:
 
 
 class SlurmCluster:
+    """slurmctld and one slurmd on loopback; a context manager that starts it and always stops it."""
+
+    DAEMONS_STARTED = "slurmctld and slurmd"  # for the start-up line
+
     def __init__(self, workdir: Path):
         self.dir = workdir
         self.host = socket.gethostname().split(".")[0]
@@ -82,6 +89,21 @@ class SlurmCluster:
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.procs: list[subprocess.Popen] = []
         self.startup_sec = 0.0
+
+    def __enter__(self) -> "SlurmCluster":
+        install_if_missing()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        print(f"{self.DAEMONS_STARTED} ready after {self.startup_sec:.1f} s")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        alive = [" ".join(map(str, p.args)) for p in self.procs if p.poll() is None]
+        assert not alive, f"still running after stop(): {alive}"
 
     def start(self, timeout: float = 60) -> None:
         for sub in ("state", "spool"):

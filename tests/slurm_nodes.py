@@ -62,6 +62,8 @@ def free_subnet() -> str:
 class TwoNodeCluster(SlurmCluster):
     """slurmctld on the bridge, two slurmd in namespaces, sshd on node2; `ssh_bin` holds the ssh to use."""
 
+    DAEMONS_STARTED = "slurmctld, 2 slurmd and sshd"
+
     def __init__(self, workdir: Path):
         super().__init__(workdir)
         tag = f"hvd{os.getpid() % 100000}"

@@ -1,5 +1,6 @@
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -100,6 +101,23 @@ def test_slurm_allocation_gives_np_and_hosts(digits_shards, tmp_path):
 def test_caller_environment_is_not_overridden():
     _, env = build_command(opts(), {"TF_CPP_MIN_LOG_LEVEL": "0"})
     assert env["TF_CPP_MIN_LOG_LEVEL"] == "0"
+
+
+def test_the_environment_of_an_enclosing_mpi_singleton_is_not_passed_on():
+    # A process that called MPI_Init without mpirun (hvd.init() in a notebook or a
+    # test process) leaves PMIx and ORTE variables to its children; an mpirun that
+    # inherits them exits 1 without a message. Take them from a real singleton.
+    probe = "from mpi4py import MPI; import subprocess; subprocess.run(['env', '-0'])"
+    given = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=True, env=given)
+    inherited = dict(kv.split("=", 1) for kv in res.stdout.decode().split("\0") if "=" in kv)
+    singleton = {k for k in inherited if k not in given and k.startswith(("PMIX_", "OMPI_", "ORTE_"))}
+    assert "PMIX_SERVER_URI41" in singleton or "PMIX_NAMESPACE" in singleton, sorted(singleton)
+    base = {**inherited, "OMPI_MCA_btl_tcp_if_include": "eth0"}
+    for controller in ("gloo", "mpi"):
+        _, env = build_command(opts(controller=controller), base)
+        assert not singleton & set(env), sorted(singleton & set(env))
+        assert env["OMPI_MCA_btl_tcp_if_include"] == "eth0"  # a user's own Open MPI settings stay
 
 
 def test_build_command_does_not_mutate_its_input():

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from data_pipeline.reader import shard_records
-from helpers import run
+from helpers import checkpoint_dir, run
 from test_horovod import epoch_records, launch_argv, messages, rank_records
 from trainer.evaluation import is_due
 
@@ -95,11 +95,13 @@ def test_two_rank_validation_equals_one_process_and_the_best_checkpoint_survives
     spe = summary["steps_per_epoch"]
     assert by_loss["epoch"] < 3
     best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
-    assert best["checkpoint"] == f"step-{by_loss['epoch'] * spe:09d}" and best["value"] == by_loss["val_loss"]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "best.json", best["checkpoint"], f"step-{3 * spe:09d}"]
+    assert best["checkpoint"] == checkpoint_dir(run_dir, by_loss["epoch"] * spe).name
+    assert best["value"] == by_loss["val_loss"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == sorted([
+        "best.json", best["checkpoint"], checkpoint_dir(run_dir, 3 * spe).name])
     state = json.loads((run_dir / "checkpoints" / best["checkpoint"] / "state.json").read_text())
-    assert state["validation"] == {k: by_loss[k] for k in ("val_accuracy", "val_loss", "val_top5_accuracy")}
+    keys = ("val_accuracy", "val_loss", "val_top5_accuracy", "val_examples")
+    assert state["validation"] == {k: by_loss[k] for k in keys} and by_loss["val_examples"] == n_val
     assert summary["val_examples"] == n_val and summary["val_loss"] == records[-1]["val_loss"]
     assert summary["best_checkpoint"] == str(run_dir / "checkpoints" / best["checkpoint"])
 

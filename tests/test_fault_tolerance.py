@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from data_pipeline.positions import records_per_pass, stream_position
 from data_pipeline.reader import shard_records, training_records
-from helpers import ROOT
+from helpers import ROOT, checkpoint_step
 from trainer.callbacks import EpochCheckpoint
 from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.resume import fit_phases
@@ -160,7 +160,7 @@ def test_killing_the_writer_mid_save_leaves_a_loadable_checkpoint(tmp_path):
         state = CheckpointManager(str(ckpt)).restore(model, latest)
         assert state["global_step"] == state["epoch"] == int(model.optimizer.iterations.numpy())
         # The interrupted write left at most a temporary folder, never a partial checkpoint.
-        partial = [p for p in os.listdir(ckpt) if not p.startswith("step-") or ".tmp-" in p]
+        partial = [p for p in os.listdir(ckpt) if checkpoint_step(p) is None]
         assert all(".tmp-" in p for p in partial)
         # What the next start's rank 0 clears away.
         CheckpointManager(str(ckpt)).remove_leftovers()

@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 
-from helpers import ROOT, run
+from helpers import ROOT, checkpoint_dir, checkpoint_step, checkpoint_steps, run
 
 pytestmark = pytest.mark.horovod
 
@@ -99,8 +99,8 @@ def test_only_rank0_writes_checkpoints_events_and_summary(trained):
     summary = json.loads((run_dir / "summary.json").read_text())
     spe = summary["steps_per_epoch"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "best.json", *(f"step-{e * spe:09d}" for e in (1, 2, 3))]
-    state = json.loads((run_dir / "checkpoints" / f"step-{3 * spe:09d}" / "state.json").read_text())
+        "best.json", *(f"ckpt-{n:06d}-step-{n * spe:09d}" for n in (1, 2, 3))]
+    state = json.loads((checkpoint_dir(run_dir, 3 * spe) / "state.json").read_text())
     assert state["epoch"] == 3 and state["global_step"] == 3 * spe and state["steps_per_epoch"] == spe
     assert state["world_size"] == 2 and state["global_batch_size"] == 64 and state["data_seed"] == 0
     assert state["model"] == {"name": "simple_cnn", "input_shape": [8, 8, 1], "num_classes": 10}
@@ -115,47 +115,50 @@ def test_only_rank0_writes_checkpoints_events_and_summary(trained):
     assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name]
 
 
-def test_exported_model_serves_the_evaluated_accuracy(trained, digits_shards):
+def test_exported_model_serves_the_evaluated_accuracy(trained):
     import tensorflow as tf
 
-    from data_pipeline.metadata import load_metadata, shard_files
-    from data_pipeline.reader import eval_stream
-    from data_pipeline.stream_options import EvalOptions
+    from helpers import evaluation_predictions
 
     run_dir, _ = trained
     summary = json.loads((run_dir / "summary.json").read_text())
+    # The evaluation path image by image: the final checkpoint's model on the validation stream.
+    expected, labels, encoded = evaluation_predictions(run_dir)
     served = tf.saved_model.load(str(run_dir / "export"))
-    meta = load_metadata(str(digits_shards))
-    ds = eval_stream(shard_files(str(digits_shards), meta, "validation"),
-                     EvalOptions(per_replica_batch_size=50, image_size=8, channels=1))
-    correct = total = 0
-    for x, y in ds:
-        pred = np.argmax(served.signatures["serving_images"](images=x)["probabilities"].numpy(), axis=1)
-        correct += int((pred == y.numpy()).sum())
-        total += len(y)
-    assert total == meta["splits"]["validation"]["num_examples"] == summary["val_examples"]
+    by_bytes, by_images = [], []
+    for start in range(0, len(labels), 50):
+        by_bytes.append(served.signatures["serving_default"](
+            image_bytes=tf.constant(encoded[start:start + 50]))["probabilities"].numpy())
+        images = tf.stack([served.preprocess(e) for e in encoded[start:start + 50]])
+        by_images.append(served.signatures["serving_images"](images=images)["probabilities"].numpy())
+    for answers in (np.concatenate(by_bytes), np.concatenate(by_images)):
+        np.testing.assert_allclose(answers, expected, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(answers.argmax(axis=1), expected.argmax(axis=1))
+    assert len(labels) == summary["val_examples"]
     # The summary comes from the 2-rank evaluation (by record: one validation file); this one ran in one process.
-    assert correct / total == pytest.approx(summary["val_accuracy"], abs=1e-6)
+    assert np.mean(expected.argmax(axis=1) == labels) == pytest.approx(summary["val_accuracy"], abs=1e-6)
 
 
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*") if ".tmp-" not in p.name)
-
-
-def start_and_wait_for(argv, path: Path, timeout=300) -> subprocess.Popen:
+def start_and_wait_for(argv, path: Path, timeout=300, ready=Path.exists) -> subprocess.Popen:
+    """Starts `argv` and returns once `ready(path)` (by default: once `path` exists)."""
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + timeout
-    while not path.exists():
+    while not (path.exists() and ready(path)):
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         assert time.time() < deadline, f"{path} did not appear"
         time.sleep(0.05)
     return proc
 
 
+def at_step(step: int):
+    """`ready` for start_and_wait_for(argv, RUN_DIR / "checkpoints"): a checkpoint at global step `step` is there."""
+    return lambda checkpoints: step in checkpoint_steps(checkpoints.parent)
+
+
 def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits_shards, tmp_path):
     run_dir = tmp_path / "run"
     argv = launch_argv(run_dir, digits_shards, "--set", "train.epochs=40")
-    proc = start_and_wait_for(argv, run_dir / "checkpoints" / "step-000000044")  # after epoch 2
+    proc = start_and_wait_for(argv, run_dir / "checkpoints", ready=at_step(44))  # after epoch 2
     time.sleep(0.2)  # land inside a later epoch
     proc.send_signal(signal.SIGTERM)  # what Slurm sends before it kills a job; the launcher passes it on
     first = proc.communicate(timeout=120)[0]
@@ -169,13 +172,14 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits
     # The launcher shows rank 0's lines without a label and the others' after `[N] `.
     assert re.search(r"^[^[].*exiting with 143", first, re.M) and re.search(r"^\[1\] .*exiting with 143", first, re.M)
     assert checkpoint_steps(run_dir)[-1] == step
+    stopped_at = checkpoint_dir(run_dir, step)
     # The epoch of the last step taken is validated only when the stop landed on its last step:
     # otherwise its weights are mid-epoch, and the resumed run validates it when it completes it.
     before = epoch_records(run_dir)
     interrupted = before[-1]
     completed = step % 22 == 0
     assert interrupted["epoch"] == (step - 1) // 22 + 1 and ("val_loss" in interrupted) == completed
-    state = json.loads((run_dir / "checkpoints" / f"step-{step:09d}" / "state.json").read_text())
+    state = json.loads((stopped_at / "state.json").read_text())
     assert ("validation" in state) == completed
 
     # Resume with the MPI controller and fp16 gradient compression this time:
@@ -184,15 +188,16 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits
                           "--set", "allreduce.fp16_compression=true"), timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    assert f"resumed from {run_dir}/checkpoints/step-{step:09d}" in out
+    assert f"resumed from {stopped_at} " in out
     spe = 22
-    records = epoch_records(run_dir, skip=len(before))  # a resumed run appends to metrics.jsonl
+    records = epoch_records(run_dir)
     first_epoch = step // spe + 1  # the interrupted epoch is finished first, then the rest
-    assert [r["epoch"] for r in records] == [r["epoch"] for r in rank_records(out)[1]] == list(range(first_epoch, 41))
-    # Across the stop and the resume, every epoch has exactly one validated record.
-    validated = [r["epoch"] for r in before + records if "val_accuracy" in r]
-    assert validated == list(range(1, 41))
-    assert all("val_accuracy" in r for r in records)  # the completed interrupted epoch too
+    assert [r["epoch"] for r in rank_records(out)[1]] == list(range(first_epoch, 41))
+    # Across the stop and the resume, metrics.jsonl holds every epoch once, each validated: the resumed
+    # run replaced the record of the epoch the stop cut short by the completed epoch's.
+    assert [r["epoch"] for r in records] == list(range(1, 41))
+    assert records[:first_epoch - 1] == before[:first_epoch - 1]
+    assert all("val_accuracy" in r for r in records)
     after = messages(out, "weights after training:")
     assert after[0] == after[1]
     assert checkpoint_steps(run_dir)[-1] == 40 * spe
@@ -205,7 +210,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits
     assert res.returncode == 0, out[-3000:]
     assert "already finished at epoch 40" in out
     assert "epoch_metrics" not in out
-    assert len(epoch_records(run_dir)) == len(before) + len(records)
+    assert epoch_records(run_dir) == records
     assert f"val_accuracy            {summary['val_accuracy']:.4f}" in out
 
 
@@ -213,16 +218,19 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(digits_s
     det = ("--set", "train.epochs=4", "--set", "runtime.deterministic=true", "--set", "train.export=false")
     straight = run(launch_argv(tmp_path / "a", digits_shards, *det), timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    proc = start_and_wait_for(launch_argv(tmp_path / "b", digits_shards, *det),
-                              tmp_path / "b" / "checkpoints" / "step-000000044")
-    time.sleep(0.1)
+    # The signal lands while rank 0 holds its first save (runtime.fault_slow_save_sec), so the
+    # step after it carries the stop, however fast the machine: a stop in the middle of epoch 2.
+    held = launch_argv(tmp_path / "b", digits_shards, *det, "--set", "runtime.fault_slow_save_sec=3")
+    proc = start_and_wait_for(held, tmp_path / "b" / "checkpoints", ready=lambda ckpt: any(ckpt.glob("*.tmp-*")))
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode != 0, "the run finished before it could be stopped"
     stopped_at = checkpoint_steps(tmp_path / "b")[-1]
+    assert stopped_at == 23, f"stopped at step {stopped_at}, not on the step after the held save"
+    stopped_dir = checkpoint_dir(tmp_path / "b", stopped_at)
     resumed = run(launch_argv(tmp_path / "b", digits_shards, *det), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"step-{stopped_at:09d}" in resumed.stdout + resumed.stderr
+    assert f"resumed from {stopped_dir} " in resumed.stdout + resumed.stderr
     a = messages(straight.stdout + straight.stderr, "weights after training:")[0]
     b = messages(resumed.stdout + resumed.stderr, "weights after training:")[0]
     assert a == b, f"stopped at step {stopped_at}: straight {a}, resumed {b}"
@@ -230,8 +238,8 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(digits_s
 
 def test_kill_9_of_one_rank_ends_the_whole_job(digits_shards, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start_and_wait_for(launch_argv(run_dir, digits_shards, "--set", "train.epochs=200"),
-                              run_dir / "checkpoints" / "step-000000022")
+    proc = start_and_wait_for(launch_argv(run_dir, digits_shards, "--set", "train.epochs=200"), run_dir / "checkpoints",
+                              ready=at_step(22))
     victim = None
     for p in psutil.process_iter(["pid", "cmdline", "environ"]):
         cmd = " ".join(p.info["cmdline"] or [])
@@ -267,7 +275,6 @@ def test_resume_at_another_world_size_and_refusal_of_another_model(digits_shards
     run_dir = tmp_path / "run"
     res = run(launch_argv(run_dir, digits_shards, "--set", "train.epochs=2", "--set", "train.export=false"))
     assert res.returncode == 0, res.stderr[-3000:]
-    first = len(epoch_records(run_dir))
     # np=2 -> np=1, and a smaller global batch: more steps per epoch, a lower peak learning rate.
     res = run([sys.executable, "-m", "launch", "--np", "1", "--config", "configs/digits.yaml",
                "--set", f"run_dir={run_dir}", "--set", f"data.dir={digits_shards}", "--set", "train.epochs=3",
@@ -277,17 +284,18 @@ def test_resume_at_another_world_size_and_refusal_of_another_model(digits_shards
     assert re.search(r"checkpoint written at world size 2, resuming at 1: global batch 64 -> 32, "
                      r"per-replica batch 32 -> 32, peak learning rate 0.002 -> 0.001", out), out[-3000:]
     assert "steps per epoch 22 -> 44: continuing at the start of epoch 3 (step 88)" in out
-    assert [r["epoch"] for r in epoch_records(run_dir, skip=first)] == [3]
+    assert [r["epoch"] for r in epoch_records(run_dir)] == [1, 2, 3]
     assert checkpoint_steps(run_dir)[-1] == 3 * 44
 
     # The same run directory with another network: refused, nothing overwritten.
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    latest = checkpoint_dir(run_dir, 132)
     res = run([sys.executable, "-m", "trainer.train", "--config", "configs/digits.yaml", "--set", f"run_dir={run_dir}",
                "--set", f"data.dir={digits_shards}", "--set", "train.epochs=5", "--set", "model.name=resnet20"])
     assert res.returncode == 2
     last = res.stderr.strip().splitlines()[-1]
     assert last == (
-        f"checkpoint error: checkpoint '{run_dir}/checkpoints/step-{132:09d}' was written for model simple_cnn "
+        f"checkpoint error: checkpoint '{latest}' was written for model simple_cnn "
         "with 10 classes and input 8x8x1; this run builds model resnet20 with 10 classes and input 8x8x1"
     )
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
@@ -310,7 +318,10 @@ def test_a_larger_global_batch_re_bases_the_step_lower_and_resumes_still_go_forw
         latest = CheckpointManager(str(run_dir / "checkpoints")).latest()
         ends.append((latest, json.loads((Path(latest) / "state.json").read_text())["epoch"]))
     assert [epoch for _, epoch in ends] == [4, 5, 6]
-    assert [Path(p).name for p, _ in ends] == ["step-000000176", "step-000000055", "step-000000066"]
+    # The global step fell from 176 to 55, yet the folder names sort in training order (what `ls` shows).
+    assert [checkpoint_step(p) for p, _ in ends] == [176, 55, 66]
+    names = [Path(p).name for p, _ in ends]
+    assert sorted(names) == names and sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == names[-1]
     assert [r["epoch"] for r in epoch_records(run_dir)] == [1, 2, 3, 4, 5, 6]
 
 

@@ -38,6 +38,32 @@ def test_staged_dir_replaces_the_old_folder_only_when_complete(tmp_path):
     assert os.listdir(final) == ["new.txt"]
 
 
+def test_replace_dir_puts_the_old_folder_back_when_the_new_one_cannot_take_its_place(tmp_path):
+    final = tmp_path / "export"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(FileNotFoundError):
+        atomic.replace_dir(str(tmp_path / "export.tmp-1"), str(final))  # the second rename fails: no such folder
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+    assert os.listdir(final) == ["old.txt"]
+
+
+def test_recover_dir_puts_back_what_a_kill_between_the_renames_set_aside(tmp_path):
+    for name, text in (("export.old-11", "old"), ("export.tmp-11", "new, never renamed"),
+                       ("export.tmp-7", "cut short"), ("export-best", "another folder")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f.txt").write_text(text)
+    atomic.recover_dir(str(tmp_path / "export"))
+    assert sorted(os.listdir(tmp_path)) == ["export", "export-best"]
+    assert (tmp_path / "export" / "f.txt").read_text() == "old"
+    # A kill after the second rename: the new folder is in place, the old one only has to go.
+    (tmp_path / "export.old-12").mkdir()
+    atomic.recover_dir(str(tmp_path / "export"))
+    assert sorted(os.listdir(tmp_path)) == ["export", "export-best"]
+    assert (tmp_path / "export" / "f.txt").read_text() == "old"
+    atomic.recover_dir(str(tmp_path / "missing" / "export"))  # no parent folder: nothing to do
+
+
 def test_on_root_gives_every_rank_the_result_or_the_error():
     from data_pipeline.collective import on_root
 

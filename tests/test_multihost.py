@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from helpers import free_port, run
+from helpers import checkpoint_dir, free_port, run
 from test_horovod import messages
 
 pytestmark = pytest.mark.horovod
@@ -83,4 +83,4 @@ def test_two_hosts_one_started_over_ssh(ssh_host, digits_shards, tmp_path):
     assert (d / "sshd.log").read_text().count("Accepted publickey for root") >= 2
     after = messages(out, "weights after training:")
     assert sorted(after) == [0, 1] and after[0] == after[1]
-    assert (run_dir / "checkpoints" / "step-000000022").is_dir()
+    assert checkpoint_dir(run_dir, 22).is_dir()

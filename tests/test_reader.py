@@ -210,6 +210,32 @@ def test_undecodable_records_are_replaced_and_counted(tmp_path):
     assert rest == 73 and int(skipped.numpy()) == 6
 
 
+def test_undecodable_records_are_counted_exactly_when_decodes_finish_out_of_order(tmp_path):
+    # Large images among small ones make parallel decodes finish out of order. In the default record order
+    # (data.deterministic_order) each batch counts exactly the records skipped before its examples.
+    rng = np.random.default_rng(0)
+    small = tf.io.encode_png(rng.integers(0, 256, (6, 9, 3), dtype=np.uint8)).numpy()
+    large = tf.io.encode_png(rng.integers(0, 256, (600, 900, 3), dtype=np.uint8)).numpy()
+    path, bad = tmp_path / "s.tfrecord", {1, 7, 8, 13, 19}
+    write_with_garbage_images(path, [large, small, small, small, small], bad, list(range(20)))
+    good_per_pass, passes = 20 - len(bad), 4
+    options = TrainOptions(per_replica_batch_size=3, image_size=4, channels=3, num_records=good_per_pass * passes,
+                           shard_counts=[20], skip_corrupt=True, shuffle_buffer=1, threads=2)
+    skipped = tf.Variable(0, dtype=tf.int64)
+    counts, labels = [], []
+    for _, y in train_stream([str(path)], options, skipped):
+        counts.append(int(skipped.numpy()))
+        labels.append([int(v) for v in y])
+    added = np.diff([0, *counts]).tolist()
+    # A skipped record is counted with the batch of the example that follows it in the file: the bad
+    # records at 1, 7, 8, 13 come before 2, 9, 9, 14; the one at 19 before the next pass's 0.
+    before = {2: 1, 9: 2, 14: 1, 0: 1}
+    expected = [sum(before.get(v, 0) for v in batch) for batch in labels]
+    expected[0] -= 1  # the first pass's 0 follows no record
+    assert added == expected, f"labels {labels}"
+    assert counts[-1] == len(bad) * passes - 1
+
+
 def test_trainer_names_a_truncated_shard_in_one_line(digits_shards, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(digits_shards, shards)

@@ -2,7 +2,8 @@
 
 One single-process digits run (3 epochs) gives the export; `trainer.evaluate`
 on its last checkpoint gives the reference count of correct predictions and a
-second export (through --export).
+second export (through --export), and helpers.evaluation_predictions the
+reference answer for each validation image, which the exports must give too.
 """
 
 import base64
@@ -12,12 +13,13 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
 from data_pipeline import metadata as md
 from data_pipeline.records import parse_example
-from helpers import run
+from helpers import evaluation_predictions, run
 
 # Run with `python -I` (implies -P -E -s): neither the working folder nor PYTHONPATH on sys.path, only the venv.
 FRESH_SCRIPT = r"""
@@ -25,14 +27,12 @@ import json, sys
 import tensorflow as tf
 export, listing = sys.argv[1], json.load(open(sys.argv[2]))
 serve = tf.saved_model.load(export).signatures["serving_default"]
-correct = 0
+probabilities = []
 for start in range(0, len(listing), 50):
-    part = listing[start:start + 50]
-    data = [open(path, "rb").read() for path, _ in part]
-    out = serve(image_bytes=tf.constant(data))
-    correct += sum(int(i[0]) == label for i, (_, label) in zip(out["top_k_indices"].numpy(), part))
+    data = [open(path, "rb").read() for path, _ in listing[start:start + 50]]
+    probabilities += serve(image_bytes=tf.constant(data))["probabilities"].numpy().tolist()
 project = sorted(m for m in sys.modules if m.split(".")[0] in ("trainer", "data_pipeline", "launch", "horovod"))
-print(json.dumps({"correct": correct, "images": len(listing), "project_modules": project}))
+print(json.dumps({"probabilities": probabilities, "project_modules": project}))
 """
 
 
@@ -60,11 +60,14 @@ def validation_listing(shards: Path, images: Path) -> list[tuple[str, int]]:
     return listing
 
 
-def test_plain_tensorflow_predicts_the_png_folder_as_evaluate_counts(trained, digits_shards, digits_images, tmp_path):
+def test_plain_tensorflow_predicts_the_png_folder_as_evaluate_does(trained, digits_shards, digits_images, tmp_path):
     run_dir, evaluated, report = trained
     listing = validation_listing(digits_shards, digits_images)
     assert len(listing) == report["val_examples"] == 359
-    expected = round(report["val_accuracy"] * report["val_examples"])
+    # The evaluation path image by image: the evaluated checkpoint's model on the validation records.
+    expected, labels, _ = evaluation_predictions(run_dir, "latest")
+    assert labels.tolist() == [label for _, label in listing]
+    assert int((expected.argmax(axis=1) == labels).sum()) == round(report["val_accuracy"] * report["val_examples"])
     (tmp_path / "listing.json").write_text(json.dumps(listing))
     (tmp_path / "fresh.py").write_text(FRESH_SCRIPT)
     for export in (run_dir / "export", evaluated):  # the run's own export and evaluate's, of the same weights
@@ -72,8 +75,11 @@ def test_plain_tensorflow_predicts_the_png_folder_as_evaluate_counts(trained, di
         assert res.returncode == 0, res.stderr[-3000:]
         fresh = json.loads(res.stdout.strip().splitlines()[-1])
         assert fresh["project_modules"] == []
-        assert fresh["correct"] == expected, (export, fresh, report)
-    print("correct:", expected, "of", len(listing))
+        # Each original PNG file, served, gets the answer its validation record got.
+        served = np.array(fresh["probabilities"])
+        np.testing.assert_allclose(served, expected, rtol=0, atol=1e-5, err_msg=str(export))
+        np.testing.assert_array_equal(served.argmax(axis=1), expected.argmax(axis=1), err_msg=str(export))
+    print("correct:", int((expected.argmax(axis=1) == labels).sum()), "of", len(listing))
 
 
 def test_metadata_names_the_classes_the_step_and_the_metrics(trained):
@@ -96,6 +102,45 @@ def test_saved_model_cli_lists_both_signatures(trained):
     for expected in ("signature_def['serving_default']", "inputs['image_bytes']", "dtype: DT_STRING",
                      "signature_def['serving_images']", "shape: (-1, 8, 8, 1)", "outputs['top_k_names']"):
         assert expected in res.stdout, expected
+
+
+def saved_model_cli_run(export: Path, signature: str, key: str, array: np.ndarray, out: Path) -> dict:
+    """The outputs of `saved_model_cli run` on `array`: the session loader of TensorFlow Serving's C++ server."""
+    out.mkdir()
+    np.save(out / f"{key}.npy", array, allow_pickle=True)
+    res = run([Path(sys.executable).parent / "saved_model_cli", "run", "--dir", export, "--tag_set", "serve",
+               "--signature_def", signature, "--inputs", f"{key}={out / f'{key}.npy'}", "--outdir", out])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return {name: np.load(out / f"{name}.npy", allow_pickle=True)
+            for name in ("probabilities", "top_k_indices", "top_k_names")}
+
+
+def test_the_session_loader_answers_as_tf_saved_model_load_and_predict(trained, digits_images, tmp_path):
+    run_dir, _, _ = trained
+    export = run_dir / "export"
+    files = [f for c in range(10) for f in sorted((digits_images / str(c)).iterdir())[:3]]
+    encoded = [f.read_bytes() for f in files]
+    loaded = tf.saved_model.load(str(export))
+    served = loaded.signatures["serving_default"](image_bytes=tf.constant(encoded))
+    reference = {k: v.numpy() for k, v in served.items()}
+    images = tf.stack([loaded.preprocess(e) for e in encoded]).numpy()
+    by_bytes = saved_model_cli_run(export, "serving_default", "image_bytes", np.array(encoded, dtype=object),
+                                   tmp_path / "bytes")
+    by_images = saved_model_cli_run(export, "serving_images", "images", images, tmp_path / "images")
+    for answer in (by_bytes, by_images):
+        np.testing.assert_allclose(answer["probabilities"], reference["probabilities"], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(answer["top_k_indices"], reference["top_k_indices"])
+        np.testing.assert_array_equal(answer["top_k_names"].astype(bytes), reference["top_k_names"])
+
+    res = run([sys.executable, "-m", "trainer.predict", "--model", export, *files, "--top-k", "5",
+               "--output", tmp_path / "p.jsonl"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in rows] == [str(f) for f in files]
+    for row, names, indices, probabilities in zip(rows, by_bytes["top_k_names"], by_bytes["top_k_indices"],
+                                                  by_bytes["probabilities"]):
+        assert [t["name"] for t in row["top_k"]] == [n.decode() for n in names]
+        np.testing.assert_allclose([t["probability"] for t in row["top_k"]], probabilities[indices], rtol=0, atol=1e-6)
 
 
 def test_rest_request_shape_gives_predicts_answer_and_a_bad_string_a_clear_error(trained, digits_images, tmp_path):

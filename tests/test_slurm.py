@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, run
-from slurm_cluster import SlurmCluster, install_if_missing
+from helpers import ROOT, checkpoint_dir, checkpoint_steps, run
+from slurm_cluster import SlurmCluster
 from test_horovod import (
     RUNNER_NOISE,
-    checkpoint_steps,
     epoch_records,
     error_lines,
     messages,
@@ -27,15 +26,8 @@ pytestmark = [pytest.mark.horovod, pytest.mark.slurm]
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    install_if_missing()
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-        print(f"slurmctld and slurmd ready after {cluster.startup_sec:.1f} s")
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-    assert all(p.poll() is not None for p in cluster.procs)
 
 
 def test_daemons_listen_on_loopback_only(slurm):
@@ -58,12 +50,13 @@ def job_log(run_dir: Path, job_id: str) -> str:
     return "".join((run_dir / "slurm" / f"digits-{job_id}.{ext}").read_text() for ext in ("out", "err"))
 
 
-def wait_for(path: Path, slurm: SlurmCluster, job_id: str, timeout=300) -> None:
+def wait_for(run_dir: Path, step: int, slurm: SlurmCluster, job_id: str, timeout=300) -> None:
+    """Returns once RUN_DIR holds a checkpoint at global step `step`."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while step not in checkpoint_steps(run_dir):
         state = slurm.job(job_id)["JobState"]
-        assert state in ("PENDING", "RUNNING"), f"job {job_id} is {state} before {path} appeared"
-        assert time.monotonic() < deadline, f"{path} did not appear"
+        assert state in ("PENDING", "RUNNING"), f"job {job_id} is {state} before the checkpoint at step {step}"
+        assert time.monotonic() < deadline, f"no checkpoint at step {step} in {run_dir}"
         time.sleep(0.1)
 
 
@@ -96,7 +89,7 @@ def test_time_limit_requeue_scancel_and_resubmission_resume_from_checkpoints(slu
     run_dir = tmp_path / "run"
     epochs = ("--set", "train.epochs=4")
     job_id, _ = submit(slurm, run_dir, digits_shards, *epochs)
-    wait_for(run_dir / "checkpoints" / "step-000000022", slurm, job_id)
+    wait_for(run_dir, 22, slurm, job_id)
     time.sleep(0.3)  # into epoch 2
 
     # What Slurm does --signal-grace-sec before the time limit: SIGUSR1 to the batch shell,
@@ -108,35 +101,36 @@ def test_time_limit_requeue_scancel_and_resubmission_resume_from_checkpoints(slu
     assert sorted(first) == [0, 1] and first[0] == first[1], log[-3000:]
     step1 = int(first[0][0].split()[0])
     assert checkpoint_steps(run_dir)[-1] == step1 > 22
+    first_stop = checkpoint_dir(run_dir, step1)
     assert f"launch: requeued Slurm job {job_id}" in log
     # Slurm holds a requeued job for cred_expire (120 s by default, 10 s in the test cluster).
     info = slurm.wait(job_id, ("RUNNING", "COMPLETED", "FAILED", "CANCELLED"), timeout=120)
     assert info["JobState"] == "RUNNING" and info["Restarts"] == "1", job_log(run_dir, job_id)[-3000:]
 
     # scancel: SIGTERM to every process of the job; the workers checkpoint before KillWait ends.
-    wait_for(run_dir / "checkpoints" / f"step-{(step1 // 22 + 1) * 22:09d}", slurm, job_id)
+    wait_for(run_dir, (step1 // 22 + 1) * 22, slurm, job_id)
     time.sleep(0.3)
     slurm.run("scancel", job_id)
     info = slurm.wait(job_id, ("CANCELLED",), timeout=120)
     log = job_log(run_dir, job_id)
-    assert f"resumed from {run_dir}/checkpoints/step-{step1:09d}" in log, log[-3000:]
+    assert f"resumed from {first_stop} " in log, log[-3000:]
     second = messages(log, "stopped at step")
     assert len(second[0]) == len(second[1]) == 2 and second[0] == second[1], log[-3000:]
     step2 = int(second[0][1].split()[0])
     assert checkpoint_steps(run_dir)[-1] == step2 > step1
+    second_stop = checkpoint_dir(run_dir, step2)
     print(f"USR1 stopped at step {step1}, requeued; scancel stopped at step {step2}; job {info['JobState']}")
 
     # A new submission resumes from the scancel checkpoint, with srun starting MPI ranks this time.
-    before = len(epoch_records(run_dir))
     job2, _ = submit(slurm, run_dir, digits_shards, *epochs, "--srun")
     info = slurm.wait(job2, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
     log2 = job_log(run_dir, job2)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log2[-3000:]
     assert "srun --mpi=pmix --ntasks 2" in log2
-    assert f"resumed from {run_dir}/checkpoints/step-{step2:09d}" in log2, log2[-3000:]
-    records = epoch_records(run_dir, skip=before)  # the resumed job appends to metrics.jsonl
-    rank1 = rank_records(log2)[1]
-    assert [r["epoch"] for r in records] == [r["epoch"] for r in rank1] == list(range(step2 // 22 + 1, 5))
+    assert f"resumed from {second_stop} " in log2, log2[-3000:]
+    # One record per epoch: the resumed job replaced those of the epochs the stops cut short.
+    assert [r["epoch"] for r in epoch_records(run_dir)] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in rank_records(log2)[1]] == list(range(step2 // 22 + 1, 5))
     assert checkpoint_steps(run_dir)[-1] == 4 * 22
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, run
-from slurm_cluster import install_if_missing
+from helpers import ROOT, checkpoint_dir, checkpoint_steps, run
 from slurm_nodes import TwoNodeCluster
-from test_horovod import checkpoint_steps, messages
+from test_horovod import messages
 
 pytestmark = [pytest.mark.horovod, pytest.mark.slurm]
 
@@ -28,15 +27,8 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
-    install_if_missing()
-    cluster = TwoNodeCluster(tmp_path_factory.mktemp("slurm2"))
-    try:
-        cluster.start()
-        print(f"slurmctld, 2 slurmd and sshd ready after {cluster.startup_sec:.1f} s")
+    with TwoNodeCluster(tmp_path_factory.mktemp("slurm2")) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-    assert all(p.poll() is not None for p in cluster.procs)
 
 
 def submit(nodes: TwoNodeCluster, run_dir: Path, shards: Path, *extra) -> str:
@@ -131,6 +123,7 @@ def test_time_limit_signal_from_slurm_checkpoints_requeues_and_completes_under_g
     assert 0 in stopped and stopped.get(1, stopped[0]) == stopped[0], log[-3000:]
     first = int(stopped[0][0].split()[0])
     assert checkpoint_steps(run_dir)[-1] == first > 0
+    stopped_at = checkpoint_dir(run_dir, first)
     # The restart would get its warning as early: a longer limit, and an end one epoch after
     # the stop, let it finish soon.
     epochs = first // 22 + 1
@@ -140,7 +133,7 @@ def test_time_limit_signal_from_slurm_checkpoints_requeues_and_completes_under_g
     log = job_log(run_dir, job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == str(restarts), \
         log[-3000:]
-    assert f"resumed from {run_dir}/checkpoints/step-{first:09d}" in log, log[-3000:]
+    assert f"resumed from {stopped_at} " in log, log[-3000:]
     assert checkpoint_steps(run_dir)[-1] == epochs * 22
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == epochs
     # The launcher built -H from the allocation; rank 1 logged in on node2 over ssh (at least
@@ -157,7 +150,7 @@ def test_dead_node_ends_the_job_and_the_checkpoint_resumes_under_srun(nodes, dig
     epochs = ("--set", "train.epochs=8")
     job_id = submit(nodes, run_dir, digits_shards, *epochs)
     deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints" / "step-000000022").exists():
+    while 22 not in checkpoint_steps(run_dir):
         assert nodes.job(job_id)["JobState"] in ("PENDING", "RUNNING") and time.monotonic() < deadline
         time.sleep(0.1)
     # node2 dies: its slurmd and every process of the job on it, at once.
@@ -172,6 +165,7 @@ def test_dead_node_ends_the_job_and_the_checkpoint_resumes_under_srun(nodes, dig
     assert info["JobState"] in ("FAILED", "NODE_FAIL") and info["ExitCode"] != "0:0", log[-3000:]
     print(f"dead node: job {job_id} {info['JobState']} ({info['ExitCode']}) {ended:.1f} s after the kill")
     last = checkpoint_steps(run_dir)[-1]
+    latest = checkpoint_dir(run_dir, last)
 
     # node2 comes back; a new submission, with srun starting both ranks this time, resumes.
     nodes.restart_slurmd("node2")
@@ -180,6 +174,6 @@ def test_dead_node_ends_the_job_and_the_checkpoint_resumes_under_srun(nodes, dig
     log2 = job_log(run_dir, job2)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log2[-3000:]
     assert "srun --mpi=pmix --ntasks 2" in log2
-    assert f"resumed from {run_dir}/checkpoints/step-{last:09d}" in log2, log2[-3000:]
+    assert f"resumed from {latest} " in log2, log2[-3000:]
     assert checkpoint_steps(run_dir)[-1] == 8 * 22
     assert_one_rank_per_node(run_dir, log2)

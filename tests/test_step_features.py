@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import ROOT, run
+from helpers import ROOT, checkpoint_dir, run
 from launch.command import LaunchOptions, build_command
 
 
@@ -156,7 +156,7 @@ def test_accumulation_multiplies_the_batch_of_the_schedule_and_the_step_count(di
     assert "global batch 64 = 64 per replica (4 micro-batches of 16)" in res.stderr
     # Linear scaling from the effective batch: 0.008 x 64 / 256.
     assert "learning rate: peak 0.002 " in res.stderr
-    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000000022" / "state.json").read_text())
+    state = json.loads((checkpoint_dir(tmp_path / "run", 22) / "state.json").read_text())
     assert state["global_batch_size"] == 64 and state["global_step"] == 22
 
 
@@ -194,10 +194,11 @@ def test_accumulating_ranks_stop_together_and_end_identical(digits_shards, tmp_p
     assert first.returncode != 0, out[-3000:]
     stopped = messages(out, "stopped at step")
     assert sorted(stopped) == [0, 1] and all(m[0].startswith("7 ") for m in stopped.values()), out[-3000:]
+    stopped_at = checkpoint_dir(run_dir, 7)
     res = run(argv, timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    assert f"resumed from {run_dir}/checkpoints/step-{7:09d}" in out
+    assert f"resumed from {stopped_at} " in out
     # Every variable, BatchNorm moving statistics included, equal on both ranks.
     after = messages(out, "weights after training:")
     assert sorted(after) == [0, 1] and after[0] == after[1]

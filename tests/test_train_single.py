@@ -3,7 +3,7 @@
 import json
 import sys
 
-from helpers import run
+from helpers import checkpoint_dir, run
 
 
 def test_synthetic_resnet20_run_writes_summary(tmp_path):
@@ -17,9 +17,10 @@ def test_synthetic_resnet20_run_writes_summary(tmp_path):
     assert summary["model"] == "resnet20"
     assert summary["steps_per_epoch"] == 3
     assert summary["epochs"] == 2
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best.json", "step-000000006"]
-    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000000006" / "state.json").read_text())
-    assert state["global_step"] == 6 and state["epoch"] == 2
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "best.json", "ckpt-000002-step-000000006"]
+    state = json.loads((checkpoint_dir(tmp_path / "run", 6) / "state.json").read_text())
+    assert state["global_step"] == 6 and state["epoch"] == 2 and state["checkpoint_number"] == 2
 
 
 def test_a_corrupt_summary_of_a_finished_run_is_one_line(tmp_path):

@@ -207,7 +207,9 @@ class MetricsFile(keras.callbacks.Callback):
     """Appends one JSON object per epoch to a JSONL file: `{"epoch": N, <every epoch log>}`.
 
     Opened and closed at each epoch so that every record is on disk before the
-    next epoch starts; a resumed run appends to the same file.
+    next epoch starts. An epoch cut short by a stop gets its record too; a
+    resumed run appends after the records it keeps (ChiefOutputs.keep_records),
+    so the file holds one record per epoch, as TensorBoard shows one value per step.
     """
 
     def __init__(self, path: str):

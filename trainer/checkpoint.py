@@ -1,46 +1,46 @@
 """Checkpoints: model weights, optimizer state and progress, written atomically.
 
-A checkpoint is a folder `RUN_DIR/checkpoints/step-000000132/`, named by the
-global step (`step-000000132-2`, `-3`... when that name already holds other
-progress, as after a resume with another global batch), holding
+A checkpoint is a folder `RUN_DIR/checkpoints/ckpt-000007-step-000000132/`,
+named by its save number and global step (trainer.checkpoint_folder: the
+names sort in training order), holding
   model.weights.h5   Keras weights (BatchNorm statistics included),
   optimizer.npz      optimizer variables, among them the step counter that
                      positions the learning-rate schedule,
   rng.npz            random-generator states (dropout masks),
-  state.json         epoch, global step, steps per epoch, world size, batch,
-                     data seed, a hash of the config, and the model signature
-                     (name, input shape, classes) that a resume must match.
+  state.json         epoch, global step, save number, steps per epoch, world
+                     size, batch, data seed, a hash of the config, and the model
+                     signature (name, input shape, classes) that a resume must match.
 It is written under a temporary name, every file and the folder fsynced, and
 renamed into place, so a crash or power loss at any moment leaves the earlier
 checkpoints as they were; `latest()` only sees complete ones. Nothing is
 unpickled: HDF5, npz with allow_pickle=False and JSON.
 
 Order is training progress as state.json records it (epoch, then the fraction
-of the next epoch done), never the folder name: a resume with a larger global
-batch re-bases the global step lower, and its newer checkpoints must still
-count as newer. The last `keep` checkpoints in that order are kept, and with a `best_metric` also the one
+of the next epoch done), never the folder name: the names of earlier versions
+held only the global step, which a resume with a larger global batch re-bases
+lower, and their newer checkpoints must still count as newer. The last `keep`
+checkpoints in that order are kept, and with a `best_metric` also the one
 whose state.json holds the best finite value of it (under "validation"),
-however old; `checkpoints/best.json` names it. The best is found from the state.json
-files themselves, so a crash between a save and the pointer update loses
-nothing: the pointer is rewritten at the next save.
+however old; `checkpoints/best.json` names it. The best is found from the
+state.json files themselves, so a crash between a save and the pointer update
+loses nothing: the pointer is rewritten at the next save. A checkpoint that
+cannot be read is moved into `damaged/` at the next start (restore_latest).
 """
 
-import itertools
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 
 import numpy as np
 
 from data_pipeline import atomic
+from trainer import checkpoint_folder as folder
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^step-(\d{9,})(-\d+)?$")
 CHECKPOINT_DIR = "checkpoints"  # in the run folder
 STATE_FILE = "state.json"
 BEST_FILE = "best.json"
@@ -89,24 +89,8 @@ class CheckpointManager:
         self.slow_save_sec = slow_save_sec  # runtime.fault_slow_save_sec: tests only
 
     def remove_leftovers(self) -> None:
-        """Deletes `*.tmp-*` of killed writes; puts back a `*.old-*` whose replacement never arrived.
-
-        For rank 0 at the start of a run (ChiefOutputs.start): no save is under way then.
-        """
-        if not os.path.isdir(self.directory):
-            return
-        for name in sorted(os.listdir(self.directory)):
-            path = os.path.join(self.directory, name)
-            old = re.match(r"^(.*)\.old-\d+$", name)
-            if old and not os.path.exists(os.path.join(self.directory, old.group(1))):
-                log.warning("restoring %s, left aside by a save that was killed", old.group(1))
-                os.rename(path, os.path.join(self.directory, old.group(1)))
-            elif old or re.search(r"\.tmp-\d+$", name):
-                log.info("removing %s, left by a save that was killed", path)
-                if os.path.isdir(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    os.remove(path)
+        """For rank 0 at the start of a run (ChiefOutputs.start): no save is under way then."""
+        folder.remove_leftovers(self.directory)
 
     def _scan(self) -> tuple[list[tuple[tuple, str, dict]], list[tuple[str, str]]]:
         """(order key, path, state) of the readable checkpoints, oldest progress first; (path, why) of the rest.
@@ -118,7 +102,7 @@ class CheckpointManager:
         found, unreadable = [], []
         for name in os.listdir(self.directory):
             path = os.path.join(self.directory, name)
-            if not _NAME.match(name) or not os.path.isfile(os.path.join(path, STATE_FILE)):
+            if not folder.NAME.match(name) or not os.path.isfile(os.path.join(path, STATE_FILE)):
                 continue
             try:
                 state = self.read_state(path)
@@ -129,9 +113,6 @@ class CheckpointManager:
                 continue
             found.append((key, path, state))
         return sorted(found, key=lambda entry: entry[0]), sorted(unreadable)
-
-    def path(self, global_step: int) -> str:
-        return os.path.join(self.directory, f"step-{global_step:09d}")
 
     def latest(self) -> str | None:
         found, _ = self._scan()
@@ -162,13 +143,13 @@ class CheckpointManager:
                 name = json.load(f)["checkpoint"]
         except (OSError, ValueError, KeyError, TypeError):
             return self.best()
-        return os.path.join(self.directory, name) if _NAME.match(str(name)) else self.best()
+        return os.path.join(self.directory, name) if folder.NAME.match(str(name)) else self.best()
 
     def resolve(self, which: str) -> str:
         """`latest`, `best` (as recorded) or a checkpoint folder, as a path; CheckpointError if there is none."""
-        named = os.path.join(self.directory, which)  # a folder name such as step-000000044
+        named = os.path.join(self.directory, which)  # a folder name such as ckpt-000002-step-000000044
         path = {"latest": self.latest, "best": self.recorded_best}.get(
-            which, lambda: named if _NAME.match(which) and os.path.isdir(named) else which)()
+            which, lambda: named if folder.NAME.match(which) and os.path.isdir(named) else which)()
         if path is None or not os.path.isfile(os.path.join(path, STATE_FILE)):
             what = f"no {which} checkpoint" if which in ("latest", "best") else f"{which!r} is not a checkpoint"
             raise CheckpointError(f"{what} in {self.directory!r}" if path is None else what)
@@ -188,32 +169,17 @@ class CheckpointManager:
         }
         atomic.write_json(pointer, info, durable=True)
 
-    def _target(self, state: dict) -> str:
-        """The folder for `state`: its step's name, or the first free suffix when that holds other progress.
-
-        Replacing is only ever of the same progress (a resume that reached it again).
-        """
-        base = self.path(state["global_step"])
-        for n in itertools.count(1):
-            path = base if n == 1 else f"{base}-{n}"
-            if not os.path.exists(path):
-                return path
-            try:
-                if progress(self.read_state(path)) == progress(state):
-                    return path
-            except (CheckpointError, KeyError, TypeError, ValueError):
-                pass  # unreadable: kept as it is, for a person to look at
-        raise AssertionError("unreachable")
-
     def save(self, model, state: dict) -> str:
         """Writes a checkpoint at the optimizer's current step and prunes old ones.
 
-        `state` is stored in state.json beside the global step. Raises OSError
+        `state` is stored in state.json beside the global step and the save number
+        (`checkpoint_number`, in the folder name too). Raises OSError
         when the write fails; the earlier checkpoints are then untouched.
         """
-        state = {**state, "global_step": int(model.optimizer.iterations.numpy())}
+        number = folder.next_number(self.directory)
+        state = {**state, "global_step": int(model.optimizer.iterations.numpy()), "checkpoint_number": number}
         os.makedirs(self.directory, mode=0o750, exist_ok=True)
-        final = self._target(state)
+        final = os.path.join(self.directory, folder.name(number, state["global_step"]))
         with atomic.staged_dir(final, durable=True) as tmp:
             model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
             store: dict = {}
@@ -235,9 +201,12 @@ class CheckpointManager:
         return final
 
     def restore_latest(self, model, expect_model: dict | None = None) -> dict | None:
-        """Restores the newest checkpoint that can be read, warning about each newer one that cannot.
+        """Restores the newest checkpoint that can be read; moves those that cannot into `damaged/`.
 
-        Returns its state with its "path", or None when there is no checkpoint.
+        For rank 0 at the start of a run, when no save is under way. Each
+        damaged checkpoint gets one warning, once: moved aside, it is not tried
+        again. Returns the state with its "path", or None when there is no
+        checkpoint. When none can be read, nothing is moved (UnreadableCheckpoint).
         A checkpoint of another model is an error, not a reason to go back.
         """
         found, skipped = self._scan()
@@ -247,8 +216,12 @@ class CheckpointManager:
             except UnreadableCheckpoint as e:
                 skipped.append((path, str(e)))
                 continue
-            for _, why in skipped:
-                log.warning("%s; restoring %s instead", why, path)
+            for bad, why in skipped:
+                try:
+                    moved = f"moved {bad} to {folder.set_aside(self.directory, bad)} for a person to look at"
+                except OSError as e:
+                    moved = f"could not move {bad} aside ({e})"
+                log.warning("%s; restoring %s instead; %s", why, path, moved)
             return {**state, "path": path}
         if skipped:
             raise UnreadableCheckpoint(f"no readable checkpoint in {self.directory!r}: {skipped[-1][1]}")

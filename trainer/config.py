@@ -59,13 +59,16 @@ class DataConfig:
       skip_corrupt_records: skip undecodable images and the rest of a shard
         after a corrupt record, with warnings, instead of stopping with an
         error that names the shard. Skipped records shift the data order.
+        The training count per epoch (`skipped_records`) is exact with
+        deterministic_order, approximate without (docs/input-pipeline.md).
       deterministic_order: every rank reads its records in the same order in
         every run (ordered parallel reads and decodes), so a resumed run sees
         the same examples at the same steps as an uninterrupted one. false:
         parallel reads and decodes hand out whatever is ready first (faster
         only when one file or image is slow; the CPU cost is the same, see
-        docs/benchmarks.md), and the order differs from run to run.
-        runtime.deterministic implies true.
+        docs/benchmarks.md); the order then differs from run to run, and
+        the per-epoch skipped_records is approximate. runtime.deterministic
+        implies true.
     """
 
     dir: str = ""

@@ -112,11 +112,25 @@ class Evaluator:
         return result
 
 
+def validation_metrics(result: dict) -> dict[str, float]:
+    """An evaluation's figures prefixed `val_`, `val_examples` among them: what a checkpoint records."""
+    return {f"val_{k}": float(v) for k, v in result.items() if k != "time_sec"}
+
+
 def validation_logs(result: dict) -> dict[str, float]:
-    """An evaluation as epoch-log entries: metrics prefixed `val_`, and its duration."""
-    logs = {f"val_{k}": float(v) for k, v in result.items() if k not in ("examples", "time_sec")}
-    logs["eval_time_sec"] = float(result["time_sec"])
-    return logs
+    """An evaluation as epoch-log entries: its `validation_metrics`, and its duration."""
+    return {**validation_metrics(result), "eval_time_sec": float(result["time_sec"])}
+
+
+def recorded_validation(metrics: dict) -> dict | None:
+    """The evaluation (without its time) behind `validation_metrics`, as a checkpoint's state.json holds them.
+
+    None for the records of earlier versions, which lack `val_examples`.
+    """
+    if not isinstance(metrics.get("val_examples"), (int, float)):
+        return None
+    result = {k[4:]: v for k, v in metrics.items() if k.startswith("val_") and k != "val_examples"}
+    return {**result, "examples": int(metrics["val_examples"])}
 
 
 def is_due(epoch: int, every: int, epochs: int) -> bool:

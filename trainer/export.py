@@ -12,10 +12,14 @@ Outputs:
   top_k_names      string [batch, k], their class names
 
 The bytes signature runs data_pipeline.preprocess.eval_image, the function of
-the evaluation stream itself, inside the graph: a served image is decoded with
-the training channels, centre-cropped by data.crop_fraction and resized exactly
-as the validation images were. A string that is not a JPEG, PNG, GIF or BMP
-fails the whole call with InvalidArgumentError naming its batch index.
+the evaluation stream itself, inside the graph. A served file is an original,
+not a record: it first goes through the normalisation build_shards recorded in
+metadata.json (mode rules, the --max-side downscale, with Pillow's integer
+formulas; data_pipeline.source_image), then it is decoded with the training
+channels, centre-cropped by data.crop_fraction and resized exactly as the
+validation images were. A string that is not a JPEG, PNG, GIF or BMP, or a
+file the export cannot normalise as the converter did, fails the whole call
+with InvalidArgumentError saying why.
 
 `loaded.preprocess(one_file_bytes)` is the per-image part of serving_default
 (check, decode, crop, resize, scale), for callers that decode in their own
@@ -24,9 +28,22 @@ tf.data pipeline and then call serving_images (trainer.predict does).
 Metadata (class names, input size and channels, crop fraction, top-k, the
 run's config hash, the checkpoint's step and validation metrics) is in
 assets/serving.json and returned as a JSON string by `loaded.metadata()`.
+
+The export also loads the way TensorFlow Serving's C++ loader and
+`saved_model_cli run` load it: a session built from the MetaGraph, whose
+restore op fills the variables the signatures read. That needs the tracked
+variables to be the tf.Variables the traced functions read, which is what
+keras.export.ExportArchive tracks: Keras's own Variable wrappers
+(model.variables) export a second copy of each weight, which the restore op
+fills while the functions read the first, uninitialised one
+(keras-team/keras#20095); tf.saved_model.load does not show it. ExportArchive
+itself is not used: every function it carries becomes a serving signature
+(`preprocess` and `metadata` among them), and it has no place for an asset.
 """
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -35,6 +52,7 @@ import tensorflow as tf
 
 from data_pipeline import atomic
 from data_pipeline import metadata as md
+from data_pipeline.normalisation import Normalisation, from_metadata
 from data_pipeline.preprocess import eval_image
 
 METADATA_FILE = "serving.json"
@@ -58,6 +76,9 @@ class ExportInfo:
       config_sha256: the hash of the training run's resolved config.
       global_step: the optimizer step of the exported weights.
       metrics: the checkpoint's validation metrics (val_accuracy, ...).
+      normalisation: what build_shards did to each file before storing it
+        (metadata.json), repeated on a served file; None (synthetic data):
+        served files are decoded as records are.
     """
 
     class_names: tuple[str, ...]
@@ -68,6 +89,7 @@ class ExportInfo:
     config_sha256: str = ""
     global_step: int = 0
     metrics: dict = field(default_factory=dict)
+    normalisation: Normalisation | None = None
 
 
 def class_names_for(num_classes: int, names: list[str] | None) -> tuple[str, ...]:
@@ -82,7 +104,8 @@ def export_info(cfg, model, result: dict, config_sha256: str) -> ExportInfo:
     `result` may give `global_step` (an evaluated checkpoint's); the optimizer's step otherwise.
     """
     _, size, _, channels = model.input_shape
-    names = None if cfg.data.synthetic else md.load_metadata(cfg.data.dir)["class_names"]
+    meta = None if cfg.data.synthetic else md.load_metadata(cfg.data.dir)
+    names = None if meta is None else meta["class_names"]
     step = result.get("global_step")
     if step is None:
         step = int(model.optimizer.iterations.numpy())
@@ -91,6 +114,7 @@ def export_info(cfg, model, result: dict, config_sha256: str) -> ExportInfo:
         channels=int(channels), crop_fraction=float(cfg.data.crop_fraction), top_k=cfg.train.export_top_k,
         config_sha256=config_sha256, global_step=int(step),
         metrics={k: v for k, v in result.items() if k.startswith("val_")},
+        normalisation=None if meta is None else from_metadata(meta),
     )
 
 
@@ -106,13 +130,24 @@ def check_image_bytes(image_bytes: tf.Tensor) -> tf.Tensor:
         ["image_bytes: not a JPEG, PNG, GIF or BMP image at batch index", bad], summarize=16)
 
 
+def read_variables(functions) -> list:
+    """The tf.Variables the traced `functions` read, each once, in the order first read.
+
+    What a SavedModel must track for its restore op to fill them (see the
+    module docstring); keras.export.ExportArchive collects the same.
+    """
+    found = {}
+    for concrete in functions:
+        for variable in concrete.variables:
+            found.setdefault(id(variable), variable)
+    return list(found.values())
+
+
 class ServingModule(tf.Module):
     """The Keras model, its preprocessing and its class names, as tf.functions with fixed signatures."""
 
     def __init__(self, model, info: ExportInfo, metadata_path: str):
         super().__init__()
-        # The weights alone are tracked: the model would bring its optimizer (Horovod's wrapper in a run).
-        self.model_variables = list(model.variables)
         self._predict = lambda images: model(images, training=False)
         self.info = info
         self.metadata_file = tf.saved_model.Asset(metadata_path)
@@ -125,6 +160,14 @@ class ServingModule(tf.Module):
         # One file to the model's input, as serving_default does it: for callers that
         # decode in their own tf.data pipeline (trainer.predict), then use serving_images.
         self.preprocess = tf.function(self._preprocess, input_signature=[tf.TensorSpec([], tf.string)])
+        # Only what the signatures read is tracked, not the model: it would bring
+        # its optimizer's variables (and the training step's state) into the export.
+        self.model_variables = read_variables(self.concrete_signatures().values())
+
+    def concrete_signatures(self) -> dict:
+        """The serving signatures by name, as concrete functions (traced at the first call)."""
+        return {BYTES_SIGNATURE: self.serve_bytes.get_concrete_function(),
+                IMAGES_SIGNATURE: self.serve_images.get_concrete_function()}
 
     def _outputs(self, images: tf.Tensor) -> dict:
         probabilities = tf.cast(self._predict(images), tf.float32)
@@ -137,7 +180,7 @@ class ServingModule(tf.Module):
         # decode_image reads more formats (WebP): the check keeps `preprocess` to the four of serving_default.
         with tf.control_dependencies([check_image_bytes(encoded[tf.newaxis])]):
             encoded = tf.identity(encoded)
-        return eval_image(encoded, i.channels, i.image_size, i.crop_fraction)
+        return eval_image(encoded, i.channels, i.image_size, i.crop_fraction, source=i.normalisation)
 
     def _from_bytes(self, image_bytes):
         i = self.info
@@ -159,17 +202,44 @@ def metadata_dict(info: ExportInfo) -> dict:
             "signatures": {"bytes": BYTES_SIGNATURE, "images": IMAGES_SIGNATURE}}
 
 
+class _CaptureRenameNote(logging.Filter):
+    """Drops TensorFlow's INFO note that a signature's inputs are renamed in the SavedModel.
+
+    tf.saved_model.save writes it (through absl) for every signature that
+    reads a variable: each read enters the traced function as a placeholder
+    that TensorFlow names `resource`, stored under a unique name. Those are
+    not inputs a client gives; the signatures' own inputs (image_bytes,
+    images) keep their names, as `saved_model_cli show` lists them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Function `%s` contains input name(s)")
+
+
+@contextlib.contextmanager
+def _without_capture_rename_note():
+    absl_log = logging.getLogger("absl")
+    note = _CaptureRenameNote()
+    absl_log.addFilter(note)
+    try:
+        yield
+    finally:
+        absl_log.removeFilter(note)
+
+
 def export_serving(model, final: str, info: ExportInfo) -> str:
-    """Writes the serving SavedModel to `final`; an old export is replaced only once the new one is whole."""
+    """Writes the serving SavedModel to `final`; an old export is replaced only once the new one is whole.
+
+    Durable, as checkpoints are: a power loss after the rename cannot leave an
+    export whose files are empty. A kill between the rename of the old export
+    aside and that of the new one into place is repaired at the next start
+    (atomic.recover_dir, from trainer.outputs).
+    """
     with tempfile.TemporaryDirectory() as scratch:
         metadata_path = os.path.join(scratch, METADATA_FILE)
         with open(metadata_path, "w", encoding="utf-8") as f:
             json.dump(metadata_dict(info), f, indent=2, sort_keys=True)
         module = ServingModule(model, info, metadata_path)
-        signatures = {
-            BYTES_SIGNATURE: module.serve_bytes.get_concrete_function(),
-            IMAGES_SIGNATURE: module.serve_images.get_concrete_function(),
-        }
-        with atomic.staged_dir(final) as tmp:
-            tf.saved_model.save(module, tmp, signatures=signatures)
+        with atomic.staged_dir(final, durable=True) as tmp, _without_capture_rename_note():
+            tf.saved_model.save(module, tmp, signatures=module.concrete_signatures())
     return final

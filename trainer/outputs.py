@@ -6,12 +6,14 @@ rank and never asks for the rank itself.
 
 RUN_DIR/
   config.yaml            the resolved config of the latest start
-  checkpoints/step-N/    see trainer.checkpoint
+  checkpoints/ckpt-N-step-S/  see trainer.checkpoint
   checkpoints/best.json  which checkpoint is the best by train.best_metric
+  checkpoints/damaged/   checkpoints that could not be read, moved aside at start
   tensorboard/train/     epoch and step scalars, rank timing, input images,
                          histograms, profiler traces (see trainer.summaries)
   tensorboard/validation/ validation scalars of the evaluated epochs
-  metrics.jsonl          one JSON object per epoch (appended; a resumed run goes on)
+  metrics.jsonl          one JSON object per epoch (appended; a resumed run first drops
+                         the records from its resume point on, see keep_records)
   summary.json           final metrics and throughput
   export/                SavedModel for serving: encoded images in, class names out (trainer.export)
 """
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
+EXPORT_DIR = "export"
 
 
 class RunOutputs:
@@ -57,6 +60,9 @@ class RunOutputs:
 
     def restore(self, model, which: str, expect_model: dict) -> dict | None:
         return None
+
+    def keep_records(self, epochs_done: int) -> None:
+        pass
 
     def callbacks(self, state_fn, timer=None) -> list:
         return []
@@ -84,7 +90,9 @@ class ChiefOutputs(RunOutputs):
             os.makedirs(self.run_dir, mode=0o750, exist_ok=True)
         except OSError as e:  # past check_run_dir, a filesystem may still refuse (/proc, a read-only mount)
             raise ConfigError(f"run_dir {self.run_dir!r}: cannot be created: {e.strerror or e}") from None
-        self.checkpoints.remove_leftovers()  # only rank 0 saves, so no save of this run is under way
+        # Only rank 0 writes them, so no save or export of this run is under way.
+        self.checkpoints.remove_leftovers()
+        atomic.recover_dir(os.path.join(self.run_dir, EXPORT_DIR))
         atomic.write_text(os.path.join(self.run_dir, "config.yaml"), dump_yaml(self.cfg))
 
     def restore_latest(self, model, expect_model: dict) -> dict | None:
@@ -94,6 +102,25 @@ class ChiefOutputs(RunOutputs):
             return None
         log.info("resumed from %s (epoch %d, step %d)", state.pop("path"), state["epoch"], state["global_step"])
         return state
+
+    def keep_records(self, epochs_done: int) -> None:
+        """Keeps the last record of each epoch up to `epochs_done` in metrics.jsonl, where the run continues.
+
+        Dropped: a cut-short epoch's record (the completed epoch's replaces
+        it), those of later epochs (a resume from an earlier checkpoint trains
+        them again) and a line torn by a kill. Rewritten atomically, if at all.
+        """
+        path = os.path.join(self.run_dir, METRICS_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return
+        kept = {epoch: line for epoch, line in ((_epoch_of(x), x) for x in lines) if 0 < (epoch or 0) <= epochs_done}
+        if [kept[e] for e in sorted(kept)] != lines:
+            atomic.write_text(path, "".join(kept[e] + "\n" for e in sorted(kept)), durable=True)
+            log.info("%s: continuing after epoch %d, %d of its %d records dropped (cut short, later, or torn)",
+                     path, epochs_done, len(lines) - len(kept), len(lines))
 
     def restore(self, model, which: str, expect_model: dict) -> dict:
         """Loads the `latest`, the `best` or a named checkpoint; returns its state with its path."""
@@ -167,7 +194,7 @@ class ChiefOutputs(RunOutputs):
         if best:
             summary["best_checkpoint"] = best
         if self.cfg.train.export:
-            summary["export_dir"] = self._export(model, os.path.join(self.run_dir, "export"), summary)
+            summary["export_dir"] = self._export(model, os.path.join(self.run_dir, EXPORT_DIR), summary)
         atomic.write_json(os.path.join(self.run_dir, SUMMARY_FILE), summary)
         return summary
 
@@ -189,6 +216,15 @@ class ChiefOutputs(RunOutputs):
         export_serving(model, final, export_info(self.cfg, model, result, sha))
         log.info("exported SavedModel for serving: %s", final)
         return final
+
+
+def _epoch_of(line: str) -> int | None:
+    """The epoch of a metrics.jsonl line, None for a line that holds no record."""
+    try:
+        epoch = json.loads(line)["epoch"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return epoch if type(epoch) is int else None
 
 
 def make_outputs(ctx, cfg: ExperimentConfig) -> RunOutputs:

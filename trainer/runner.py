@@ -23,7 +23,7 @@ from trainer.config import ExperimentConfig, effective_batch_size
 from trainer.data import SkippedRecords, check_shards, make_evaluator, train_dataset
 from trainer.data_spec import model_signature, resolve_data
 from trainer.distributed import DistContext, weights_digest
-from trainer.evaluation import PeriodicValidation, validation_logs
+from trainer.evaluation import PeriodicValidation, recorded_validation, validation_metrics
 from trainer.outputs import make_outputs
 from trainer.preemption import StopOnRequest, Stopped, StopRequest
 from trainer.resume import fit_phases, resume_state, resume_step
@@ -86,7 +86,8 @@ class TrainingRun:
         self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.signature = model_signature(cfg, spec)
         self.config_sha = config_hash(cfg)
-        self.validated: dict[int, dict] = {}  # validation results by epoch, from every train() call
+        # Validation results by epoch, from every train() call (and the last one's from its checkpoint).
+        self.validated: dict[int, dict] = {}
         self.logged_final = False  # the last epoch's validation logged by an earlier start
 
     def make_outputs(self, ctx: DistContext):
@@ -96,10 +97,19 @@ class TrainingRun:
     def resume(self, ctx: DistContext, outputs) -> int:
         """The global step to start at, from the latest checkpoint (collective: run once per job)."""
         state = resume_state(ctx, self.cfg, outputs, self.model, self.signature)
-        if state and "validation" in state and int(state["epoch"]) == self.cfg.train.epochs:
-            # A stop on the run's last step, after its validation was logged: finish() must not log it again.
-            self.logged_final = True
-        return resume_step(state, self.steps_per_epoch, self.global_batch, ctx.size, self.schedule, self.model)
+        epochs = self.cfg.train.epochs
+        if state and "validation" in state and int(state["epoch"]) == epochs:
+            # A stop on the run's last step, after its validation was logged: finish() must neither evaluate
+            # it again nor log it again. Every rank has the state, so all decide alike (evaluation is collective).
+            recorded = recorded_validation(state["validation"])
+            if recorded is None:  # a checkpoint of an earlier version: evaluated again, not logged again
+                self.logged_final = True
+            else:
+                self.validated[epochs] = recorded
+        step = resume_step(state, self.steps_per_epoch, self.global_batch, ctx.size, self.schedule, self.model)
+        # The epochs from the resume point on are trained (or completed) again, and recorded again.
+        outputs.keep_records(step // self.steps_per_epoch)
+        return step
 
     def checkpoint_state(self, ctx: DistContext, step: int) -> dict:
         """What a checkpoint written at `step` records about the run, besides the weights."""
@@ -188,15 +198,16 @@ class TrainingRun:
             # Rank 0 reads it; an unreadable one must stop every rank, not leave them waiting.
             summary = on_root(ctx.is_chief, lambda v: ctx.broadcast_object(v, "resume.finished"),
                               outputs.load_summary, CheckpointError)
-            if summary is not None:
+            # One of an earlier start with fewer epochs is not this run's: its export is of older weights.
+            if summary is not None and summary.get("epochs", epochs) >= epochs:
                 log.info("run in %s already finished at epoch %d", self.cfg.run_dir, epochs)
                 return summary if ctx.is_chief else None
-            # Training finished but the summary was never written: evaluate again,
-            # on every rank, from rank 0's restored weights.
+            # Training finished but its summary was never written: the weights restored on rank 0
+            # are evaluated again on every rank below, unless their checkpoint recorded the validation.
             ctx.broadcast_variables(self.model.variables, "eval.model")
             history = {}
-        # The last epoch is always validated in fit, unless a stop cut it short
-        # or the run was stopped (and logged) on its last step.
+        # The last epoch is always validated in fit, unless a stop cut it short,
+        # or the run was stopped on its last step: its checkpoint recorded the validation.
         val = self.validated.get(epochs) or self.evaluator(ctx).evaluate(self.model)
         summary = self.summary(ctx, history, val)
         logged = epochs in self.validated or self.logged_final
@@ -206,7 +217,7 @@ class TrainingRun:
         """The run's summary.json: final validation, throughput and sizes."""
         rates = history.get("images_per_sec", [])
         return {
-            **{k: v for k, v in validation_logs(val).items() if k.startswith("val_")},
+            **validation_metrics(val),
             "val_examples": val["examples"],
             "epochs": self.cfg.train.epochs,
             "epochs_this_start": len(rates),

@@ -34,7 +34,7 @@ class EpochScalars(keras.callbacks.Callback):
         if epoch_cut_short(self.model):
             return  # an epoch cut short by a stop: logged when the resumed run completes it
         scalars = {k: float(v) for k, v in logs.items() if np.ndim(v) == 0}
-        val = {k[4:]: v for k, v in scalars.items() if k.startswith("val_")}
+        val = {k[4:]: v for k, v in scalars.items() if k.startswith("val_") and k != "val_examples"}
         if val and self._val_writer is None:
             self._val_writer = tf.summary.create_file_writer(self.val_log_dir)
         train = {k: v for k, v in scalars.items() if not k.startswith("val_")}
