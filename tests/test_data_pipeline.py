@@ -180,6 +180,8 @@ def test_pixels_survive_the_round_trip(tmp_path):
     (lambda m: m.update(num_classes="10"), "num_classes='10': class_names has 10"),
     (lambda m: m.update(format_version="1"), "format_version='1': this code reads versions 1 to"),
     (lambda m: m.update(format_version=99), "format_version=99: this code reads versions 1 to"),
+    (lambda m: m.update(normalisation={**m.get("normalisation", {}), "channels": True}),
+     "normalisation.channels=True: the serving export reproduces only 1 or 3"),
 ])
 def test_metadata_that_does_not_hold_together_is_one_line(digits_shards, tmp_path, edit, message):
     meta = json.loads((digits_shards / "metadata.json").read_text())
