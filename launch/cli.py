@@ -9,9 +9,12 @@
         [--dry-run] [--tensorboard PORT [--tensorboard-host HOST]]
 
 `run` may be left out (launch.main). The options after `--requeue-on-timeout`
-are the table of launch.options. Exits 2 for bad options, config, data or a
-checkpoint of another model (before any worker starts), else with the exit
-code of the first worker that failed (docs/training.md), or horovodrun's.
+are the table of launch.options. Exits 2 for bad options, config, data, a
+checkpoint of another model or a run_dir in use by another job (before any
+worker starts), else with the exit code of the first worker that failed
+(docs/training.md), or horovodrun's. The launcher holds the run folder's claim
+(trainer.run_claim) for the whole job, and passes its token to the workers,
+which know it as theirs.
 """
 
 import argparse
@@ -43,6 +46,7 @@ from launch.options import add_config_options, add_options, launch_values
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, check_environment, check_run_dir, load_config, validate, validate_world
 from trainer.data_spec import check_start
+from trainer.run_claim import TOKEN_ENV, RunClaimError, acquire
 
 DESCRIPTION = "Start data-parallel workers with horovodrun (or srun inside a Slurm allocation)."
 
@@ -202,6 +206,7 @@ class Job(NamedTuple):
       requeue_job: the Slurm job id to requeue at the time limit, or None.
       options: the launch options the command was built from.
       stop: how the launcher stops the workers at a checkpoint.
+      run_dir: the config's run_dir, which the launcher claims.
     """
 
     argv: list[str]
@@ -210,6 +215,7 @@ class Job(NamedTuple):
     requeue_job: str | None
     options: LaunchOptions
     stop: StopPlan
+    run_dir: str
 
 
 def prepare(args: argparse.Namespace) -> Job:
@@ -253,7 +259,7 @@ def prepare(args: argparse.Namespace) -> Job:
             raise LaunchError("--requeue-on-timeout needs SLURM_JOB_ID (run it inside a Slurm job)")
         if not shutil.which("scontrol"):
             raise LaunchError("--requeue-on-timeout needs scontrol, which is not on PATH")
-    return Job(cmd, env, board, requeue_job, opts, stop_plan(opts))
+    return Job(cmd, env, board, requeue_job, opts, stop_plan(opts), cfg.run_dir)
 
 
 def check_runner(argv: list[str]) -> None:
@@ -268,13 +274,14 @@ def run(args: argparse.Namespace) -> int:
         job = prepare(args)
         if not args.dry_run:  # a dry run only prints: it may be run where horovodrun is not
             check_runner(job.argv)
+            claim = acquire(job.run_dir)  # the last check, the first write
     except DataError as e:
         print(f"launch: data error: {e}", file=sys.stderr)
         return 2
     except CheckpointError as e:
         print(f"launch: checkpoint error: {e}", file=sys.stderr)
         return 2
-    except (ConfigError, LaunchError, HostError) as e:
+    except (ConfigError, LaunchError, HostError, RunClaimError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
@@ -285,14 +292,16 @@ def run(args: argparse.Namespace) -> int:
         if args.tensorboard is not None:
             print(shlex.join(job.board))
         return 0
-    print(f"launch: {shlex.join(job.argv)}", file=sys.stderr, flush=True)
-    if args.tensorboard is None:
-        print(f"launch: watch with: {shlex.join(job.board)}", file=sys.stderr, flush=True)
-        return execute(job.argv, job.env, job.requeue_job, verbose=job.options.verbose, stop=job.stop,
+    with claim:
+        env = {**job.env, TOKEN_ENV: claim.token}  # the workers' run_dir check finds this claim their own
+        print(f"launch: {shlex.join(job.argv)}", file=sys.stderr, flush=True)
+        if args.tensorboard is None:
+            print(f"launch: watch with: {shlex.join(job.board)}", file=sys.stderr, flush=True)
+            return execute(job.argv, env, job.requeue_job, verbose=job.options.verbose, stop=job.stop,
+                           elastic=job.options.elastic)
+        print(f"launch: TensorBoard: {shlex.join(job.board)}", file=sys.stderr, flush=True)
+        return execute(job.argv, env, job.requeue_job, job.board, verbose=job.options.verbose, stop=job.stop,
                        elastic=job.options.elastic)
-    print(f"launch: TensorBoard: {shlex.join(job.board)}", file=sys.stderr, flush=True)
-    return execute(job.argv, job.env, job.requeue_job, job.board, verbose=job.options.verbose, stop=job.stop,
-                   elastic=job.options.elastic)
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,7 @@ safe character set and double-quoted paths without quotes, backslashes or
 line breaks, and every shell word is quoted with shlex.quote.
 """
 
+import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -188,3 +189,20 @@ def build_script(opts: SlurmOptions) -> str:
     # exec: the launcher becomes the batch shell, so it receives Slurm's B: signal.
     lines.append("exec " + shlex.join(launcher))
     return "\n".join(lines) + "\n"
+
+
+SQUEUE_FORMAT = "%i|%T|%o"  # job id, state, and the command: a batch job's script
+
+
+def queued_job(squeue_output: str, run_dir: str) -> tuple[str, str, str] | None:
+    """(id, state, script) of a job in `squeue -h -o SQUEUE_FORMAT` whose script `launch slurm` wrote for run_dir.
+
+    squeue lists jobs that are pending, running or ending, not finished ones.
+    """
+    folder = os.path.join(run_dir, "slurm", "")
+    for line in squeue_output.splitlines():
+        job = line.split("|", 2)  # the script path, last, may hold a '|'
+        if len(job) == 3 and job[2].startswith(folder):
+            return job[0], job[1], job[2]
+    return None
+

@@ -9,8 +9,10 @@
 
 `--dry-run` prints the script. Otherwise it is saved as run_dir/slurm/NAME.sbatch
 and submitted with sbatch; the job id, the log path and the TensorBoard
-command to watch the run are printed. Exits 2 for bad options, a bad config or
-a submission that sbatch refuses.
+command to watch the run are printed. Exits 2 for bad options, a bad config,
+a run_dir in use (claimed by a live job, or with a job of `launch slurm` in the
+queue), or a submission that sbatch refuses. The job's own launcher claims
+run_dir when it starts (trainer.run_claim).
 
 The options of the launcher inside the job are the forwarded ones of the table
 in launch.options; they are written into the script with `to_argv`.
@@ -28,11 +30,13 @@ from data_pipeline.arguments import ArgumentParser
 from data_pipeline.metadata import DataError
 from launch.command import LaunchError, tensorboard_command
 from launch.options import add_config_options, add_options, to_argv, unsafe_value
-from launch.slurm import SlurmOptions, build_script, tasks_per_node
+from launch.slurm import SQUEUE_FORMAT, SlurmOptions, build_script, queued_job, tasks_per_node
 from launch.slurm import validate as validate_slurm
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, check_environment, load_config, validate, validate_world
 from trainer.data_spec import check_start
+from trainer.run_claim import RunClaimError
+from trainer.run_claim import check as check_claim
 
 DESCRIPTION = "Write an sbatch script that runs `python -m launch run` in the allocation, and submit it."
 
@@ -101,6 +105,21 @@ def check_partition(partition: str) -> None:
             raise LaunchError(f"--partition {name!r} is not a partition of this cluster ({', '.join(known) or 'none'})")
 
 
+def check_run_dir_free(run_dir: str, shown: str) -> None:
+    """No second job for a run folder that a live job holds (its claim), or that has a job in the queue.
+
+    A queued job does not hold the claim yet: its launcher takes it when the job starts.
+    """
+    check_claim(shown)
+    if not shutil.which("squeue"):
+        return
+    res = subprocess.run(["squeue", "-h", "--me", "-o", SQUEUE_FORMAT], capture_output=True, text=True, check=False)
+    job = queued_job(res.stdout, run_dir) if res.returncode == 0 else None
+    if job:
+        raise LaunchError(f"run_dir {shown!r} is in use by Slurm job {job[0]} ({job[1]}), submitted with "
+                          f"{job[2]}; cancel it first (scancel {job[0]}), or use another run_dir")
+
+
 def submit(script_path: str) -> str:
     res = subprocess.run(["sbatch", "--parsable", script_path], capture_output=True, text=True, check=False)
     if res.returncode != 0:
@@ -126,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(script, end="")
             return 0
+        check_run_dir_free(opts.run_dir, cfg.run_dir)
         if not shutil.which("sbatch"):
             raise LaunchError("sbatch is not installed here (run this on a Slurm login node, or use --dry-run)")
         if opts.partition:
@@ -148,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"launch: checkpoint error: {e}", file=sys.stderr)
         return 2
-    except (ConfigError, LaunchError) as e:
+    except (ConfigError, LaunchError, RunClaimError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2
     print(f"submitted Slurm job {job_id} ({script_path})")

@@ -1,5 +1,6 @@
 """Training under a real Slurm (one node on loopback, see slurm_cluster.py): sbatch, scancel, requeue."""
 
+import dataclasses
 import json
 import re
 import shlex
@@ -37,10 +38,13 @@ def test_daemons_listen_on_loopback_only(slurm):
     assert all(addr.startswith("127.0.0.1:") for addr, _ in sockets), sockets
 
 
-def submit(slurm: SlurmCluster, run_dir: Path, shards: Path, *extra) -> tuple[str, str]:
+def submit(slurm: SlurmCluster, run_dir: Path, shards: Path, *extra, refused=False) -> tuple[str, str]:
+    """The job id and what `launch slurm` printed; with `refused`, its exit code and error line instead."""
     res = run([sys.executable, "-m", "launch", "slurm", "--config", "configs/digits.yaml", "--ntasks-per-node", "2",
                "--time", "10", "--partition", "debug", "--set", f"run_dir={run_dir}", "--set", f"data.dir={shards}",
                "--set", "runtime.log_all_ranks=true", "--set", "train.export=false", *extra], env=slurm.env)
+    if refused:
+        return str(res.returncode), res.stderr
     assert res.returncode == 0, res.stderr
     job_id = re.search(r"^submitted Slurm job (\d+) ", res.stdout, re.M).group(1)
     return job_id, res.stdout
@@ -65,6 +69,18 @@ def test_sbatch_job_trains_with_two_ranks_and_completes(slurm, digits_shards, tm
     run_dir = tmp_path / "run $(touch pwned) `id` ;x' $HOME"
     started = time.monotonic()
     job_id, printed = submit(slurm, run_dir, digits_shards, "--set", "train.epochs=2")
+    # A double submission: refused while the first job is queued, and while its launcher holds the run folder.
+    code, line = submit(slurm, run_dir, digits_shards, "--set", "train.epochs=2", refused=True)
+    assert code == "2" and re.fullmatch(rf"launch: error: run_dir .+ is in use by (Slurm job {job_id} \(\w+\), "
+                                        rf"submitted with .*|pid \d+ on {slurm.host} \(Slurm job {job_id}\) .*)\n",
+                                        line), line
+    deadline = time.monotonic() + 300
+    while not (run_dir / "claim.json").exists():  # the job's launcher has started
+        assert slurm.job(job_id)["JobState"] in ("PENDING", "RUNNING") and time.monotonic() < deadline
+        time.sleep(0.1)
+    code, line = submit(slurm, run_dir, digits_shards, "--set", "train.epochs=2", refused=True)
+    assert code == "2" and f" is in use by pid {json.loads((run_dir / 'claim.json').read_text())['pid']} on " \
+        f"{slurm.host} (Slurm job {job_id}) since " in line, line
     info = slurm.wait(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
     log = job_log(run_dir, job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
@@ -81,6 +97,9 @@ def test_sbatch_job_trains_with_two_ranks_and_completes(slurm, digits_shards, tm
     assert checkpoint_steps(run_dir) == [22, 44]
     for sub in ("train", "validation"):
         assert len(list((run_dir / "tensorboard" / sub).glob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in (run_dir / "slurm").iterdir()) == [f"digits-{job_id}.{x}" for x in ("err", "out")] \
+        + ["digits.sbatch"]  # the refused submissions wrote nothing
+    assert not (run_dir / "claim.json").exists()  # given back at the end
     stopped = messages(log, "weights after training:")
     assert sorted(stopped) == [0, 1] and stopped[0] == stopped[1]
 
@@ -109,6 +128,9 @@ def test_time_limit_requeue_scancel_and_resubmission_resume_from_checkpoints(slu
 
     # scancel: SIGTERM to every process of the job; the workers checkpoint before KillWait ends.
     wait_for(run_dir, (step1 // 22 + 1) * 22, slurm, job_id)
+    # The requeued run's launcher holds the run folder, as the run it continues: the same job, restarted once.
+    claim = json.loads((run_dir / "claim.json").read_text())
+    assert (claim["slurm_job"], claim["slurm_restart"], claim["slurm_cluster"]) == (job_id, 1, "hvdtest")
     time.sleep(0.3)
     slurm.run("scancel", job_id)
     info = slurm.wait(job_id, ("CANCELLED",), timeout=120)
@@ -146,6 +168,31 @@ def test_a_worker_error_under_srun_is_one_line_and_the_jobs_exit_code(slurm, dig
     errors = error_lines(log)
     assert len(errors) == 1 and errors[0].startswith(torn_checkpoint_line(run_dir, torn)), log[-3000:]
     assert not RUNNER_NOISE.search(log) and "srun: " not in log and "slurmstepd" not in log, log[-3000:]
+
+
+def test_a_claim_of_a_slurm_job_that_ended_is_stale_at_once(slurm, tmp_path, monkeypatch):
+    from trainer import run_claim
+
+    monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
+    job = slurm.run("sbatch", "--parsable", f"--output={tmp_path}/%j.out", "--wrap", "sleep 300").stdout.strip()
+    slurm.wait(job, ("RUNNING",), timeout=60)
+    # Held by a process of that job on another node: its heartbeat is fresh.
+    held = dataclasses.replace(run_claim.this_process(), token="0" * 16, host="node7", boot_id="other",
+                               slurm_job=job, slurm_cluster="hvdtest")
+    (tmp_path / "claim.json").write_text(json.dumps(dataclasses.asdict(held)))
+    with pytest.raises(run_claim.RunClaimError):
+        run_claim.check(str(tmp_path))
+    slurm.run("scancel", job)
+    slurm.wait(job, ("CANCELLED",), timeout=60)
+    assert run_claim.slurm_state(job, "hvdtest") == "CANCELLED"
+    run_claim.check(str(tmp_path))  # not refused
+    assert run_claim.slurm_state("999999", "hvdtest") == "GONE"
+    # A job id of another cluster is not this one's to judge: the heartbeat decides.
+    assert run_claim.slurm_state(job, "elsewhere") is None
+    (tmp_path / "claim.json").write_text(json.dumps(dataclasses.asdict(dataclasses.replace(
+        held, slurm_cluster="elsewhere"))))
+    with pytest.raises(run_claim.RunClaimError):
+        run_claim.check(str(tmp_path))
 
 
 def test_unknown_partition_is_refused_before_submitting(slurm, digits_shards, tmp_path):

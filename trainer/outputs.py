@@ -5,6 +5,7 @@
 rank and never asks for the rank itself.
 
 RUN_DIR/
+  claim.json             the job that holds the folder, while it runs (trainer.run_claim)
   config.yaml            the resolved config of the latest start
   checkpoints/ckpt-N-step-S/  see trainer.checkpoint
   checkpoints/best.json  which checkpoint is the best by train.best_metric

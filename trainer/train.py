@@ -2,10 +2,14 @@
 
     python -m trainer.train --config configs/digits.yaml [--set train.epochs=5 ...]
 
-Exit codes: 0 done; 2 bad config, data or checkpoint (one line on stderr);
-143 stopped by SIGTERM/SIGINT after writing a checkpoint (resumable); 1 anything
-else (trainer.exit_codes, docs/training.md). Every check that needs no
-TensorFlow runs before it is imported.
+Exit codes: 0 done; 2 bad config, data or checkpoint, or a run_dir in use by
+another job (one line on stderr); 143 stopped by SIGTERM/SIGINT after writing
+a checkpoint (resumable); 1 anything else (trainer.exit_codes,
+docs/training.md). Every check that needs no TensorFlow runs before it is
+imported.
+
+Without the launcher, rank 0 claims run_dir for the run (trainer.run_claim);
+under it, the launcher's claim is this run's.
 
 Files are created without permissions for others (umask 027).
 """
@@ -22,6 +26,7 @@ from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, check_environment, check_run_dir, load_config, validate, validate_world
 from trainer.data_spec import check_start
 from trainer.exit_codes import EXIT_BAD_INPUT, EXIT_STOPPED
+from trainer.run_claim import RunClaimError
 
 PEER_GRACE_SEC = 30  # see yield_to_the_failed_rank
 
@@ -73,10 +78,34 @@ def setup_logging(rank_fn, all_ranks: bool) -> None:
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
 
 
+def claim_run_dir(cfg, ctx):
+    """Rank 0 claims run_dir, or finds our launcher's claim (TOKEN_ENV); every rank gets its answer.
+
+    Returns the claim this process holds (rank 0 without a launcher), else None.
+    """
+    from data_pipeline.collective import on_root
+    from trainer import run_claim
+
+    token = os.environ.get(run_claim.TOKEN_ENV, "")
+    if ctx.elastic:
+        # No collective may run before the elastic function (trainer.elastic),
+        # so the claim is the launcher's, held for every worker that joins.
+        if not token:
+            raise run_claim.RunClaimError("elastic training claims run_dir in its launcher: start it with "
+                                          "`python -m launch --elastic`")
+        return None
+    held = []
+    on_root(ctx.is_chief, lambda v: ctx.broadcast_object(v, "run_claim"),
+            lambda: held.append(run_claim.acquire(cfg.run_dir, token)), run_claim.RunClaimError)
+    return held[0] if held else None
+
+
 def run_reporting_bad_input(call):
-    """`(call(), 0)`, or `(None, 2)` after one line on stderr for a bad config, data or checkpoint."""
+    """`(call(), 0)`, or `(None, 2)` after one line on stderr: a bad config, data or checkpoint, a run_dir in use."""
     try:
         return call(), 0
+    except RunClaimError as e:
+        line = f"error: {e}"
     except CheckpointError as e:
         line = f"checkpoint error: {e}"
     except DataError as e:
@@ -123,7 +152,12 @@ def main(argv=None) -> int:
 
     def train():
         validate_world(cfg, ctx.size)
-        return run(cfg, ctx)
+        claim = claim_run_dir(cfg, ctx)  # before anything is written
+        try:
+            return run(cfg, ctx)
+        finally:
+            if claim is not None:
+                claim.release()
 
     try:
         summary, code = run_reporting_bad_input(train)
