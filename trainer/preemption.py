@@ -10,7 +10,7 @@ together. Stopping at different steps would leave some ranks waiting forever in
 a collective that the others never join.
 
 The run then writes a checkpoint, waits for it on every rank, and exits with
-EXIT_STOPPED; the next start resumes from that checkpoint.
+EXIT_STOPPED (trainer.exit_codes); the next start resumes from that checkpoint.
 """
 
 import logging
@@ -21,7 +21,6 @@ import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
-EXIT_STOPPED = 143  # 128 + SIGTERM, whichever signal asked for the stop: resumable
 # The batch-log key under which the train step returns the agreed flag: Keras
 # fetches the step's logs anyway, so the host learns of a stop without a
 # device read of its own every step.
