@@ -252,7 +252,9 @@ def test_kill_9_of_one_rank_ends_the_whole_job(digits_shards, tmp_path):
     victim.kill()
     out = proc.communicate(timeout=90)[0]
     detected = time.time() - killed_at
-    assert detected < 60
+    # Seconds, not the 30 s that rank 0 waits for the failed rank to end first: horovodrun's
+    # SIGTERM, which often lands while rank 0's failed collective is still being raised, ends it.
+    assert detected < 20, f"the job ended {detected:.1f} s after the kill"
     # One line on how the job ended, and the killed rank's code; no traceback of horovodrun's.
     assert proc.returncode == 137, out[-2000:]
     assert "launch: error: rank 1 was killed by SIGKILL (exit code 137); the job ended\n" in out, out[-2000:]

@@ -26,6 +26,16 @@ log = logging.getLogger(__name__)
 # device read of its own every step.
 STOP_LOG = "stop"
 
+# The first stop signal this process received (its name), or None: the runner's
+# SIGTERM can arrive while a failed collective is still being raised, and
+# trainer.train must then exit at once, not wait for a second one.
+_first_signal: str | None = None
+
+
+def signal_received() -> str | None:
+    """The name of the first stop signal this process received, or None."""
+    return _first_signal
+
 
 class StopRequest:
     """A per-process stop flag, and the flag agreed by all ranks at the last step."""
@@ -42,7 +52,10 @@ class StopRequest:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
-        self.ask(signal.Signals(signum).name)
+        global _first_signal
+        name = signal.Signals(signum).name
+        _first_signal = _first_signal or name
+        self.ask(name)
 
     def ask(self, reason: str) -> None:
         """Raises this rank's flag; every rank stops after the step that carries it."""

@@ -187,10 +187,15 @@ def yield_to_the_failed_rank(seconds: float = PEER_GRACE_SEC) -> None:
     it at once, through its collective. The runner's SIGTERM, which ends the
     other ranks once one has ended, now ends this one at once (no checkpoint
     to write); without one (the stall check shut every rank down), it exits
-    after `seconds`.
+    after `seconds`. If that SIGTERM came already, while the collective's error
+    was being raised, it exits at once: the runner would not send another
+    before its grace ends (launch --signal-grace-sec, minutes under Slurm).
     """
+    from trainer.preemption import signal_received
+
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    time.sleep(seconds)
+    if signal_received() is None:
+        time.sleep(seconds)
 
 
 def print_summary(summary: dict) -> None:
