@@ -70,10 +70,10 @@ def evaluation_predictions(run_dir, checkpoint: str = "latest", batch_size: int 
     from data_pipeline.reader import eval_stream
     from data_pipeline.records import parse_example
     from data_pipeline.stream_options import EvalOptions
-    from trainer.assembly import build_compiled_model, model_signature
+    from trainer.assembly import build_compiled_model
     from trainer.checkpoint import CheckpointManager
     from trainer.config import load_config
-    from trainer.data import resolve_data
+    from trainer.data_spec import model_signature, resolve_data
     from trainer.schedule import make_schedule
 
     cfg = load_config(str(Path(run_dir) / "config.yaml"))

@@ -59,6 +59,9 @@ def test_dumped_config_loads_back_identically(tmp_path):
         ("bogus.x=1", "unknown config key 'bogus'"),
         ("train.epochs=three", "train.epochs='three': expected int"),
         ("train.epochs=2.5", "train.epochs=2.5: expected int"),
+        # Both pass `> 0`-style checks: inf trained a whole run on a NaN loss, and inf warm-up epochs crashed.
+        ("train.base_learning_rate=.inf", "train.base_learning_rate=inf: expected a finite number"),
+        ("train.warmup_epochs=.nan", "train.warmup_epochs=nan: expected a finite number"),
         ("train.resume=1", "train.resume=1: expected bool"),
         ("data=3", "data=3: expected a mapping"),
         ("noequals", "override 'noequals' is not key=value"),

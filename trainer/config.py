@@ -25,6 +25,7 @@ from trainer.config_checks import (  # noqa: F401  (re-exported: callers import 
     ConfigError,
     best_mode,
     check_environment,
+    check_run_dir,
     profile_range,
     validate,
     validate_world,
@@ -129,7 +130,8 @@ class TrainConfig:
         empty: keep only the latest).
       best_mode: `max` or `min` for best_metric; `auto` is min for losses,
         max otherwise.
-      seed: model initialisation seed (rank 0's weights are broadcast).
+      seed: model initialisation seed (rank 0's weights are broadcast);
+        0 to 2**31 - 1.
       export: write a TensorFlow SavedModel for serving at the end (RUN_DIR/export;
         see docs/serving.md).
       export_top_k: how many of the most probable classes (indices and names)
@@ -213,9 +215,10 @@ class RuntimeConfig:
     """Process settings.
 
     Attributes:
-      intra_op_threads: TensorFlow threads per op; 0 divides the cores of this
-        machine between its local ranks, so ranks do not oversubscribe them.
-      inter_op_threads: ops run at once; 0 as above.
+      intra_op_threads: TensorFlow threads per op (at most 1024); 0 divides the
+        cores of this machine between its local ranks, so ranks do not
+        oversubscribe them.
+      inter_op_threads: ops run at once (at most 1024); 0 as above.
       deterministic: enable TensorFlow op determinism (slower; exact reruns).
         The record order is deterministic without it (data.deterministic_order).
       log_all_ranks: log INFO from every rank, not only from rank 0, and the

@@ -16,6 +16,15 @@ import tensorflow as tf
 log = logging.getLogger(__name__)
 
 
+def collective_failed(error: tf.errors.OpError) -> bool:
+    """Whether a TensorFlow op error was raised by a Horovod collective (a rank died or left, or Horovod shut down).
+
+    A lost peer surfaces in many error classes (UnknownError, InternalError
+    ...), always from an op named after Horovod or with Horovod's words.
+    """
+    return "Horovod" in (error.message or "")
+
+
 def threads_per_rank(local_size: int, cpus: int | None = None) -> int:
     """Cores of this machine divided between the ranks that run on it."""
     cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))

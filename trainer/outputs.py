@@ -29,8 +29,8 @@ import tensorflow as tf
 from data_pipeline import atomic
 from trainer import callbacks as cb
 from trainer import summaries
-from trainer.checkpoint import CheckpointError, CheckpointManager
-from trainer.config import ExperimentConfig, best_mode, dump_yaml, profile_range
+from trainer.checkpoint import CHECKPOINT_DIR, CheckpointError, CheckpointManager
+from trainer.config import ConfigError, ExperimentConfig, best_mode, dump_yaml, profile_range
 from trainer.console import progress_wanted
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class RunOutputs:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.checkpoints = CheckpointManager(
-            os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_checkpoints,
+            os.path.join(self.run_dir, CHECKPOINT_DIR), cfg.train.keep_checkpoints,
             cfg.train.best_metric, best_mode(cfg.train), cfg.runtime.fault_slow_save_sec,
         )
 
@@ -87,7 +87,10 @@ class ChiefOutputs(RunOutputs):
     _writer = None  # tensorboard/train, see train_writer
 
     def start(self) -> None:
-        os.makedirs(self.run_dir, mode=0o750, exist_ok=True)
+        try:
+            os.makedirs(self.run_dir, mode=0o750, exist_ok=True)
+        except OSError as e:  # past check_run_dir, a filesystem may still refuse (/proc, a read-only mount)
+            raise ConfigError(f"run_dir {self.run_dir!r}: cannot be created: {e.strerror or e}") from None
         # Only rank 0 writes them, so no save or export of this run is under way.
         self.checkpoints.remove_leftovers()
         atomic.recover_dir(os.path.join(self.run_dir, EXPORT_DIR))

@@ -17,17 +17,11 @@ import tensorflow as tf
 from data_pipeline.collective import on_root
 from data_pipeline.reader import corrupt_shard_error
 from trainer import callbacks as cb
-from trainer.assembly import build_compiled_model, config_hash, model_signature
+from trainer.assembly import build_compiled_model, config_hash
 from trainer.checkpoint import CheckpointError
-from trainer.config import ConfigError, ExperimentConfig, effective_batch_size
-from trainer.data import (
-    SkippedRecords,
-    check_shards,
-    make_evaluator,
-    precise_bn_dataset,
-    resolve_data,
-    train_dataset,
-)
+from trainer.config import ExperimentConfig, effective_batch_size
+from trainer.data import SkippedRecords, check_shards, make_evaluator, precise_bn_dataset, train_dataset
+from trainer.data_spec import model_signature, resolve_data
 from trainer.distributed import DistContext, weights_digest
 from trainer.evaluation import PeriodicValidation, recorded_validation, validation_metrics
 from trainer.outputs import make_outputs
@@ -91,8 +85,6 @@ class TrainingRun:
         self.model = build_compiled_model(cfg, spec, schedule, stop_request=self.request)
         # Undecodable training records replaced on this rank (data.skip_corrupt_records), over the whole start.
         self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False)
-        if cfg.train.best_metric == "val_top5_accuracy" and spec.num_classes <= 5:
-            raise ConfigError(f"train.best_metric='val_top5_accuracy': the data has {spec.num_classes} classes")
         self.signature = model_signature(cfg, spec)
         gbs_bn = cfg.data.global_batch_size  # BatchNorm's batch in training: the micro-batch
         self.precise_bn = PreciseBatchNorm(
