@@ -156,6 +156,21 @@ class TrainConfig:
         backward_passes_per_step). The effective global batch, for the
         learning-rate scaling, steps per epoch and checkpoints, is
         global_batch_size * accumulation_steps.
+      precise_bn: recompute the population mean and variance of every
+        BatchNorm layer from the current weights over
+        train.precise_bn_examples training examples (all ranks pooled, the
+        training preprocessing), at the end of each validated epoch before
+        its validation, and before the final weights are validated or
+        exported; the checkpoint and the export then hold them (Wu and
+        Johnson, "Rethinking 'Batch' in BatchNorm", 2021). `auto` does so,
+        with one warning, only while the moving averages cannot have
+        converged: while momentum ** (steps x accumulation_steps) > 0.001,
+        the weight they still give their initial values (fewer than 688
+        updates at Keras's momentum 0.99: small data sets, few epochs).
+        `true`: at every validation; `false`: never (docs/training.md).
+      precise_bn_examples: training examples over all ranks that each
+        recomputation of train.precise_bn reads, at most the training set,
+        rounded up to whole batches of data.global_batch_size.
     """
 
     epochs: int = 10
@@ -179,6 +194,8 @@ class TrainConfig:
     initial_loss_scale: float = 32768.0
     jit_compile: str = "auto"
     accumulation_steps: int = 1
+    precise_bn: str = "auto"
+    precise_bn_examples: int = 4096
 
 
 @dataclass

@@ -82,6 +82,9 @@ def validate(cfg) -> None:
     _check(t.jit_compile.lower() in ("auto", "true", "false"), "train.jit_compile", t.jit_compile,
            "must be auto, true or false")
     _check(t.accumulation_steps >= 1, "train.accumulation_steps", t.accumulation_steps, "must be >= 1")
+    _check(t.precise_bn.lower() in ("auto", "true", "false"), "train.precise_bn", t.precise_bn,
+           "must be auto, true or false")
+    _check(t.precise_bn_examples >= 1, "train.precise_bn_examples", t.precise_bn_examples, "must be >= 1")
     for key in ("intra_op_threads", "inter_op_threads"):
         # TensorFlow takes an int32 and starts that many threads; 100000000000 was a ValueError traceback.
         _check(0 <= getattr(r, key) <= MAX_THREADS, f"runtime.{key}", getattr(r, key), f"must be in 0..{MAX_THREADS}")

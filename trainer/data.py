@@ -21,6 +21,8 @@ from trainer.evaluation import Evaluator
 
 log = logging.getLogger(__name__)
 
+PRECISE_BN_CACHE_BYTES = 256 << 20  # per rank: the decoded float32 images of the precise BatchNorm sample
+
 
 def check_shards(cfg: ExperimentConfig, ctx: DistContext) -> None:
     """Each rank hashes its share of the shards: a damaged file stops the run before training."""
@@ -58,6 +60,33 @@ def train_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_r
     )
     ds = train_stream(spec.train_files, options, skipped)
     return ds.enumerate(start_step).map(_log_digest) if cfg.runtime.log_batch_digests else ds
+
+
+def precise_bn_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, num_batches: int) -> tf.data.Dataset:
+    """This rank's first `num_batches` training batches, for trainer.precise_bn: the same ones on every pass over it.
+
+    The training stream's first records with their augmentation (the stream
+    is a function of its position), read by a pipeline of its own: the
+    training stream is neither consumed nor moved, and the sample does not
+    depend on when it is read. The batch is BatchNorm's in training, the
+    per-replica micro-batch. A sample of at most PRECISE_BN_CACHE_BYTES is
+    decoded once and then held in memory: reading it costs more than the
+    forward passes over it (on digits, 23 batches: 0.15 s of the call's 0.17 s).
+    """
+    per_replica = cfg.data.global_batch_size // ctx.size
+    size, channels = spec.input_shape[0], spec.input_shape[2]
+    if cfg.data.synthetic:
+        return synthetic_dataset(per_replica, size, channels, spec.num_classes, ctx.rank).take(num_batches)
+    d = cfg.data
+    options = TrainOptions(
+        per_replica_batch_size=per_replica, image_size=size, channels=channels,
+        num_shards=ctx.size, shard_index=ctx.rank, shard_counts=spec.train_shard_counts, crop_fraction=d.crop_fraction,
+        threads=ctx.input_threads, deterministic=d.deterministic_order or cfg.runtime.deterministic,
+        skip_corrupt=d.skip_corrupt_records, seed=d.seed, shuffle_buffer=d.shuffle_buffer,
+        num_records=num_batches * per_replica, augment=d.augment,
+    )
+    ds = train_stream(spec.train_files, options)
+    return ds.cache() if num_batches * per_replica * size * size * channels * 4 <= PRECISE_BN_CACHE_BYTES else ds
 
 
 def _log_digest(step, batch):

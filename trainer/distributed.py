@@ -124,6 +124,10 @@ class DistContext:
         """Maximum over ranks of a dict of numbers; same keys on every rank."""
         return self._reduce_scalars(values, name, hvd.Max)
 
+    def sum_array(self, values: np.ndarray, name: str) -> np.ndarray:
+        """Element-wise float64 sum over ranks of an array of the same shape on every rank."""
+        return hvd.allreduce(tf.constant(values, tf.float64), op=hvd.Sum, name=name).numpy()
+
     @staticmethod
     def _reduce_scalars(values: dict[str, float], name: str, op) -> dict[str, float]:
         keys = sorted(values)
