@@ -16,12 +16,13 @@ without rewriting completed shards. An existing output is only replaced with
 `--overwrite`.
 """
 
-import argparse
 import logging
+import math
 import os
 import signal
 import sys
 
+from data_pipeline.arguments import ArgumentParser
 from data_pipeline.cluster import Group, local_size, make_group
 from data_pipeline.collective import on_root
 from data_pipeline.images import ENCODINGS, MAX_PIXELS, ImageOptions
@@ -41,7 +42,7 @@ def _check(num_shards, val_fraction, num_val_shards, shard_size_mb, workers, opt
         (num_shards >= 1, f"--num-shards must be at least 1, got {num_shards}"),
         (0 <= val_fraction < 1, f"--val-fraction must be in [0, 1), got {val_fraction}"),
         (num_val_shards >= 0, f"--num-val-shards must be at least 0, got {num_val_shards}"),
-        (shard_size_mb >= 0, f"--shard-size-mb must be at least 0, got {shard_size_mb}"),
+        (0 <= shard_size_mb < math.inf, f"--shard-size-mb must be a number >= 0, got {shard_size_mb}"),
         (workers >= 1, f"--workers must be at least 1, got {workers}"),
         (opts.channels in (1, 3), f"--channels must be 1 or 3, got {opts.channels}"),
         (opts.encoding in ENCODINGS, f"--encoding must be one of {', '.join(ENCODINGS)}, got {opts.encoding!r}"),
@@ -195,7 +196,7 @@ def report(meta: dict, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_pipeline.build_shards", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m data_pipeline.build_shards", description=__doc__.split("\n")[0])
     p.add_argument("--images", help="folder with one subfolder per class (or train/ and validation/ of those)")
     p.add_argument("--csv", help="CSV of path,label rows instead of --images; paths relative to the CSV")
     p.add_argument("--out", required=True, help="output folder for shards and metadata.json")

@@ -18,7 +18,7 @@ _LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTAS
 
 def _size_var(var: str) -> int:
     value = os.environ.get(var, "").strip() or "1"
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):  # int() fails on some isdigit() text, such as '²'
         raise DataError(f"{var}={os.environ[var]!r} is not a number of ranks")
     return int(value)
 
@@ -31,7 +31,7 @@ def local_size() -> int:
     """Ranks on this host, to share its cores between them."""
     for var in _LOCAL_SIZE_VARS:
         value = os.environ.get(var, "")
-        if value.isdigit() and int(value) > 0:
+        if value.isascii() and value.isdigit() and int(value) > 0:
             return int(value)
     return 1
 

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 
 from data_pipeline import normalisation
 
@@ -46,6 +47,9 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def check_metadata(meta, path: str) -> None:
     """Checks that `meta` holds what the reader and the trainer use, of the right types and consistent.
 
@@ -60,12 +64,19 @@ def check_metadata(meta, path: str) -> None:
     for key in ("class_names", "image_shape", "channels", "splits"):
         if key not in meta:
             fail(f"has no {key!r}")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if not _is_count(version) or not 1 <= version <= FORMAT_VERSION:
+        fail(f"format_version={version!r}: this code reads versions 1 to {FORMAT_VERSION}; rebuild the shards with it")
     names = meta["class_names"]
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
         fail(f"class_names={names!r}: expected a non-empty list of names")
     if len(set(names)) != len(names):
         fail(f"class_names={names!r}: a name appears twice")
-    if meta["channels"] not in (1, 3):
+    num_classes = meta.get("num_classes", len(names))
+    if not _is_count(num_classes) or num_classes != len(names):
+        fail(f"num_classes={num_classes!r}: class_names has {len(names)}")
+    # Not `in (1, 3)` alone: True == 1 and 3.0 == 3.
+    if not _is_count(meta["channels"]) or meta["channels"] not in (1, 3):
         fail(f"channels={meta['channels']!r}: expected 1 or 3")
     shape = meta["image_shape"]
     if shape is not None and not (isinstance(shape, list) and len(shape) == 3
@@ -73,21 +84,39 @@ def check_metadata(meta, path: str) -> None:
         fail(f"image_shape={shape!r}: expected null or [height, width, channels]")
     if not isinstance(meta["splits"], dict):
         fail("splits: expected an object")
+    files = set()
     for split in SPLITS:
         info = meta["splits"].get(split, {})
-        shards = info.get("shards", [])
-        if not isinstance(shards, list) or not all(
-            isinstance(s, dict) and isinstance(s.get("file"), str) and _is_count(s.get("num_examples"))
-            for s in shards
-        ):
-            fail(f"splits.{split}.shards: expected a list of {{file, num_examples}}")
-        total = sum(s["num_examples"] for s in shards)
-        if info.get("num_examples", total) != total:
-            fail(f"splits.{split}.num_examples={info.get('num_examples')!r}: its shards hold {total}")
+        if not isinstance(info, dict):
+            fail(f"splits.{split}={info!r}: expected an object")
+        for shard in _checked_shards(info.get("shards", []), f"splits.{split}.shards", fail):
+            if shard["file"] in files:
+                fail(f"splits.{split}.shards: {shard['file']!r} is listed twice")
+            files.add(shard["file"])
+        total = sum(s["num_examples"] for s in info.get("shards", []))
+        count = info.get("num_examples", total)
+        if not _is_count(count) or count != total:
+            fail(f"splits.{split}.num_examples={count!r}: its shards hold {total}")
     try:  # read again by the serving export, at the end of training: a bad record must stop the start
         normalisation.from_metadata(meta)
     except ValueError as e:
         fail(str(e))
+
+
+def _checked_shards(shards, where: str, fail) -> list:
+    """The shard entries, each a {file, num_examples[, sha256]} whose file is a name in the data folder."""
+    if not isinstance(shards, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("file"), str) and _is_count(s.get("num_examples"))
+        for s in shards
+    ):
+        fail(f"{where}: expected a list of {{file, num_examples}}")
+    for s in shards:
+        # A bare name: a path would read a file outside the data folder.
+        if not s["file"] or s["file"] in (".", "..") or "/" in s["file"] or os.sep in s["file"]:
+            fail(f"{where}: file {s['file']!r} is not a file name in the data folder")
+        if "sha256" in s and not (isinstance(s["sha256"], str) and _SHA256.fullmatch(s["sha256"])):
+            fail(f"{where}: sha256 {s['sha256']!r} of {s['file']!r} is not 64 hexadecimal digits")
+    return shards
 
 
 def num_examples(meta: dict, split: str) -> int:

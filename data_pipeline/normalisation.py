@@ -107,7 +107,7 @@ def from_metadata(meta: dict) -> Normalisation:
     if unknown:
         raise ValueError(f"normalisation.{unknown[0]}: not a rule the serving export knows")
     norm = Normalisation(**recorded)
-    checks = [("channels", norm.channels in (1, 3), "1 or 3"),
+    checks = [("channels", norm.channels in (1, 3) and not isinstance(norm.channels, bool), "1 or 3"),  # True == 1
               ("encoding", norm.encoding in ENCODINGS, " or ".join(ENCODINGS)),
               ("max_side", isinstance(norm.max_side, int) and not isinstance(norm.max_side, bool)
                and norm.max_side >= 0, "a count of pixels (0: no resize)"),

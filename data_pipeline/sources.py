@@ -129,7 +129,8 @@ def scan_folder(images_dir: str, keep_empty: bool = False) -> Inventory:
 
 def _label_order(labels: set[str]) -> list[str]:
     # Integer labels (0, 1, ..., 10) keep their numeric order; names sort as text.
-    if all(x.isdigit() for x in labels):
+    # ASCII digits only: '²' passes isdigit() but not int().
+    if all(x.isascii() and x.isdigit() for x in labels):
         return sorted(labels, key=int)
     return sorted(labels)
 

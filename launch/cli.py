@@ -9,10 +9,12 @@
         [--dry-run] [--tensorboard PORT [--tensorboard-host HOST]]
 
 `run` may be left out (launch.main). The options after `--requeue-on-timeout`
-are the table of launch.options. Exits with horovodrun's exit code, or 2 for
-bad options or config, or a run_dir in use by another job: the launcher holds
-the run folder's claim (trainer.run_claim) for the whole job, and passes its
-token to the workers, which know it as theirs.
+are the table of launch.options. Exits 2 for bad options, config, data, a
+checkpoint of another model or a run_dir in use by another job (before any
+worker starts), else with the exit code of the first worker that failed
+(docs/training.md), or horovodrun's. The launcher holds the run folder's claim
+(trainer.run_claim) for the whole job, and passes its token to the workers,
+which know it as theirs.
 """
 
 import argparse
@@ -25,6 +27,7 @@ import sys
 import threading
 from typing import NamedTuple
 
+from data_pipeline.arguments import ArgumentParser
 from data_pipeline.metadata import DataError
 from data_pipeline.textfile import TextFileError, read_utf8
 from launch import console
@@ -40,7 +43,9 @@ from launch.command import (
 )
 from launch.hosts import HostError, allocation_hosts, expand_nodelist, format_hosts, parse_hostfile
 from launch.options import add_config_options, add_options, launch_values
-from trainer.config import ConfigError, check_environment, load_config, validate, validate_world
+from trainer.checkpoint import CheckpointError
+from trainer.config import ConfigError, check_environment, check_run_dir, load_config, validate, validate_world
+from trainer.data_spec import check_start
 from trainer.run_claim import TOKEN_ENV, RunClaimError, acquire
 
 DESCRIPTION = "Start data-parallel workers with horovodrun (or srun inside a Slurm allocation)."
@@ -66,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m launch run", description=DESCRIPTION)
+    p = ArgumentParser(prog="python -m launch run", description=DESCRIPTION)
     add_arguments(p)
     return p.parse_args(argv)
 
@@ -118,19 +123,22 @@ def options_from_args(args: argparse.Namespace, np: int, hosts: str | None) -> L
 
 def execute(argv: list[str], env: dict[str, str], requeue_job: str | None = None,
             board: list[str] | None = None, verbose: bool = True,
-            stop: StopPlan = PASS_SIGTERM) -> int:
-    """Runs horovodrun (or srun), passing SIGINT on to it, and returns its exit code.
+            stop: StopPlan = PASS_SIGTERM, elastic: bool = False) -> int:
+    """Runs horovodrun (or srun), passing SIGINT on to it; returns the first failed worker's exit code, else its own.
 
     SIGTERM, and SIGUSR1 (what Slurm sends before the time limit, see
     launch.slurm), stop the workers as `stop` says (launch.command.stop_plan),
     which makes them checkpoint; after SIGUSR1, with `requeue_job`, that Slurm
     job is then requeued, and resumes from the checkpoint.
     `board`, a TensorBoard command, runs alongside and is stopped when the job ends.
-    Unless `verbose`, the job's output goes through launch.console.
+    The job's output goes through launch.console (unchanged with `verbose`),
+    which reads the runner's account of the workers' ends (launch.runner_report):
+    a job that failed ends with one line saying how, unless the failed
+    worker's own line said why.
     """
     server = subprocess.Popen(board) if board else None
     try:
-        return _run_job(argv, env, requeue_job, verbose, stop)
+        return _run_job(argv, env, requeue_job, verbose, stop, elastic)
     finally:
         if server is not None:
             server.terminate()
@@ -142,8 +150,9 @@ def execute(argv: list[str], env: dict[str, str], requeue_job: str | None = None
 
 
 def _run_job(argv: list[str], env: dict[str, str], requeue_job: str | None, verbose: bool = True,
-             stop: StopPlan = PASS_SIGTERM) -> int:
-    proc, pumps = console.start(argv, env, verbose)
+             stop: StopPlan = PASS_SIGTERM, elastic: bool = False) -> int:
+    runner = os.path.basename(argv[0])
+    proc, pumps, output = console.start(argv, env, verbose, srun=runner == "srun", elastic=elastic)
     timed_out = []
     # Started by the first stop: the runner's SIGTERM once the grace is over.
     deadline = threading.Timer(stop.kill_after or 0, proc.send_signal, (signal.SIGTERM,))
@@ -167,12 +176,16 @@ def _run_job(argv: list[str], env: dict[str, str], requeue_job: str | None, verb
     previous = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
         code = proc.wait()
-        console.finish(pumps)
+        console.finish(pumps, output)
     finally:
         deadline.cancel()
         for s, handler in previous.items():
             signal.signal(s, handler)
     code = 128 - code if code < 0 else code
+    account = output.report.account(code, runner)
+    if account:
+        print(account, file=sys.stderr, flush=True)
+    code = output.report.exit_code(code)
     if timed_out and requeue_job and code != 0:
         res = subprocess.run(["scontrol", "requeue", requeue_job], capture_output=True, text=True, check=False)
         if res.returncode == 0:
@@ -206,13 +219,23 @@ class Job(NamedTuple):
 
 
 def prepare(args: argparse.Namespace) -> Job:
-    """Builds the job; LaunchError, HostError or ConfigError for anything that cannot work, before any worker starts."""
+    """Builds the job; for anything that cannot work, before any worker starts, an error of one line.
+
+    LaunchError, HostError or ConfigError for the options and the config,
+    DataError for the data, CheckpointError for a run folder whose newest
+    checkpoint does not fit the configured model.
+    """
     np, hosts = resolve_hosts(args)
     script = args.host_discovery_script
     if script and not (os.path.isfile(script) and os.access(script, os.X_OK)):
         raise LaunchError(f"--host-discovery-script {script!r} is not an executable file")
     opts = options_from_args(args, np, hosts)
     cmd, env = build_command(opts, dict(os.environ))
+    # Rank 0 writes the timeline, on this host when all ranks are local (checked past build_command's
+    # shell check). Horovod would only log that it cannot open the file, and train on without one.
+    local = hosts is None and not args.elastic
+    if args.timeline and local and not os.path.isdir(os.path.dirname(os.path.abspath(args.timeline))):
+        raise LaunchError(f"--timeline {args.timeline!r}: its folder does not exist")
     # Check the config here, once, before any worker starts; elastic jobs
     # keep the global batch, so it must divide by every size they may reach.
     cfg = load_config(args.config, args.overrides)
@@ -221,6 +244,9 @@ def prepare(args: argparse.Namespace) -> Job:
     for n in world_sizes(opts):
         validate_world(cfg, n)
     check_run_dir(cfg.run_dir)
+    # The config against its data, and the checkpoint a resume would restore: what the
+    # workers would refuse after loading TensorFlow, refused here with the same line.
+    check_start(cfg)
     logdir = os.path.join(cfg.run_dir, "tensorboard")
     if args.tensorboard is None:  # no server: the command to start one, for people to run
         board = tensorboard_command(None, logdir, host=args.tensorboard_host)
@@ -234,17 +260,6 @@ def prepare(args: argparse.Namespace) -> Job:
         if not shutil.which("scontrol"):
             raise LaunchError("--requeue-on-timeout needs scontrol, which is not on PATH")
     return Job(cmd, env, board, requeue_job, opts, stop_plan(opts), cfg.run_dir)
-
-
-def check_run_dir(run_dir: str) -> None:
-    """Rank 0 creates and writes run_dir: a path it cannot write fails here, before the workers start."""
-    existing = os.path.abspath(run_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise LaunchError(f"run_dir {run_dir!r}: {existing!r} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise LaunchError(f"run_dir {run_dir!r}: {existing!r} is not writable")
 
 
 def check_runner(argv: list[str]) -> None:
@@ -263,6 +278,9 @@ def run(args: argparse.Namespace) -> int:
     except DataError as e:
         print(f"launch: data error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"launch: checkpoint error: {e}", file=sys.stderr)
+        return 2
     except (ConfigError, LaunchError, HostError, RunClaimError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2
@@ -279,9 +297,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"launch: {shlex.join(job.argv)}", file=sys.stderr, flush=True)
         if args.tensorboard is None:
             print(f"launch: watch with: {shlex.join(job.board)}", file=sys.stderr, flush=True)
-            return execute(job.argv, env, job.requeue_job, verbose=job.options.verbose, stop=job.stop)
+            return execute(job.argv, env, job.requeue_job, verbose=job.options.verbose, stop=job.stop,
+                           elastic=job.options.elastic)
         print(f"launch: TensorBoard: {shlex.join(job.board)}", file=sys.stderr, flush=True)
-        return execute(job.argv, env, job.requeue_job, job.board, verbose=job.options.verbose, stop=job.stop)
+        return execute(job.argv, env, job.requeue_job, job.board, verbose=job.options.verbose, stop=job.stop,
+                       elastic=job.options.elastic)
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,7 @@ as data. Which option becomes which horovodrun flag or HOROVOD_* variable is
 written in the option table, launch.options.
 """
 
+import math
 import re
 import signal
 from dataclasses import dataclass
@@ -21,6 +22,12 @@ GRACE_ENV = "HOROVOD_GRACEFUL_TERMINATION_TIME_S"
 # horovodrun's ssh option StrictHostKeyChecking (`no` unpatched, which ssh_config cannot override).
 STRICT_HOST_KEYS_ENV = "HOROVOD_SSH_STRICT_HOST_KEY_CHECKING"
 _DEFAULT = defaults()  # one source for the defaults: the option table
+# The longest --signal-grace-sec: sbatch's --signal limit (launch slurm passes the grace to it),
+# and far below what the launcher's timer takes.
+MAX_GRACE_SEC = 65535
+# The largest --fusion-threshold-mb: Horovod reads the buffer size in bytes into an int64, and a
+# fusion buffer is allocated per device; 64 GiB is more than any device holds.
+MAX_FUSION_MB = 65536
 
 
 class LaunchError(ValueError):
@@ -128,12 +135,12 @@ def check_options(opts: LaunchOptions) -> str:
         raise LaunchError(
             f"--stall-shutdown-sec {opts.stall_shutdown_sec} must exceed --stall-warning-sec {opts.stall_warning_sec}"
         )
-    if opts.signal_grace_sec < 1:
-        raise LaunchError(f"--signal-grace-sec must be >= 1, got {opts.signal_grace_sec}")
-    if opts.cycle_time_ms is not None and opts.cycle_time_ms <= 0:
-        raise LaunchError(f"--cycle-time-ms must be > 0, got {opts.cycle_time_ms}")
-    if opts.fusion_threshold_mb is not None and opts.fusion_threshold_mb < 0:
-        raise LaunchError(f"--fusion-threshold-mb must be >= 0, got {opts.fusion_threshold_mb}")
+    if not 1 <= opts.signal_grace_sec <= MAX_GRACE_SEC:
+        raise LaunchError(f"--signal-grace-sec must be in 1..{MAX_GRACE_SEC}, got {opts.signal_grace_sec}")
+    if opts.cycle_time_ms is not None and not (math.isfinite(opts.cycle_time_ms) and opts.cycle_time_ms > 0):
+        raise LaunchError(f"--cycle-time-ms must be a number > 0, got {opts.cycle_time_ms}")
+    if opts.fusion_threshold_mb is not None and not 0 <= opts.fusion_threshold_mb <= MAX_FUSION_MB:
+        raise LaunchError(f"--fusion-threshold-mb must be in 0..{MAX_FUSION_MB}, got {opts.fusion_threshold_mb}")
     return controller
 
 

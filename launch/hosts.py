@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 # else may pass; a leading '-' would be read by ssh as an option.
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-_TASKS = re.compile(r"(\d+)(?:\(x(\d+)\))?")
+_TASKS = re.compile(r"([0-9]+)(?:\(x([0-9]+)\))?")
 
 
 class HostError(ValueError):
@@ -22,6 +22,15 @@ class HostError(ValueError):
 
 
 Hosts = list[tuple[str, int]]
+
+
+def _count(text: str) -> int | None:
+    """`text` as a count of ASCII digits, or None.
+
+    Not str.isdigit() and int() alone: they take other scripts' digits and
+    superscripts too ('²' passes isdigit() and then fails int()).
+    """
+    return int(text) if re.fullmatch(r"[0-9]+", text) else None
 
 
 def valid_host(name: str) -> bool:
@@ -49,10 +58,11 @@ def parse_hosts(hosts: str) -> Hosts:
     parsed: Hosts = []
     for item in hosts.split(","):
         item = item.strip()
-        name, _, slots = item.partition(":")
-        if not valid_host(name) or (slots and (not slots.isdigit() or int(slots) == 0)):
+        name, colon, slots_text = item.partition(":")
+        slots = _count(slots_text) if colon else 1
+        if not valid_host(name) or not slots:
             raise HostError(f"--hosts entry {item!r} is not host[:slots] with slots >= 1")
-        parsed.append((name, int(slots) if slots else 1))
+        parsed.append((name, slots))
     return _unique(parsed, "--hosts")
 
 
@@ -70,7 +80,7 @@ def parse_hostfile(text: str, path: str = "hostfile") -> Hosts:
         where = f"{path} line {number}"
         first, *fields = line.split()
         name, colon, slots_text = first.partition(":")
-        slots = int(slots_text) if colon and slots_text.isdigit() else None
+        slots = _count(slots_text) if colon else None
         if colon and slots is None:
             raise HostError(f"{where}: {first!r} is not host:slots")
         for field in fields:
@@ -78,9 +88,9 @@ def parse_hostfile(text: str, path: str = "hostfile") -> Hosts:
             if not eq:
                 raise HostError(f"{where}: {field!r} is not key=value (expected 'host slots=N')")
             if key == "slots":
-                if not value.isdigit():
+                slots = _count(value)
+                if slots is None:
                     raise HostError(f"{where}: slots={value!r} is not a number")
-                slots = int(value)
         if slots is not None and slots < 1:
             raise HostError(f"{where}: slots must be >= 1, got {slots}")
         parsed.append((_check_name(name, where), 1 if slots is None else slots))
@@ -129,7 +139,7 @@ def _expand_range(spec: str, nodelist: str) -> list[str]:
     out = []
     for item in spec.split(","):
         lo, dash, hi = item.partition("-")
-        if not lo.isdigit() or (dash and not hi.isdigit()):
+        if _count(lo) is None or (dash and _count(hi) is None):
             raise HostError(f"node list {nodelist!r}: range {item!r} is not N or N-M")
         if not dash:
             out.append(lo)

@@ -11,13 +11,14 @@ and neither imports the other; the options they share are launch.options.
 import argparse
 import sys
 
+from data_pipeline.arguments import ArgumentParser
 from launch import cli, slurm_cli
 
 COMMANDS = ("run", "slurm")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m launch", description="Data-parallel training with Horovod: start it here, or on Slurm.",
         epilog="Without a command, the options are run's: python -m launch --np 2 --config configs/digits.yaml")
     sub = p.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)

@@ -16,7 +16,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from launch.command import LaunchError
+from launch.command import MAX_GRACE_SEC, LaunchError
 
 # sbatch reads `#SBATCH` lines itself (no shell): it splits them on blanks and
 # strips double quotes. Names are limited to characters that need no quoting
@@ -25,8 +25,8 @@ from launch.command import LaunchError
 _NAME = re.compile(r"[A-Za-z0-9_.+\-]{1,128}")
 _PARTITIONS = re.compile(r"[A-Za-z0-9_.+\-]+(,[A-Za-z0-9_.+\-]+)*")
 _PATH_BAD = re.compile(r'["\\\x00-\x1f\x7f]')
-_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
-MAX_SIGNAL_DELAY_SEC = 65535  # sbatch's --signal limit
+# ASCII digits only: `\d` and int() take other scripts' digits, which sbatch does not.
+_TIME = re.compile(r"(?:([0-9]+)-)?([0-9]+)(?::([0-9]+))?(?::([0-9]+))?")
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,8 @@ def validate(opts: SlurmOptions) -> None:
         raise LaunchError(f"--cpus-per-task must be at least 1, got {opts.cpus_per_task}")
     tasks_per_node(opts)
     limit = time_limit_seconds(opts.time)
-    if not 0 < opts.signal_grace_sec <= MAX_SIGNAL_DELAY_SEC:
-        raise LaunchError(f"--signal-grace-sec must be in 1..{MAX_SIGNAL_DELAY_SEC}, got {opts.signal_grace_sec}")
+    if not 0 < opts.signal_grace_sec <= MAX_GRACE_SEC:
+        raise LaunchError(f"--signal-grace-sec must be in 1..{MAX_GRACE_SEC}, got {opts.signal_grace_sec}")
     if opts.signal_grace_sec >= limit:
         raise LaunchError(f"--signal-grace-sec {opts.signal_grace_sec} must be shorter than --time {opts.time!r}")
     for line in opts.setup:

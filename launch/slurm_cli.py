@@ -26,12 +26,15 @@ import shutil
 import subprocess
 import sys
 
+from data_pipeline.arguments import ArgumentParser
 from data_pipeline.metadata import DataError
 from launch.command import LaunchError, tensorboard_command
 from launch.options import add_config_options, add_options, to_argv, unsafe_value
 from launch.slurm import SQUEUE_FORMAT, SlurmOptions, build_script, queued_job, tasks_per_node
 from launch.slurm import validate as validate_slurm
+from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, check_environment, load_config, validate, validate_world
+from trainer.data_spec import check_start
 from trainer.run_claim import RunClaimError
 from trainer.run_claim import check as check_claim
 
@@ -67,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m launch slurm", description=DESCRIPTION)
+    p = ArgumentParser(prog="python -m launch slurm", description=DESCRIPTION)
     add_arguments(p)
     return p.parse_args(argv)
 
@@ -134,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         validate(cfg)
         if args.data_check:
             check_environment(cfg)
+            check_start(cfg)  # reads the data's metadata.json, as the workers will
         opts = options_from_args(args, cfg.run_dir)
         validate_slurm(opts)
         validate_world(cfg, opts.nodes * tasks_per_node(opts))
@@ -160,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
         job_id = submit(script_path)
     except DataError as e:
         print(f"launch: data error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"launch: checkpoint error: {e}", file=sys.stderr)
         return 2
     except (ConfigError, LaunchError, RunClaimError) as e:
         print(f"launch: error: {e}", file=sys.stderr)

@@ -1,15 +1,18 @@
-"""Helpers the tests share: the repository root, running a command from it, a free port, a small filesystem,
-checkpoint folders, and the evaluation path's per-image answers, against which the serving tests compare the export.
+"""Helpers the tests share: the repository root, running a command or a worker script from it, a free port,
+a small filesystem, checkpoint folders, the evaluation path's per-image answers, against which the serving
+tests compare the export, and a small image folder of shapes.
 
 Kept apart from conftest.py, which pytest loads by itself and which holds only
 fixtures: a test module imports these names explicitly (`from helpers import run`).
 """
 
 import contextlib
+import json
 import os
 import re
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,10 +71,10 @@ def evaluation_predictions(run_dir, checkpoint: str = "latest", batch_size: int 
     from data_pipeline.reader import eval_stream
     from data_pipeline.records import parse_example
     from data_pipeline.stream_options import EvalOptions
-    from trainer.assembly import build_compiled_model, model_signature
+    from trainer.assembly import build_compiled_model
     from trainer.checkpoint import CheckpointManager
     from trainer.config import load_config
-    from trainer.data import resolve_data
+    from trainer.data_spec import model_signature, resolve_data
     from trainer.schedule import make_schedule
 
     cfg = load_config(str(Path(run_dir) / "config.yaml"))
@@ -106,3 +109,56 @@ def small_filesystem(path: Path, size: str):
 def resize_filesystem(path: Path, size: str) -> None:
     """Frees space on a small_filesystem: its size becomes `size`, its files stay."""
     subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+
+SHAPES = ("circle", "square", "triangle")
+
+
+def write_shapes(folder: Path, per_class: int = 40, size: int = 64, seed: int = 0) -> Path:
+    """A small image folder of three classes of shapes (PNG), each at a random place, size and colour.
+
+    The quick start's case of a small data set of one's own: with the
+    quick start's global batch of 64, one training step per epoch.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for label, shape in enumerate(SHAPES):
+        (folder / shape).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(150, 256, 3)))
+            draw = ImageDraw.Draw(image)
+            r = int(rng.integers(size // 8, size // 3))
+            cx, cy = (int(c) for c in rng.integers(r, size - r, 2))
+            colour = tuple(int(c) for c in rng.integers(0, 110, 3))
+            if label == 0:
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            elif label == 1:
+                draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            else:
+                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+            image.save(folder / shape / f"{i:03d}.png")
+    return folder
+
+
+def worker_reports(tmp_path, script: str, *args, ranks: int = 2) -> list[dict]:
+    """Runs `script` under horovodrun -np `ranks` (or as one plain process for 1); its REPORT lines, by rank."""
+    path = tmp_path / "worker.py"
+    path.write_text(script)
+    argv = [sys.executable, str(path), *args]
+    if ranks > 1:
+        from launch.command import LaunchOptions, build_command
+
+        opts = LaunchOptions(np=ranks, config="unused.yaml", python=sys.executable,
+                             horovodrun=os.path.join(os.path.dirname(sys.executable), "horovodrun"))
+        command, env = build_command(opts, dict(os.environ))
+        argv = command[: command.index(sys.executable)] + argv
+    else:
+        env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    res = run(argv, env=env, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    reports = [json.loads(line.split("REPORT ", 1)[1]) for line in res.stdout.splitlines() if "REPORT " in line]
+    assert len(reports) == ranks, res.stdout[-3000:]
+    return sorted(reports, key=lambda r: r["rank"])

@@ -190,6 +190,11 @@ def test_csv_listing(messy, tmp_path):
     listing.write_text("\n".join(rows) + "\n")
     meta = build(None, str(tmp_path / "out"), num_shards=1, val_fraction=0.0, csv_path=str(listing))
     assert meta["class_names"] == ["2", "10"]  # integer labels in numeric order
+    # '\u00b2' passes str.isdigit() but not int(): labels that are not all ASCII numbers sort as text.
+    superscript = tmp_path / "superscript.csv"
+    superscript.write_text(f"{rel}/ant/a.jpg,2\n{rel}/bee/f.jpg,\u00b2\n{rel}/cow/h.jpg,10\n", encoding="utf-8")
+    assert build(None, str(tmp_path / "sup"), num_shards=1, val_fraction=0.0,
+                 csv_path=str(superscript))["class_names"] == ["10", "2", "\u00b2"]
     assert meta["splits"]["train"]["per_class"] == {"2": 2, "10": 2}
     assert {os.path.basename(s["path"]) for s in meta["skipped"]} == {"gone.jpg", "trunc.png"}
     assert meta["ignored"]["not_image"] == 1

@@ -315,3 +315,54 @@ def test_a_resumed_run_keeps_the_metrics_records_of_the_epochs_before_its_resume
     assert path.read_text() == ""
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
     outputs.RunOutputs(cfg).keep_records(0)  # other ranks write nothing
+
+
+def test_the_launcher_refuses_the_checkpoints_a_worker_refuses_with_the_same_line(digits_shards, tmp_path):
+    import sys
+
+    from helpers import run
+    from trainer.config import load_config
+    from trainer.data_spec import model_signature, resolve_data
+
+    base = [f"run_dir={tmp_path / 'run'}", f"data.dir={digits_shards}"]
+    cfg = load_config("configs/digits.yaml", base)
+    written = model_signature(cfg, resolve_data(cfg))
+    manager = CheckpointManager(str(tmp_path / "run" / "checkpoints"))
+    model = small_model(0)
+    train_a_little(model, 1)
+    path = manager.save(model, {"epoch": 1, "steps_per_epoch": 1, "model": written})
+
+    for override in (None, "model.name=resnet20", "model.num_classes=12", "model.image_size=16", "model.channels=3"):
+        overrides = base + ([override] if override else [])
+        # The worker's way: the signature of the data spec it builds its model from, checked by restore.
+        cfg = load_config("configs/digits.yaml", overrides)
+        spec = resolve_data(cfg)
+        try:
+            manager.restore(small_model(1), path, model_signature(cfg, spec))
+            worker_line = None
+        except CheckpointError as e:
+            worker_line = f"checkpoint error: {e}"
+        assert (worker_line is None) == (override is None)
+
+        res = run([sys.executable, "-m", "launch", "--np", "2", "--config", "configs/digits.yaml", "--dry-run",
+                   *[x for o in overrides for x in ("--set", o)]])
+        if override is None:
+            assert res.returncode == 0, res.stderr
+        else:
+            assert (res.returncode, res.stderr) == (2, f"launch: {worker_line}\n"), override
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused_not_half_restored(tmp_path):
+    """Keras skips every optimizer variable of a mismatched count with a warning: the step counter too."""
+    manager = CheckpointManager(str(tmp_path))
+    model = small_model(0)
+    train_a_little(model, 2)
+    path = manager.save(model, {"epoch": 1})
+    scaled = small_model(1)
+    scaled.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(1e-2)),
+                   loss="sparse_categorical_crossentropy", jit_compile=False)
+    before = [v.numpy() for v in scaled.weights]
+    with pytest.raises(CheckpointError, match=r"holds \d+ optimizer variables, this run's optimizer \d+: it was "
+                                              r"written with another train.optimizer or train.precision"):
+        manager.restore(scaled, path)
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, scaled.weights))

@@ -138,8 +138,15 @@ def test_build_command_does_not_mutate_its_input():
         (dict(hosts="a:x"), "--hosts entry 'a:x' is not host[:slots] with slots >= 1"),
         (dict(np=5, hosts="a:2,b:2"), "--hosts 'a:2,b:2' has 4 slots for --np 5"),
         (dict(controller="nccl"), "controller must be gloo or mpi, got 'nccl'"),
-        (dict(fusion_threshold_mb=-1), "--fusion-threshold-mb must be >= 0, got -1"),
-        (dict(cycle_time_ms=0), "--cycle-time-ms must be > 0, got 0"),
+        (dict(fusion_threshold_mb=-1), "--fusion-threshold-mb must be in 0..65536, got -1"),
+        # Horovod reads the buffer size in bytes into an int64.
+        (dict(fusion_threshold_mb=10**17), "--fusion-threshold-mb must be in 0..65536, got 100000000000000000"),
+        (dict(cycle_time_ms=0), "--cycle-time-ms must be a number > 0, got 0"),
+        # nan and inf passed `<= 0` and reached Horovod's cycle timer.
+        (dict(cycle_time_ms=float("nan")), "--cycle-time-ms must be a number > 0, got nan"),
+        (dict(cycle_time_ms=float("inf")), "--cycle-time-ms must be a number > 0, got inf"),
+        # The launcher's timer that ends the grace takes no more (OverflowError in its thread).
+        (dict(signal_grace_sec=10**20), "--signal-grace-sec must be in 1..65535, got 100000000000000000000"),
         (dict(stall_warning_sec=0), "--stall-warning-sec must be >= 1, got 0"),
         (dict(stall_warning_sec=60, stall_shutdown_sec=30),
          "--stall-shutdown-sec 30 must exceed --stall-warning-sec 60"),
@@ -313,7 +320,7 @@ def test_the_grace_goes_to_horovodrun_and_mpi_jobs_are_stopped_with_sigusr2_then
     assert stop_plan(opts(runner="srun")) == (signal.SIGTERM, None)
     # mpirun would kill the ranks 2 s after a SIGTERM: they get SIGUSR2, mpirun SIGTERM after the grace.
     assert stop_plan(opts(controller="mpi", signal_grace_sec=300)) == (signal.SIGUSR2, 300.0)
-    with pytest.raises(LaunchError, match=r"^--signal-grace-sec must be >= 1, got 0$"):
+    with pytest.raises(LaunchError, match=r"^--signal-grace-sec must be in 1..65535, got 0$"):
         build_command(opts(signal_grace_sec=0), {})
 
 

@@ -59,6 +59,9 @@ def test_dumped_config_loads_back_identically(tmp_path):
         ("bogus.x=1", "unknown config key 'bogus'"),
         ("train.epochs=three", "train.epochs='three': expected int"),
         ("train.epochs=2.5", "train.epochs=2.5: expected int"),
+        # Both pass `> 0`-style checks: inf trained a whole run on a NaN loss, and inf warm-up epochs crashed.
+        ("train.base_learning_rate=.inf", "train.base_learning_rate=inf: expected a finite number"),
+        ("train.warmup_epochs=.nan", "train.warmup_epochs=nan: expected a finite number"),
         ("train.resume=1", "train.resume=1: expected bool"),
         ("data=3", "data=3: expected a mapping"),
         ("noequals", "override 'noequals' is not key=value"),
@@ -91,6 +94,8 @@ def test_bad_keys_and_types_name_the_key_and_value(override, message):
          "train.precision='float16': must be one of auto, float32, mixed_bfloat16, mixed_float16"),
         ("train.jit_compile=maybe", "train.jit_compile='maybe': must be auto, true or false"),
         ("train.accumulation_steps=0", "train.accumulation_steps=0: must be >= 1"),
+        ("train.precise_bn=sometimes", "train.precise_bn='sometimes': must be auto, true or false"),
+        ("train.precise_bn_examples=0", "train.precise_bn_examples=0: must be >= 1"),
         ("train.initial_loss_scale=0.5", "train.initial_loss_scale=0.5: must be >= 1"),
     ],
 )

@@ -34,7 +34,7 @@ def randomized_model(precision: str):
     """A compiled run model (DataParallelModel, optimizer built) with random weights and BatchNorm statistics."""
     from trainer.assembly import build_compiled_model
     from trainer.config import load_config
-    from trainer.data import DataSpec
+    from trainer.data_spec import DataSpec
 
     cfg = load_config("configs/digits.yaml", [f"train.precision={precision}"])
     model = build_compiled_model(cfg, DataSpec((8, 8, 1), 10, 2, [], []), 0.01)

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,9 +163,8 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits
     proc.send_signal(signal.SIGTERM)  # what Slurm sends before it kills a job; the launcher passes it on
     first = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0, "the run finished before it could be stopped"
-    # horovodrun itself reports the workers' non-zero exit with a traceback of its own;
-    # the workers stop cleanly: no traceback of theirs (rank 0's lines have no label: look for their frames).
-    assert not re.search(r'^(\[\d\] Traceback|(\[\d\] )?\s+File "[^"]*/trainer/)', first, re.M), first[-3000:]
+    # The launcher exits with the workers' code; no traceback, neither horovodrun's nor the workers'.
+    assert proc.returncode == 143 and "Traceback" not in first, first[-3000:]
     stopped = messages(first, "stopped at step")
     # Both ranks stopped at the same step and exited with the documented code.
     assert sorted(stopped) == [0, 1] and stopped[0] == stopped[1]
@@ -252,9 +252,14 @@ def test_kill_9_of_one_rank_ends_the_whole_job(digits_shards, tmp_path):
     victim.kill()
     out = proc.communicate(timeout=90)[0]
     detected = time.time() - killed_at
-    assert proc.returncode != 0
-    assert detected < 60
-    assert re.search(r"first process to do so was:\s*Process name: 1\s*Exit code: 137", out), out[-2000:]
+    # Seconds, not the 30 s that rank 0 waits for the failed rank to end first: horovodrun's
+    # SIGTERM, which often lands while rank 0's failed collective is still being raised, ends it.
+    assert detected < 20, f"the job ended {detected:.1f} s after the kill"
+    # One line on how the job ended, and the killed rank's code; no traceback of horovodrun's.
+    assert proc.returncode == 137, out[-2000:]
+    assert "launch: error: rank 1 was killed by SIGKILL (exit code 137); the job ended\n" in out, out[-2000:]
+    # (Rank 0's failed collective is one ERROR line; its traceback is at DEBUG, which log_all_ranks shows.)
+    assert not re.search(r'File ".*/horovod/runner/|Process name', out), out[-2000:]
     leftovers = [
         p for p in psutil.process_iter(["cmdline"]) if f"run_dir={run_dir}" in " ".join(p.info["cmdline"] or [])
     ]
@@ -359,3 +364,70 @@ def test_workers_under_horovodrun_refuse_an_indivisible_batch(digits_shards, tmp
             rf"\[{rank}\]<stderr>:config error: data.global_batch_size=63: is not divisible by the world size 2", out
         ), out[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# What the runners print about failed workers, which the launcher turns into its own exit code (and a line
+# when the workers' own lines do not say why): none of it may reach the console.
+RUNNER_NOISE = re.compile(r"Traceback|Process name|Exit code|exit with status code|^-{20,}$|Primary job|"
+                          r"mpirun (detected|noticed)|^Terminated$", re.M)
+
+
+def write_torn_checkpoint(run_dir: Path) -> Path:
+    """A digits checkpoint whose state.json fits the config but whose weights are torn: only workers find out."""
+    torn = run_dir / "checkpoints" / "step-000000022"
+    torn.mkdir(parents=True)
+    (torn / "state.json").write_text(json.dumps({
+        "epoch": 1, "global_step": 22, "steps_per_epoch": 22,
+        "model": {"name": "simple_cnn", "input_shape": [8, 8, 1], "num_classes": 10}}))
+    (torn / "model.weights.h5").write_bytes(b"torn by a crash")
+    return torn
+
+
+def error_lines(out: str) -> list[str]:
+    """The `... error: ` lines of a job's output (config, data, checkpoint, launch), without a rank's label."""
+    return [x for x in (re.sub(r"^\[\d+\] ", "", line) for line in out.splitlines()) if re.match(r"\S+ error: ", x)]
+
+
+def torn_checkpoint_line(run_dir: Path, torn: Path) -> str:
+    return (f"checkpoint error: no readable checkpoint in '{run_dir}/checkpoints': cannot restore checkpoint "
+            f"'{torn}': ")
+
+
+@pytest.mark.parametrize("controller", ["--gloo", "--mpi"])
+def test_an_error_every_rank_finds_is_one_line_and_the_launcher_exits_with_its_code(digits_shards, tmp_path,
+                                                                                    controller):
+    run_dir = tmp_path / "run"
+    torn = write_torn_checkpoint(run_dir)
+    res = run(launch_argv(run_dir, digits_shards, controller, "--set", "train.epochs=2"), timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out[-3000:]
+    # Every rank refuses it with the same line (rank 0 restores, the others get its error): shown once,
+    # with the label of the rank that printed it first.
+    errors = error_lines(out)
+    assert len(errors) == 1 and errors[0].startswith(torn_checkpoint_line(run_dir, torn)), out[-3000:]
+    assert not RUNNER_NOISE.search(out), out[-3000:]
+    assert sorted(p.name for p in torn.iterdir()) == ["model.weights.h5", "state.json"]
+
+
+def test_an_error_of_one_rank_is_its_line_and_its_code_and_verbose_shows_horovodrun_too(digits_shards, tmp_path):
+    """A shard that only rank 1 hashes is damaged: rank 1 stops with exit 2, rank 0's next collective fails."""
+    shards = tmp_path / "shards"
+    shutil.copytree(digits_shards, shards)
+    shard = shards / "train-00001-of-00004.tfrecord"  # rank 1's share of the hashing: shards 1 and 3
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    line = (f"[1] data error: shard '{shard}' does not match its SHA-256 in metadata.json (truncated or changed); "
+            "rebuild the shards, or set data.skip_corrupt_records=true to skip its corrupt records")
+    quiet = ("--set", "runtime.log_all_ranks=false")  # as by default: the failed collective's traceback is DEBUG
+    res = run(launch_argv(tmp_path / "run", shards, "--set", "train.epochs=1", *quiet), timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out[-3000:]
+    assert error_lines(out) == [line[4:]], out[-3000:]
+    # Rank 0 says in one log line why it stopped too, and that the other rank's line is the reason.
+    assert re.search(r"rank0 ERROR trainer.train: a collective failed: another rank ended", out), out[-3000:]
+    assert not RUNNER_NOISE.search(out), out[-3000:]
+
+    res = run(launch_argv(tmp_path / "run", shards, "--set", "train.epochs=1", *quiet, "--verbose"), timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Exit code: 2" in res.stderr and f"[1]<stderr>:{line[4:]}" in res.stderr

@@ -29,6 +29,10 @@ def test_parse_hosts():
     ("a;rm -rf x:1", "--hosts entry 'a;rm -rf x:1' is not host[:slots] with slots >= 1"),
     ("node[1-2]:2", "--hosts entry 'node[1-2]:2' is not host[:slots] with slots >= 1"),
     ("a:1,a:2", "--hosts: host 'a' is listed twice"),
+    ("a:", "--hosts entry 'a:' is not host[:slots] with slots >= 1"),
+    # Digits of other scripts pass str.isdigit(), and some then int(): only ASCII digits are counts.
+    ("a:\u00b2", "--hosts entry 'a:\u00b2' is not host[:slots] with slots >= 1"),
+    ("a:\u0662", "--hosts entry 'a:\u0662' is not host[:slots] with slots >= 1"),
 ])
 def test_bad_host_lists(text, message):
     with pytest.raises(HostError) as e:
@@ -58,6 +62,9 @@ cpu02
      "hosts.txt line 1: host name 'a$(id)' has characters other than letters, digits, '.', '-', '_'"),
     ("# nothing\n\n", "hosts.txt: no hosts in the file"),
     ("a slots=1\na slots=2\n", "hosts.txt: host 'a' is listed twice"),
+    ("a slots=\u00b2\n", "hosts.txt line 1: slots='\u00b2' is not a number"),
+    ("a slots=\u0662\n", "hosts.txt line 1: slots='\u0662' is not a number"),
+    ("a:\u00b2\n", "hosts.txt line 1: 'a:\u00b2' is not host:slots"),
 ])
 def test_bad_hostfiles(text, message):
     with pytest.raises(HostError) as e:
@@ -101,6 +108,8 @@ def test_expand_nodelist_agrees_with_scontrol(nodelist, names, tmp_path):
     ("a[[1]]", "node list 'a[[1]]': nested brackets"),
     ("a[x-y]", "node list 'a[x-y]': range 'x-y' is not N or N-M"),
     ("", "node list '' is empty"),
+    ("a[1-\u00b2]", "node list 'a[1-\u00b2]': range '1-\u00b2' is not N or N-M"),
+    ("a[\u0661]", "node list 'a[\u0661]': range '\u0661' is not N or N-M"),
     ("a[1-2]$(id)",
      "node list 'a[1-2]$(id)': host name 'a1$(id)' has characters other than letters, digits, '.', '-', '_'"),
 ])
@@ -116,6 +125,8 @@ def test_tasks_per_node():
     with pytest.raises(HostError) as e:
         parse_tasks_per_node("2(x3")
     assert str(e.value) == "SLURM_TASKS_PER_NODE='2(x3': '2(x3' is not N or N(xM) with N >= 1"
+    with pytest.raises(HostError):
+        parse_tasks_per_node("\u0662")
 
 
 def test_allocation_hosts_from_the_slurm_environment():

@@ -192,3 +192,25 @@ def test_a_save_slower_than_horovodruns_5_s_completes_within_the_grace_and_the_r
     assert res.returncode == 0, out[-3000:]
     assert f"resumed from {stopped_at} " in out
     assert [r["epoch"] for r in epoch_records(run_dir)] == [1, 2, 3, 4]
+
+
+def test_a_rank_whose_collective_failed_after_the_runners_sigterm_exits_at_once():
+    # horovodrun SIGTERMs the other ranks once one has ended; that SIGTERM often lands while the
+    # failed collective is still being raised, and is then taken as a stop request. Waiting for a
+    # second one would keep the job (and its Slurm allocation) alive for the whole grace.
+    from trainer.preemption import StopRequest
+    from trainer.train import yield_to_the_failed_rank
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)}
+    try:
+        started = time.monotonic()
+        yield_to_the_failed_rank(0.5)  # no SIGTERM yet: the failed rank gets its moment
+        assert time.monotonic() - started >= 0.5
+        StopRequest().install()
+        signal.raise_signal(signal.SIGTERM)
+        started = time.monotonic()
+        yield_to_the_failed_rank(30)
+        assert time.monotonic() - started < 1
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -9,6 +9,7 @@ reference answer for each validation image, which the exports must give too.
 import base64
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -177,6 +178,9 @@ def test_predict_skips_and_counts_bad_files_and_exits_2_on_bad_arguments(trained
     (folder / "notes.txt").write_text("not an image")
     (folder / "text.png").write_text("not an image")
     (folder / "sub" / "cut.png").write_bytes(good[0].read_bytes()[:30])
+    # A file name that is not UTF-8 (Linux names are bytes): no output row could hold it.
+    with open(os.fsencode(folder) + b"/bad\xff.png", "wb") as f:
+        f.write(good[0].read_bytes())
 
     res = run([sys.executable, "-m", "trainer.predict", "--model", model, folder, "--output", tmp_path / "p.jsonl",
                "--batch-size", "2"])
@@ -184,7 +188,8 @@ def test_predict_skips_and_counts_bad_files_and_exits_2_on_bad_arguments(trained
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert sorted(Path(r["path"]).name for r in rows) == sorted(f.name for f in good)
     assert all(len(r["top_k"]) == 3 for r in rows)
-    assert "predict: 5 image files: 3 predicted, 2 bad (skipped); 1 other files skipped" in res.stderr
+    assert "predict: 6 image files: 3 predicted, 3 bad (skipped); 1 other files skipped" in res.stderr
+    assert f"bad image {folder}/bad\\xff.png: its file name is not valid UTF-8\n" in res.stderr
     assert f"bad image {folder / 'text.png'}: not a JPEG, PNG, GIF or BMP image\n" in res.stderr
     assert f"bad image {folder / 'sub' / 'cut.png'}: Invalid PNG" in res.stderr
 

@@ -12,7 +12,15 @@ import pytest
 
 from helpers import ROOT, checkpoint_dir, checkpoint_steps, run
 from slurm_cluster import SlurmCluster
-from test_horovod import epoch_records, messages, rank_records
+from test_horovod import (
+    RUNNER_NOISE,
+    epoch_records,
+    error_lines,
+    messages,
+    rank_records,
+    torn_checkpoint_line,
+    write_torn_checkpoint,
+)
 
 pytestmark = [pytest.mark.horovod, pytest.mark.slurm]
 
@@ -147,6 +155,19 @@ def test_time_limit_requeue_scancel_and_resubmission_resume_from_checkpoints(slu
     assert [r["epoch"] for r in rank_records(log2)[1]] == list(range(step2 // 22 + 1, 5))
     assert checkpoint_steps(run_dir)[-1] == 4 * 22
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
+
+
+def test_a_worker_error_under_srun_is_one_line_and_the_jobs_exit_code(slurm, digits_shards, tmp_path):
+    """srun exits with the highest code of its tasks and prints a line per task: the launcher shows neither."""
+    run_dir = tmp_path / "run"
+    torn = write_torn_checkpoint(run_dir)
+    job_id, _ = submit(slurm, run_dir, digits_shards, "--set", "train.epochs=2", "--srun")
+    info = slurm.wait(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
+    log = job_log(run_dir, job_id)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), log[-3000:]
+    errors = error_lines(log)
+    assert len(errors) == 1 and errors[0].startswith(torn_checkpoint_line(run_dir, torn)), log[-3000:]
+    assert not RUNNER_NOISE.search(log) and "srun: " not in log and "slurmstepd" not in log, log[-3000:]
 
 
 def test_a_claim_of_a_slurm_job_that_ended_is_stale_at_once(slurm, tmp_path, monkeypatch):

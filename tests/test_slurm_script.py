@@ -68,6 +68,8 @@ def test_time_formats(text, seconds):
     (dict(cpus_per_task=0), "--cpus-per-task must be at least 1, got 0"),
     (dict(time="1h"), "--time '1h' is not a Slurm time (MM, HH:MM:SS, D-HH:MM:SS)"),
     (dict(time="0"), "--time '0' must be longer than 0"),
+    # int() reads these Arabic-Indic digits as 20; sbatch would not.
+    (dict(time="\u0662\u0660"), "--time '\u0662\u0660' is not a Slurm time (MM, HH:MM:SS, D-HH:MM:SS)"),
     (dict(time="2", signal_grace_sec=120), "--signal-grace-sec 120 must be shorter than --time '2'"),
     (dict(signal_grace_sec=0), "--signal-grace-sec must be in 1..65535, got 0"),
     (dict(partition="gpu;id"), "--partition 'gpu;id': only letters, digits and _.+- are allowed"),

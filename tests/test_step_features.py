@@ -175,7 +175,7 @@ def test_the_loss_scale_is_saved_and_restored_with_the_optimizer(tmp_path):
     from trainer.assembly import build_compiled_model
     from trainer.checkpoint import CheckpointManager
     from trainer.config import load_config
-    from trainer.data import DataSpec
+    from trainer.data_spec import DataSpec
 
     cfg = load_config("configs/bench_resnet20.yaml", ["train.precision=mixed_float16", "model.name=simple_cnn"])
     spec = DataSpec((8, 8, 1), 4, 2, [], [])

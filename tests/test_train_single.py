@@ -17,8 +17,10 @@ def test_synthetic_resnet20_run_writes_summary(tmp_path):
     assert summary["model"] == "resnet20"
     assert summary["steps_per_epoch"] == 3
     assert summary["epochs"] == 2
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
-        "best.json", "ckpt-000002-step-000000006"]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    best = json.loads((checkpoints / "best.json").read_text())["checkpoint"]
+    # The latest, and the best by val_accuracy on random labels (either epoch): nothing more.
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted({"best.json", "ckpt-000002-step-000000006", best})
     state = json.loads((checkpoint_dir(tmp_path / "run", 6) / "state.json").read_text())
     assert state["global_step"] == 6 and state["epoch"] == 2 and state["checkpoint_number"] == 2
 

@@ -7,7 +7,7 @@ import keras
 import tensorflow as tf
 
 from trainer.config import ExperimentConfig, dump_yaml
-from trainer.data import DataSpec
+from trainer.data_spec import DataSpec
 from trainer.models import build_model
 from trainer.step import DataParallelModel
 
@@ -88,11 +88,6 @@ def build_compiled_model(cfg: ExperimentConfig, spec: DataSpec, schedule, stop_r
     )
     model.optimizer.build(model.trainable_variables)
     return model
-
-
-def model_signature(cfg: ExperimentConfig, spec: DataSpec) -> dict:
-    """What a checkpoint must match to be restored into this run's model."""
-    return {"name": cfg.model.name, "input_shape": list(spec.input_shape), "num_classes": spec.num_classes}
 
 
 def config_hash(cfg: ExperimentConfig) -> str:

@@ -43,6 +43,7 @@ from trainer.checkpoint_guard import NonFiniteState, check_finite, write_weights
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_DIR = "checkpoints"  # in the run folder
 STATE_FILE = "state.json"
 BEST_FILE = "best.json"
 WEIGHTS_FILE = "model.weights.h5"
@@ -252,19 +253,20 @@ class CheckpointManager:
         weight is touched.
         """
         state = self.read_state(path)
-        if expect_model is not None and state.get("model") != expect_model:
-            raise CheckpointError(
-                f"checkpoint {path!r} was written for {describe(state.get('model'))}; "
-                f"this run builds {describe(expect_model)}"
-            )
+        if expect_model is not None:
+            check_model(path, state, expect_model)
         try:
             # Built first: the weights file holds the optimizer's variables too,
             # and Keras skips them (with a warning) for an unbuilt optimizer.
             if not model.optimizer.built:
                 model.optimizer.build(model.trainable_variables)
-            model.load_weights(os.path.join(path, WEIGHTS_FILE))
             with np.load(os.path.join(path, OPTIMIZER_FILE), allow_pickle=False) as npz:
                 store = {k: npz[k] for k in npz.files}
+            if len(store) != len(model.optimizer.variables):  # Keras would skip them all, the step counter too
+                raise CheckpointError(f"checkpoint {path!r} holds {len(store)} optimizer variables, this run's "
+                                      f"optimizer {len(model.optimizer.variables)}: it was written with another "
+                                      "train.optimizer or train.precision (mixed_float16 adds a loss scale)")
+            model.load_weights(os.path.join(path, WEIGHTS_FILE))
             model.optimizer.load_own_variables(store)
             rng = rng_variables(model)
             with np.load(os.path.join(path, RNG_FILE), allow_pickle=False) as npz:
@@ -277,8 +279,18 @@ class CheckpointManager:
         return state
 
 
-def describe(signature: dict | None) -> str:
-    if not signature:
+def check_model(path: str, state: dict, expect_model: dict) -> None:
+    """Raises CheckpointError when the checkpoint at `path` (its `state`) was written for another model."""
+    if state.get("model") != expect_model:
+        raise CheckpointError(
+            f"checkpoint {path!r} was written for {describe(state.get('model'))}; "
+            f"this run builds {describe(expect_model)}"
+        )
+
+
+def describe(signature) -> str:
+    if not isinstance(signature, dict) or not signature:  # a state.json may hold anything there
         return "an unknown model"
-    shape = "x".join(str(d) for d in signature.get("input_shape", []))
+    shape = signature.get("input_shape")
+    shape = "x".join(str(d) for d in shape) if isinstance(shape, list) else repr(shape)
     return f"model {signature.get('name')} with {signature.get('num_classes')} classes and input {shape}"

@@ -25,6 +25,7 @@ from trainer.config_checks import (  # noqa: F401  (re-exported: callers import 
     ConfigError,
     best_mode,
     check_environment,
+    check_run_dir,
     profile_range,
     validate,
     validate_world,
@@ -129,7 +130,8 @@ class TrainConfig:
         empty: keep only the latest).
       best_mode: `max` or `min` for best_metric; `auto` is min for losses,
         max otherwise.
-      seed: model initialisation seed (rank 0's weights are broadcast).
+      seed: model initialisation seed (rank 0's weights are broadcast);
+        0 to 2**31 - 1.
       export: write a TensorFlow SavedModel for serving at the end (RUN_DIR/export;
         see docs/serving.md).
       export_top_k: how many of the most probable classes (indices and names)
@@ -160,6 +162,21 @@ class TrainConfig:
         Under mixed_float16 a step whose gradients overflow is skipped, not a
         divergence. false: training goes on and the epoch line shows `nan`
         (checkpoints of non-finite weights are still never written).
+      precise_bn: recompute the population mean and variance of every
+        BatchNorm layer from the current weights over
+        train.precise_bn_examples training examples (all ranks pooled, the
+        training preprocessing), at the end of each validated epoch before
+        its validation, and before the final weights are validated or
+        exported; the checkpoint and the export then hold them (Wu and
+        Johnson, "Rethinking 'Batch' in BatchNorm", 2021). `auto` does so,
+        with one warning, only while the moving averages cannot have
+        converged: while momentum ** (steps x accumulation_steps) > 0.001,
+        the weight they still give their initial values (fewer than 688
+        updates at Keras's momentum 0.99: small data sets, few epochs).
+        `true`: at every validation; `false`: never (docs/training.md).
+      precise_bn_examples: training examples over all ranks that each
+        recomputation of train.precise_bn reads, at most the training set,
+        rounded up to whole batches of data.global_batch_size.
     """
 
     epochs: int = 10
@@ -184,6 +201,8 @@ class TrainConfig:
     jit_compile: str = "auto"
     accumulation_steps: int = 1
     stop_on_nonfinite: bool = True
+    precise_bn: str = "auto"
+    precise_bn_examples: int = 4096
 
 
 @dataclass
@@ -203,9 +222,10 @@ class RuntimeConfig:
     """Process settings.
 
     Attributes:
-      intra_op_threads: TensorFlow threads per op; 0 divides the cores of this
-        machine between its local ranks, so ranks do not oversubscribe them.
-      inter_op_threads: ops run at once; 0 as above.
+      intra_op_threads: TensorFlow threads per op (at most 1024); 0 divides the
+        cores of this machine between its local ranks, so ranks do not
+        oversubscribe them.
+      inter_op_threads: ops run at once (at most 1024); 0 as above.
       deterministic: enable TensorFlow op determinism (slower; exact reruns).
         The record order is deterministic without it (data.deterministic_order).
       log_all_ranks: log INFO from every rank, not only from rank 0, and the

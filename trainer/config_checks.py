@@ -4,6 +4,7 @@
 
     validate(cfg)                      # static checks of the values alone
     check_environment(cfg)             # the data folder and its files, on this machine
+    check_run_dir(cfg.run_dir)         # a run folder this machine can create and write
     validate_world(cfg, world_size)    # checks that depend on the number of ranks
 
 The functions take an ExperimentConfig (or, for best_mode, its TrainConfig)
@@ -22,6 +23,7 @@ LR_DECAYS = ("cosine", "constant")
 BEST_METRICS = ("val_accuracy", "val_loss", "val_top5_accuracy")
 BEST_MODES = ("auto", "max", "min")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+MAX_THREADS = 1024
 
 
 class ConfigError(ValueError):
@@ -80,8 +82,14 @@ def validate(cfg) -> None:
     _check(t.jit_compile.lower() in ("auto", "true", "false"), "train.jit_compile", t.jit_compile,
            "must be auto, true or false")
     _check(t.accumulation_steps >= 1, "train.accumulation_steps", t.accumulation_steps, "must be >= 1")
-    _check(r.intra_op_threads >= 0, "runtime.intra_op_threads", r.intra_op_threads, "must be >= 0")
-    _check(r.inter_op_threads >= 0, "runtime.inter_op_threads", r.inter_op_threads, "must be >= 0")
+    _check(t.precise_bn.lower() in ("auto", "true", "false"), "train.precise_bn", t.precise_bn,
+           "must be auto, true or false")
+    _check(t.precise_bn_examples >= 1, "train.precise_bn_examples", t.precise_bn_examples, "must be >= 1")
+    for key in ("intra_op_threads", "inter_op_threads"):
+        # TensorFlow takes an int32 and starts that many threads; 100000000000 was a ValueError traceback.
+        _check(0 <= getattr(r, key) <= MAX_THREADS, f"runtime.{key}", getattr(r, key), f"must be in 0..{MAX_THREADS}")
+    # Keras seeds rank r with train.seed + r, and takes 0 .. 2**32 - 1 only (-5 was a ValueError traceback).
+    _check(0 <= t.seed < 2**31, "train.seed", t.seed, "must be in 0..2147483647")
     tb = cfg.tensorboard
     _check(tb.step_frequency >= 0, "tensorboard.step_frequency", tb.step_frequency, "must be >= 0")
     _check(tb.sample_images >= 0, "tensorboard.sample_images", tb.sample_images, "must be >= 0")
@@ -112,6 +120,17 @@ def check_environment(cfg) -> None:
             f"data.dir={d.dir!r}: has no metadata.json (build it with python -m data_pipeline.build_shards)")
     if not glob.glob(os.path.join(d.dir, "train-*-of-*.tfrecord")):
         raise DataError(f"data.dir={d.dir!r}: has no train-*.tfrecord shards")
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Rank 0 creates and writes run_dir: a path it cannot write fails here, before the workers start."""
+    existing = os.path.abspath(run_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"run_dir {run_dir!r}: {existing!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_dir {run_dir!r}: {existing!r} is not writable")
 
 
 def best_mode(t) -> str:

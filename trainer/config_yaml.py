@@ -5,6 +5,7 @@ Every unknown key or mistyped value raises ConfigError naming the key.
 """
 
 import dataclasses
+import math
 import typing
 
 import yaml
@@ -22,8 +23,11 @@ def _coerce(key: str, raw, typ):
         if isinstance(raw, int) and not isinstance(raw, bool):
             return raw
     elif typ is float:
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        # inf and nan pass every `> 0` check and break the schedule or the loss later.
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool) and math.isfinite(raw):
             return float(raw)
+        if isinstance(raw, float):
+            raise ConfigError(f"{key}={raw!r}: expected a finite number")
     elif typ is str:
         if raw is None:
             return ""

@@ -1,4 +1,4 @@
-"""The data side of a run: shapes and counts from metadata.json, each rank's streams, the shard check.
+"""The data side of a run: each rank's streams and the shard check (shapes and counts: trainer.data_spec).
 
 Training and checkpoint evaluation (trainer.evaluate) both start here.
 """
@@ -6,7 +6,6 @@ Training and checkpoint evaluation (trainer.evaluate) both start here.
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
@@ -15,58 +14,14 @@ from data_pipeline import metadata as md
 from data_pipeline.positions import files_at
 from data_pipeline.reader import eval_stream, synthetic_dataset, train_stream
 from data_pipeline.stream_options import EvalOptions, TrainOptions
-from trainer.config import ConfigError, ExperimentConfig, effective_batch_size
+from trainer.config import ExperimentConfig
+from trainer.data_spec import DataSpec, resolve_data  # noqa: F401  (re-exported: the spec of the streams)
 from trainer.distributed import DistContext
 from trainer.evaluation import Evaluator
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What the model and the loop need to know about the data."""
-
-    input_shape: tuple[int, int, int]
-    num_classes: int
-    steps_per_epoch: int
-    train_files: list[str]
-    val_files: list[str]
-    num_train: int = 0
-    num_val: int = 0
-    train_shard_counts: tuple[int, ...] = ()
-
-
-def resolve_data(cfg: ExperimentConfig) -> DataSpec:
-    """Fills the model's input shape, class count and steps per epoch from config and metadata."""
-    m, t = cfg.model, cfg.train
-    if cfg.data.synthetic:
-        return DataSpec((m.image_size, m.image_size, m.channels), m.num_classes, t.steps_per_epoch, [], [])
-    # A broken metadata.json or a missing shard is the data's fault, not the config's:
-    # md.DataError passes through and is reported as `data error:`, naming the file.
-    meta = md.load_metadata(cfg.data.dir)
-    shape = meta.get("image_shape")
-    image_size = m.image_size or (shape[0] if shape and shape[0] == shape[1] else 0)
-    if not image_size:
-        raise ConfigError(
-            f"model.image_size=0: the images in {cfg.data.dir!r} differ in size or are not square; set it")
-    channels = m.channels or int(meta["channels"])
-    num_classes = m.num_classes or len(meta["class_names"])
-    if num_classes < len(meta["class_names"]):
-        raise ConfigError(f"model.num_classes={num_classes}: the data has {len(meta['class_names'])} classes")
-    n_train = md.num_examples(meta, "train")
-    # One step is one optimizer update: accumulation_steps batches of global_batch_size.
-    steps = t.steps_per_epoch or n_train // effective_batch_size(cfg)
-    if steps < 1:
-        raise ConfigError(
-            f"data.global_batch_size={cfg.data.global_batch_size}: times train.accumulation_steps="
-            f"{t.accumulation_steps}, larger than the {n_train} training examples"
-        )
-    return DataSpec(
-        (image_size, image_size, channels), num_classes, steps,
-        md.shard_files(cfg.data.dir, meta, "train"), md.shard_files(cfg.data.dir, meta, "validation"),
-        n_train, md.num_examples(meta, "validation"),
-        tuple(int(x["num_examples"]) for x in meta["splits"]["train"]["shards"]),
-    )
+PRECISE_BN_CACHE_BYTES = 256 << 20  # per rank: the decoded float32 images of the precise BatchNorm sample
 
 
 def check_shards(cfg: ExperimentConfig, ctx: DistContext) -> None:
@@ -105,6 +60,33 @@ def train_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_r
     )
     ds = train_stream(spec.train_files, options, skipped)
     return ds.enumerate(start_step).map(_log_digest) if cfg.runtime.log_batch_digests else ds
+
+
+def precise_bn_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, num_batches: int) -> tf.data.Dataset:
+    """This rank's first `num_batches` training batches, for trainer.precise_bn: the same ones on every pass over it.
+
+    The training stream's first records with their augmentation (the stream
+    is a function of its position), read by a pipeline of its own: the
+    training stream is neither consumed nor moved, and the sample does not
+    depend on when it is read. The batch is BatchNorm's in training, the
+    per-replica micro-batch. A sample of at most PRECISE_BN_CACHE_BYTES is
+    decoded once and then held in memory: reading it costs more than the
+    forward passes over it (on digits, 23 batches: 0.15 s of the call's 0.17 s).
+    """
+    per_replica = cfg.data.global_batch_size // ctx.size
+    size, channels = spec.input_shape[0], spec.input_shape[2]
+    if cfg.data.synthetic:
+        return synthetic_dataset(per_replica, size, channels, spec.num_classes, ctx.rank).take(num_batches)
+    d = cfg.data
+    options = TrainOptions(
+        per_replica_batch_size=per_replica, image_size=size, channels=channels,
+        num_shards=ctx.size, shard_index=ctx.rank, shard_counts=spec.train_shard_counts, crop_fraction=d.crop_fraction,
+        threads=ctx.input_threads, deterministic=d.deterministic_order or cfg.runtime.deterministic,
+        skip_corrupt=d.skip_corrupt_records, seed=d.seed, shuffle_buffer=d.shuffle_buffer,
+        num_records=num_batches * per_replica, augment=d.augment,
+    )
+    ds = train_stream(spec.train_files, options)
+    return ds.cache() if num_batches * per_replica * size * size * channels * 4 <= PRECISE_BN_CACHE_BYTES else ds
 
 
 def _log_digest(step, batch):

@@ -16,6 +16,15 @@ import tensorflow as tf
 log = logging.getLogger(__name__)
 
 
+def collective_failed(error: tf.errors.OpError) -> bool:
+    """Whether a TensorFlow op error was raised by a Horovod collective (a rank died or left, or Horovod shut down).
+
+    A lost peer surfaces in many error classes (UnknownError, InternalError
+    ...), always from an op named after Horovod or with Horovod's words.
+    """
+    return "Horovod" in (error.message or "")
+
+
 def threads_per_rank(local_size: int, cpus: int | None = None) -> int:
     """Cores of this machine divided between the ranks that run on it."""
     cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
@@ -114,6 +123,10 @@ class DistContext:
     def max_scalars(self, values: dict[str, float], name: str) -> dict[str, float]:
         """Maximum over ranks of a dict of numbers; same keys on every rank."""
         return self._reduce_scalars(values, name, hvd.Max)
+
+    def sum_array(self, values: np.ndarray, name: str) -> np.ndarray:
+        """Element-wise float64 sum over ranks of an array of the same shape on every rank."""
+        return hvd.allreduce(tf.constant(values, tf.float64), op=hvd.Sum, name=name).numpy()
 
     @staticmethod
     def _reduce_scalars(values: dict[str, float], name: str, op) -> dict[str, float]:

@@ -24,6 +24,8 @@ import tensorflow as tf
 from horovod.common.elastic import ObjectState, run_fn
 from horovod.common.exceptions import HorovodInternalError
 
+from trainer.distributed import collective_failed
+
 log = logging.getLogger(__name__)
 
 
@@ -122,7 +124,7 @@ def run(func):
         try:
             return func(state, *args, **kwargs)
         except tf.errors.OpError as e:
-            if "Horovod" not in (e.message or ""):
+            if not collective_failed(e):
                 raise
             log.warning("collective failed (a worker left?): %s", e.message.strip().splitlines()[0])
             raise HorovodInternalError(e) from e

@@ -14,18 +14,18 @@ Exit codes: 0 done; 2 bad config, data or checkpoint (one line on stderr); 74 th
 export could not be written (one line: the file and the errno); 1 anything else.
 """
 
-import argparse
 import logging
 import os
 import sys
 
-from data_pipeline.metadata import DataError
+from data_pipeline.arguments import ArgumentParser
 from trainer.config import ConfigError, check_environment, load_config, validate
+from trainer.data_spec import check_evaluation, model_signature, resolve_data
 from trainer.train import run_reporting_bad_input, setup_logging
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML experiment file of the run (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable)")
@@ -35,8 +35,8 @@ def parse_args(argv):
 
 
 def evaluate_checkpoint(cfg, ctx, which: str, export_dir: str) -> None:
-    from trainer.assembly import build_compiled_model, model_signature
-    from trainer.data import make_evaluator, resolve_data
+    from trainer.assembly import build_compiled_model
+    from trainer.data import make_evaluator
     from trainer.outputs import make_outputs
     from trainer.resume import broadcast_restore
     from trainer.schedule import make_schedule
@@ -60,21 +60,25 @@ def evaluate_checkpoint(cfg, ctx, which: str, export_dir: str) -> None:
     outputs.report_evaluation(model, report, export_dir)
 
 
+def checked_config(args):
+    """The config, after every check that needs no TensorFlow, the checkpoint's model among them."""
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg)
+    check_environment(cfg)
+    if args.export and os.path.exists(args.export):
+        raise ConfigError(f"--export {args.export!r}: already exists; name a new folder")
+    if args.export and not os.path.isdir(os.path.dirname(os.path.abspath(args.export))):
+        raise ConfigError(f"--export {args.export!r}: its folder does not exist")
+    check_evaluation(cfg, args.checkpoint)
+    return cfg
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.umask(0o027)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        validate(cfg)
-        check_environment(cfg)
-        if args.export and os.path.exists(args.export):
-            raise ConfigError(f"--export {args.export!r}: already exists; name a new folder")
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
+    cfg, code = run_reporting_bad_input(lambda: checked_config(args))
+    if code:
+        return code
 
     from trainer.distributed import DistContext
 
@@ -83,7 +87,7 @@ def main(argv=None) -> int:
     logging.getLogger("trainer.evaluate").info("rank %d of %d evaluating checkpoint %s", ctx.rank, ctx.size,
                                                 args.checkpoint)
     from trainer.failures import WriteFailed
-    from trainer.preemption import EXIT_WRITE_FAILED
+    from trainer.exit_codes import EXIT_WRITE_FAILED
     from trainer.train import report_stop
 
     try:

@@ -31,9 +31,9 @@ import tensorflow as tf
 from data_pipeline import atomic
 from trainer import callbacks as cb
 from trainer import summaries
-from trainer.checkpoint import CheckpointError, CheckpointManager
+from trainer.checkpoint import CHECKPOINT_DIR, CheckpointError, CheckpointManager
 from trainer.checkpoint_guard import nonfinite_variable
-from trainer.config import ExperimentConfig, best_mode, dump_yaml, profile_range
+from trainer.config import ConfigError, ExperimentConfig, best_mode, dump_yaml, profile_range
 from trainer.console import progress_wanted
 from trainer.failures import WRITE_ERRORS, WriteFailed, WriteGuard, describe_write_error
 
@@ -55,7 +55,7 @@ class RunOutputs:
         self.failures = failures
         self.run_dir = cfg.run_dir
         self.checkpoints = CheckpointManager(
-            os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_checkpoints,
+            os.path.join(self.run_dir, CHECKPOINT_DIR), cfg.train.keep_checkpoints,
             cfg.train.best_metric, best_mode(cfg.train), cfg.runtime.fault_slow_save_sec,
         )
 
@@ -95,6 +95,9 @@ class ChiefOutputs(RunOutputs):
     def start(self) -> None:
         try:
             os.makedirs(self.run_dir, mode=0o750, exist_ok=True)
+        except OSError as e:  # past check_run_dir, a filesystem may still refuse (/proc, a read-only mount)
+            raise ConfigError(f"run_dir {self.run_dir!r}: cannot be created: {e.strerror or e}") from None
+        try:
             # Only rank 0 writes them, so no save or export of this run is under way.
             self.checkpoints.remove_leftovers()
             atomic.recover_dir(os.path.join(self.run_dir, EXPORT_DIR))

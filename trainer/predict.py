@@ -10,15 +10,17 @@ export's own `preprocess` (the function its serving_default signature maps over
 its input), and batched into its `serving_images` signature: the answers are
 the ones a TensorFlow Serving deployment of the same export gives. A file that
 cannot be read or decoded (not an image, truncated) is reported on stderr with
-serving_default's message, counted and skipped; the others are written, one row per image: the
+serving_default's message, counted and skipped, and so is one whose name is not
+UTF-8; the others are written, one row per image: the
 path and the top-k class names with their probabilities, to --output (CSV, or
 JSON lines for a .jsonl name) or to stdout as CSV. A summary line on stderr
 gives the counts. A progress bar shows on stderr when it is a terminal.
 
 Nothing of the training stack is imported (no Horovod, no Keras model code).
 
-Exit codes: 0 done (bad files skipped and counted); 2 bad arguments, a missing
-or unreadable model, or no image files; 1 anything else, or no file predicted.
+Exit codes: 0 done (bad files skipped and counted); 2 bad arguments, a missing,
+unreadable or damaged model, or no image files (one line); 1 anything else, or
+no file predicted.
 """
 
 import argparse
@@ -26,6 +28,7 @@ import csv
 import json
 import logging
 import os
+import re
 import sys
 
 import numpy as np
@@ -35,6 +38,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 SIGNATURE = "serving_default"
 IMAGES_SIGNATURE = "serving_images"
 NOT_AN_IMAGE = "not a JPEG, PNG, GIF or BMP image"
+MAX_BATCH = 2**31 - 1  # plenty; tf.data refused more than an int64 with a ValueError traceback
 
 log = logging.getLogger("trainer.predict")
 
@@ -43,8 +47,16 @@ class UsageError(Exception):
     """Bad arguments, model or inputs: one line on stderr, exit code 2."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad argument is one line, exit 2, as in the other entry points (data_pipeline.arguments, which a
+    served model's predictor does not import)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m trainer.predict", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m trainer.predict", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="an export folder (RUN_DIR/export)")
     parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS", help="image files and folders")
     parser.add_argument("--top-k", type=int, default=3, help="classes per image (default 3)")
@@ -53,9 +65,15 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def list_images(inputs: list[str]) -> tuple[list[str], int]:
-    """(image files in a stable order, number of other files skipped); a missing input is a UsageError."""
-    found, skipped = [], 0
+def list_images(inputs: list[str]) -> tuple[list[str], list[str], int]:
+    """(image files in a stable order, image files whose name is not UTF-8, number of other files skipped).
+
+    A missing input is a UsageError. A name that is not UTF-8 (Linux file
+    names are bytes; Python holds the bad bytes as surrogates) could not be
+    written to the output, nor handed to TensorFlow as a string: it is
+    counted as a bad file.
+    """
+    found, unnamed, skipped = [], [], 0
     for given in inputs:
         if os.path.isfile(given):
             candidates = [given]
@@ -67,21 +85,49 @@ def list_images(inputs: list[str]) -> tuple[list[str], int]:
         else:
             raise UsageError(f"{given!r}: no such file or folder")
         for path in candidates:
-            if path.lower().endswith(IMAGE_EXTENSIONS):
+            if not path.lower().endswith(IMAGE_EXTENSIONS):
+                skipped += 1
+            elif is_utf8(path):
                 found.append(path)
             else:
-                skipped += 1
-    return found, skipped
+                unnamed.append(path)
+    return found, unnamed, skipped
+
+
+def is_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def escaped(path: str) -> str:
+    """A file name with its bytes that are not UTF-8 as \\xNN, for one line of text."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def load_model(path: str, top_k: int):
-    """(the bytes signature, class names) of an export; a UsageError if it is missing or too small for top_k."""
+    """(the loaded export, class names); a UsageError if it is missing, unreadable, damaged or too small for top_k."""
+    if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
+        raise UsageError(f"--model {path!r}: permission denied")
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
         raise UsageError(f"--model {path!r}: no SavedModel there (expected RUN_DIR/export)")
-    loaded = tf.saved_model.load(path)
-    if {SIGNATURE, IMAGES_SIGNATURE} - set(loaded.signatures) or not hasattr(loaded, "preprocess"):
+    try:
+        loaded = tf.saved_model.load(path)
+    # What tf.saved_model.load raised for exports damaged file by file (bytes changed, cut short, removed)
+    # or unreadable: the model cannot be used, whichever part failed.
+    except (OSError, RuntimeError, ValueError, IndexError, KeyError, tf.errors.OpError) as e:
+        raise UsageError(f"--model {path!r}: cannot be loaded: {_reason(e)}") from None
+    if {SIGNATURE, IMAGES_SIGNATURE} - set(loaded.signatures) or not hasattr(loaded, "preprocess") \
+            or not hasattr(loaded, "metadata"):
         raise UsageError(f"--model {path!r}: not a serving export of this trainer (no {SIGNATURE} over image bytes)")
-    names = json.loads(loaded.metadata().numpy())["class_names"]
+    try:
+        names = json.loads(loaded.metadata().numpy())["class_names"]
+    except (ValueError, KeyError, TypeError, tf.errors.OpError):
+        names = None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise UsageError(f"--model {path!r}: its metadata() holds no list of class names")
     if not 1 <= top_k <= len(names):
         raise UsageError(f"--top-k {top_k}: must be between 1 and the model's {len(names)} classes")
     return loaded, names
@@ -94,7 +140,7 @@ def image_batches(preprocess, paths: list[str], batch_size: int) -> tf.data.Data
     input). A file that cannot be read or decoded is left out; its path is
     then missing from the stream, which is how the caller finds it.
     """
-    ds = tf.data.Dataset.from_tensor_slices(paths)
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))  # typed: the list may be empty
     ds = ds.map(lambda p: (p, preprocess(tf.io.read_file(p))), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
     return ds.ignore_errors().batch(batch_size).prefetch(2)
@@ -125,7 +171,9 @@ def _reason(error: Exception) -> str:
         return NOT_AN_IMAGE
     lines = [ln.strip() for ln in text.splitlines()
              if ln.strip() and not ln.strip().startswith(("[[", "Detected", "<stack", "Graph"))]
-    return lines[0] if lines else type(error).__name__
+    # Errors raised inside a function call start with the name of the graph node: noise here.
+    line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", lines[0]) if lines else ""
+    return line or type(error).__name__
 
 
 class RowWriter:
@@ -147,20 +195,28 @@ class RowWriter:
 
 def run(args, progress) -> dict:
     """Predicts every image of args.inputs into args.output (or stdout); returns the counts."""
-    paths, not_images = list_images(args.inputs)
-    if not paths:
-        raise UsageError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {' '.join(args.inputs)}")
+    paths, unnamed, not_images = list_images(args.inputs)
+    if not paths and not unnamed:
+        raise UsageError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {' '.join(map(escaped, args.inputs))}")
     loaded, names = load_model(args.model, args.top_k)
     if not args.output:
-        return _predict_all(args, loaded, names, paths, not_images, sys.stdout, progress)
-    with open(args.output, "w", newline="", encoding="utf-8") as out:
-        return _predict_all(args, loaded, names, paths, not_images, out, progress)
+        return _predict_all(args, loaded, names, (paths, unnamed, not_images), sys.stdout, progress)
+    try:
+        out = open(args.output, "w", newline="", encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"--output {args.output!r}: cannot be written: {e.strerror or e}") from None
+    with out:
+        return _predict_all(args, loaded, names, (paths, unnamed, not_images), out, progress)
 
 
-def _predict_all(args, loaded, names, paths, not_images, out, progress) -> dict:
+def _predict_all(args, loaded, names, listed, out, progress) -> dict:
+    paths, unnamed, not_images = listed
     by_images = loaded.signatures[IMAGES_SIGNATURE]
     writer = RowWriter(out, args.output.endswith(".jsonl"), args.top_k)
-    counts = {"images": len(paths), "predicted": 0, "bad": 0, "skipped_not_images": not_images}
+    counts = {"images": len(paths) + len(unnamed), "predicted": 0, "bad": len(unnamed),
+              "skipped_not_images": not_images}
+    for path in unnamed:
+        print(f"bad image {escaped(path)}: its file name is not valid UTF-8", file=sys.stderr)
     expected = iter(paths)  # the stream keeps this order, less the bad files
 
     def bad(path):
@@ -175,10 +231,10 @@ def _predict_all(args, loaded, names, paths, not_images, out, progress) -> dict:
                 bad(missing)
             writer.write(path, top)
         counts["predicted"] += len(batch_paths)
-        progress(counts["predicted"] + counts["bad"], len(paths))
+        progress(counts["predicted"] + counts["bad"], counts["images"])
     for missing in expected:
         bad(missing)
-    progress(len(paths), len(paths))
+    progress(counts["images"], counts["images"])
     return counts
 
 
@@ -196,8 +252,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.batch_size < 1:
-            raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
+        if not 1 <= args.batch_size <= MAX_BATCH:
+            raise UsageError(f"--batch-size {args.batch_size}: must be in 1..{MAX_BATCH}")
         if args.output and not args.output.endswith((".csv", ".jsonl")):
             raise UsageError(f"--output {args.output!r}: name a .csv or a .jsonl file")
         if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):

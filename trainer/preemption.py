@@ -10,7 +10,7 @@ together. Stopping at different steps would leave some ranks waiting forever in
 a collective that the others never join.
 
 The run then writes a checkpoint, waits for it on every rank, and exits with
-EXIT_STOPPED; the next start resumes from that checkpoint.
+EXIT_STOPPED (trainer.exit_codes); the next start resumes from that checkpoint.
 """
 
 import logging
@@ -21,14 +21,20 @@ import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
-EXIT_STOPPED = 143  # 128 + SIGTERM, whichever signal asked for the stop: resumable
-# The other stops of every rank at one agreed step (trainer.failures); not resumable as they are.
-EXIT_NONFINITE = 3  # the loss or the weights became NaN or inf (train.stop_on_nonfinite)
-EXIT_WRITE_FAILED = 74  # a write of the run failed (EX_IOERR): disk full, quota, permissions
 # The batch-log key under which the train step returns the agreed flag: Keras
 # fetches the step's logs anyway, so the host learns of a stop without a
 # device read of its own every step.
 STOP_LOG = "stop"
+
+# The first stop signal this process received (its name), or None: the runner's
+# SIGTERM can arrive while a failed collective is still being raised, and
+# trainer.train must then exit at once, not wait for a second one.
+_first_signal: str | None = None
+
+
+def signal_received() -> str | None:
+    """The name of the first stop signal this process received, or None."""
+    return _first_signal
 
 
 class StopRequest:
@@ -46,7 +52,10 @@ class StopRequest:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
-        self.ask(signal.Signals(signum).name)
+        global _first_signal
+        name = signal.Signals(signum).name
+        _first_signal = _first_signal or name
+        self.ask(name)
 
     def ask(self, reason: str) -> None:
         """Raises this rank's flag; every rank stops after the step that carries it."""

@@ -17,14 +17,16 @@ import tensorflow as tf
 from data_pipeline.collective import on_root
 from data_pipeline.reader import corrupt_shard_error
 from trainer import callbacks as cb
-from trainer.assembly import build_compiled_model, config_hash, model_signature
+from trainer.assembly import build_compiled_model, config_hash
 from trainer.checkpoint import CheckpointError
-from trainer.config import ConfigError, ExperimentConfig, effective_batch_size
-from trainer.data import SkippedRecords, check_shards, make_evaluator, resolve_data, train_dataset
+from trainer.config import ExperimentConfig, effective_batch_size
+from trainer.data import SkippedRecords, check_shards, make_evaluator, precise_bn_dataset, train_dataset
+from trainer.data_spec import model_signature, resolve_data
 from trainer.distributed import DistContext, weights_digest
 from trainer.evaluation import PeriodicValidation, recorded_validation, validation_metrics
 from trainer.failures import AgreeOnFailures, RunFailures, StopOnNonFinite
 from trainer.outputs import make_outputs
+from trainer.precise_bn import PreciseBatchNorm, PreciseStatistics, batches_for
 from trainer.preemption import StopOnRequest, Stopped, StopRequest
 from trainer.resume import fit_phases, resume_state, resume_step
 from trainer.schedule import make_schedule
@@ -88,9 +90,11 @@ class TrainingRun:
         self.model = build_compiled_model(cfg, spec, schedule, stop_request=self.request)
         # Undecodable training records replaced on this rank (data.skip_corrupt_records), over the whole start.
         self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False)
-        if cfg.train.best_metric == "val_top5_accuracy" and spec.num_classes <= 5:
-            raise ConfigError(f"train.best_metric='val_top5_accuracy': the data has {spec.num_classes} classes")
         self.signature = model_signature(cfg, spec)
+        gbs_bn = cfg.data.global_batch_size  # BatchNorm's batch in training: the micro-batch
+        self.precise_bn = PreciseBatchNorm(
+            cfg.train.precise_bn, batches_for(cfg.train.precise_bn_examples, spec.num_train, gbs_bn), gbs_bn, n,
+            functools.partial(precise_bn_dataset, cfg, spec))
         self.config_sha = config_hash(cfg)
         # Validation results by epoch, from every train() call (and the last one's from its checkpoint).
         self.validated: dict[int, dict] = {}
@@ -134,7 +138,8 @@ class TrainingRun:
         log.debug("weights before broadcast: %s", weights_digest(self.model.variables))
         timer = cb.StepTimer(ctx, self.global_batch)
         # Built per context: an elastic resize changes which records each rank evaluates.
-        validation = PeriodicValidation(self.evaluator(ctx), self.cfg.train.validate_every_epochs, epochs)
+        every = self.cfg.train.validate_every_epochs
+        validation = PeriodicValidation(self.evaluator(ctx), every, epochs)
         callbacks = [
             cb.BroadcastInitialState(ctx),
             StopOnRequest(self.request, self.cfg.runtime.fault_stop_after_step),
@@ -144,6 +149,7 @@ class TrainingRun:
             cb.InputWait(),
             cb.AverageMetrics(ctx),
             *([SkippedRecords(ctx, self.skipped)] if self.cfg.data.skip_corrupt_records else []),
+            PreciseStatistics(self.precise_bn, ctx, spe, every, epochs),  # before the validation it serves
             validation,
             cb.EpochLog(ctx.rank),
             *outputs.callbacks(functools.partial(self.checkpoint_state, ctx), timer),
@@ -216,7 +222,11 @@ class TrainingRun:
             history = {}
         # The last epoch is always validated in fit, unless a stop cut it short,
         # or the run was stopped on its last step: its checkpoint recorded the validation.
-        val = self.validated.get(epochs) or self.evaluator(ctx).evaluate(self.model)
+        val = self.validated.get(epochs)
+        if val is None:
+            # The final weights' statistics, as the last epoch's validation would have had them.
+            self.precise_bn.maybe_run(self.model, ctx, epochs * self.steps_per_epoch)
+            val = self.evaluator(ctx).evaluate(self.model)
         summary = self.summary(ctx, history, val)
         logged = epochs in self.validated or self.logged_final
         return outputs.finish(self.model, summary, log_validation=not logged)

@@ -7,7 +7,9 @@ another job (one line on stderr); 3 stopped because the loss or the weights
 became non-finite (train.stop_on_nonfinite); 74 a write of the run failed
 (checkpoint, metrics, summary, events or export), the earlier checkpoints
 intact; 143 stopped by SIGTERM/SIGINT after writing a checkpoint (resumable);
-1 anything else. The lines of 3 and 74 come from rank 0 alone.
+1 anything else (trainer.exit_codes, docs/training.md). The lines of 3 and 74
+come from rank 0 alone. Every check that needs no TensorFlow runs before it
+is imported.
 
 Without the launcher, rank 0 claims run_dir for the run (trainer.run_claim);
 under it, the launcher's claim is this run's.
@@ -15,18 +17,25 @@ under it, the launcher's claim is this run's.
 Files are created without permissions for others (umask 027).
 """
 
-import argparse
 import logging
 import os
 import signal
 import sys
+import time
 
+from data_pipeline.arguments import ArgumentParser
 from data_pipeline.metadata import DataError
-from trainer.config import ConfigError, check_environment, load_config, validate, validate_world
+from trainer.checkpoint import CheckpointError
+from trainer.config import ConfigError, check_environment, check_run_dir, load_config, validate, validate_world
+from trainer.data_spec import check_start
+from trainer.exit_codes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_STOPPED, EXIT_WRITE_FAILED
+from trainer.run_claim import RunClaimError
+
+PEER_GRACE_SEC = 30  # see yield_to_the_failed_rank
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m trainer.train", description="Train one Horovod worker.")
+    parser = ArgumentParser(prog="python -m trainer.train", description="Train one Horovod worker.")
     parser.add_argument("--config", required=True, help="YAML experiment file (see configs/)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -96,9 +105,6 @@ def claim_run_dir(cfg, ctx):
 
 def run_reporting_bad_input(call):
     """`(call(), 0)`, or `(None, 2)` after one line on stderr: a bad config, data or checkpoint, a run_dir in use."""
-    from trainer.checkpoint import CheckpointError
-    from trainer.run_claim import RunClaimError
-
     try:
         return call(), 0
     except RunClaimError as e:
@@ -110,28 +116,33 @@ def run_reporting_bad_input(call):
     except ConfigError as e:
         line = f"config error: {e}"
     print(line, file=sys.stderr)
-    return None, 2
+    return None, EXIT_BAD_INPUT
+
+
+def checked_config(args):
+    """The config, after every check that needs no TensorFlow: values, data, run folder, checkpoint to resume."""
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg)
+    check_environment(cfg)
+    check_run_dir(cfg.run_dir)
+    check_start(cfg)
+    return cfg
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.umask(0o027)  # run directories and checkpoints: owner and group only
-    try:
-        cfg = load_config(args.config, args.overrides)
-        validate(cfg)
-        check_environment(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
+    cfg, code = run_reporting_bad_input(lambda: checked_config(args))
+    if code:
+        return code
 
     # Imported only now: TensorFlow and Horovod take seconds to load, and a bad
     # config should fail at once.
-    from trainer.distributed import DistContext
+    import tensorflow as tf
+
+    from trainer.distributed import DistContext, collective_failed
     from trainer.failures import Diverged, WriteFailed
-    from trainer.preemption import EXIT_NONFINITE, EXIT_STOPPED, EXIT_WRITE_FAILED, Stopped
+    from trainer.preemption import Stopped
     from trainer.runner import run
 
     ctx = DistContext.initialize(cfg.runtime.intra_op_threads, cfg.runtime.inter_op_threads)
@@ -161,6 +172,15 @@ def main(argv=None) -> int:
         return report_stop(f"training error: {e}" if str(e) else "", EXIT_NONFINITE)
     except WriteFailed as e:
         return report_stop(f"write error: {e}" if str(e) else "", EXIT_WRITE_FAILED)
+    except tf.errors.OpError as e:
+        if not collective_failed(e):
+            raise
+        # Another rank failed and said why, or died, or the stall check ended the job: a traceback
+        # of this rank's collective would bury that (its details are at DEBUG, runtime.log_all_ranks).
+        log.debug("the failed collective", exc_info=True)
+        log.error("a collective failed: another rank ended or the stall check stopped the job; exiting")
+        yield_to_the_failed_rank()
+        return 1
     if code:
         return code
     if summary is not None:
@@ -180,6 +200,24 @@ def report_stop(line: str, code: int) -> int:
         print(line, file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return code
+
+
+def yield_to_the_failed_rank(seconds: float = PEER_GRACE_SEC) -> None:
+    """Lets the rank that failed first end first, so that the runner names it, and its exit code.
+
+    That rank says why and exits, which takes it a moment; this one learnt of
+    it at once, through its collective. The runner's SIGTERM, which ends the
+    other ranks once one has ended, now ends this one at once (no checkpoint
+    to write); without one (the stall check shut every rank down), it exits
+    after `seconds`. If that SIGTERM came already, while the collective's error
+    was being raised, it exits at once: the runner would not send another
+    before its grace ends (launch --signal-grace-sec, minutes under Slurm).
+    """
+    from trainer.preemption import signal_received
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if signal_received() is None:
+        time.sleep(seconds)
 
 
 def print_summary(summary: dict) -> None:

@@ -1,0 +1,104 @@
+"""What the model and the loop need to know about the data, from the config and metadata.json. TensorFlow-free.
+
+The workers build their model and streams from `resolve_data`; the checks
+that run before TensorFlow loads (the launcher, `launch slurm`,
+trainer.train, trainer.evaluate) call the same function, so a config that
+does not fit its data, or a checkpoint of another model, is refused before
+any worker starts with the line a worker would print.
+"""
+
+import os
+from dataclasses import dataclass
+
+from data_pipeline import metadata as md
+from trainer.checkpoint import CHECKPOINT_DIR, CheckpointManager, check_model
+from trainer.config import ConfigError, ExperimentConfig, effective_batch_size
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the model and the loop need to know about the data."""
+
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    steps_per_epoch: int
+    train_files: list[str]
+    val_files: list[str]
+    num_train: int = 0
+    num_val: int = 0
+    train_shard_counts: tuple[int, ...] = ()
+
+
+def resolve_data(cfg: ExperimentConfig) -> DataSpec:
+    """Fills the model's input shape, class count and steps per epoch from config and metadata."""
+    m, t = cfg.model, cfg.train
+    if cfg.data.synthetic:
+        spec = DataSpec((m.image_size, m.image_size, m.channels), m.num_classes, t.steps_per_epoch, [], [])
+    else:
+        spec = _from_metadata(cfg)
+    if t.best_metric == "val_top5_accuracy" and spec.num_classes <= 5:
+        raise ConfigError(f"train.best_metric='val_top5_accuracy': the data has {spec.num_classes} classes")
+    return spec
+
+
+def _from_metadata(cfg: ExperimentConfig) -> DataSpec:
+    m, t = cfg.model, cfg.train
+    # A broken metadata.json or a missing shard is the data's fault, not the config's:
+    # md.DataError passes through and is reported as `data error:`, naming the file.
+    meta = md.load_metadata(cfg.data.dir)
+    shape = meta.get("image_shape")
+    image_size = m.image_size or (shape[0] if shape and shape[0] == shape[1] else 0)
+    if not image_size:
+        raise ConfigError(
+            f"model.image_size=0: the images in {cfg.data.dir!r} differ in size or are not square; set it")
+    channels = m.channels or int(meta["channels"])
+    num_classes = m.num_classes or len(meta["class_names"])
+    if num_classes < len(meta["class_names"]):
+        raise ConfigError(f"model.num_classes={num_classes}: the data has {len(meta['class_names'])} classes")
+    n_train = md.num_examples(meta, "train")
+    # One step is one optimizer update: accumulation_steps batches of global_batch_size.
+    steps = t.steps_per_epoch or n_train // effective_batch_size(cfg)
+    if steps < 1:
+        raise ConfigError(
+            f"data.global_batch_size={cfg.data.global_batch_size}: times train.accumulation_steps="
+            f"{t.accumulation_steps}, larger than the {n_train} training examples"
+        )
+    return DataSpec(
+        (image_size, image_size, channels), num_classes, steps,
+        md.shard_files(cfg.data.dir, meta, "train"), md.shard_files(cfg.data.dir, meta, "validation"),
+        n_train, md.num_examples(meta, "validation"),
+        tuple(int(x["num_examples"]) for x in meta["splits"]["train"]["shards"]),
+    )
+
+
+def model_signature(cfg: ExperimentConfig, spec: DataSpec) -> dict:
+    """What a checkpoint must match to be restored into this run's model."""
+    return {"name": cfg.model.name, "input_shape": list(spec.input_shape), "num_classes": spec.num_classes}
+
+
+def _checkpoints(cfg: ExperimentConfig) -> CheckpointManager:
+    """The run's checkpoints, for reading only (the trainer's own manager comes from trainer.outputs)."""
+    return CheckpointManager(os.path.join(cfg.run_dir, CHECKPOINT_DIR))
+
+
+def check_start(cfg: ExperimentConfig) -> DataSpec:
+    """The data spec of a training start; CheckpointError when the checkpoint it would resume from is of another model.
+
+    Raises what a worker raises at the same point: ConfigError, DataError (metadata.json) or CheckpointError.
+    """
+    spec = resolve_data(cfg)
+    if cfg.train.resume:
+        manager = _checkpoints(cfg)
+        path = manager.latest()
+        if path is not None:
+            check_model(path, manager.read_state(path), model_signature(cfg, spec))
+    return spec
+
+
+def check_evaluation(cfg: ExperimentConfig, which: str) -> DataSpec:
+    """The same for trainer.evaluate and its checkpoint `which` (latest, best or a folder), which must exist."""
+    spec = resolve_data(cfg)
+    manager = _checkpoints(cfg)
+    path = manager.resolve(which)
+    check_model(path, manager.read_state(path), model_signature(cfg, spec))
+    return spec
