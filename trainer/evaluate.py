@@ -21,7 +21,8 @@ import sys
 from data_pipeline.arguments import ArgumentParser
 from trainer.config import ConfigError, check_environment, load_config, validate
 from trainer.data_spec import check_evaluation, model_signature, resolve_data
-from trainer.train import run_reporting_bad_input, setup_logging
+from trainer.exit_codes import EXIT_WRITE_FAILED
+from trainer.train import report_stop, run_reporting_bad_input, setup_logging
 
 
 def parse_args(argv):
@@ -87,8 +88,6 @@ def main(argv=None) -> int:
     logging.getLogger("trainer.evaluate").info("rank %d of %d evaluating checkpoint %s", ctx.rank, ctx.size,
                                                 args.checkpoint)
     from trainer.failures import WriteFailed
-    from trainer.exit_codes import EXIT_WRITE_FAILED
-    from trainer.train import report_stop
 
     try:
         _, code = run_reporting_bad_input(lambda: evaluate_checkpoint(cfg, ctx, args.checkpoint, args.export))
