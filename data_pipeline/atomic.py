@@ -3,6 +3,8 @@
 A rename within one folder is atomic on POSIX file systems, so a reader (a
 resumed run, another rank, a user) sees the old file or folder or the new one.
 The temporary names carry the writer's pid, so two writers never share one.
+An OSError that names no file (a write failed, not an open: a full disk) is
+raised again naming the file or folder being written.
 Used for checkpoints, pointers and summaries (trainer/), shards' done-records
 and metadata.json (data_pipeline/), and exports.
 """
@@ -50,9 +52,11 @@ def write_text(path: str, text: str, durable: bool = False) -> None:
         os.replace(tmp, path)
         if durable:
             fsync_dir(os.path.dirname(path) or ".")
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError) and not e.filename:
+            raise OSError(e.errno, e.strerror or str(e), path) from e
         raise
 
 
@@ -100,8 +104,10 @@ def staged_dir(final: str, mode: int = 0o750, durable: bool = False):
         replace_dir(tmp, final)
         if durable:
             fsync_dir(os.path.dirname(final) or ".")
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not e.filename:
+            raise OSError(e.errno, e.strerror or str(e), final) from e
         raise
 
 

@@ -27,7 +27,7 @@ ratios are taken per repetition (side by side) and reported as median, min and
 max. Results are merged into bench/results.json.
 
     python scripts/bench.py [--repeats 3] [--epoch-seconds 11]
-        [--only conversion,loader,input,predict,trainer,precision,jit,accumulation,scaling,keras_cost,peers]
+        [--only conversion,loader,input,predict,trainer,precision,jit,accumulation,nonfinite,scaling,keras_cost,peers]
         [--scaling-variants default,cycle_1ms,...] [--peer-steps 5]
 
 `peers` and `keras_cost` are scripts/bench_peers.py: ResNet-50 against Horovod's
@@ -36,7 +36,7 @@ trainer/peer), and single-process Keras 3 against tf-keras.
 `conversion` is scripts/bench_conversion.py (build_shards throughput and peak
 memory); `loader` and `input` use scripts/bench_input.py; `predict` is
 scripts/bench_predict.py (python -m trainer.predict on 2,000 images: images/s
-and peak RSS). `precision`, `jit` and `accumulation` are scripts/bench_features.py
+and peak RSS). `precision`, `jit`, `accumulation` and `nonfinite` are scripts/bench_features.py
 (the training step's options side by side), with epochs of --feature-epoch-seconds.
 """
 

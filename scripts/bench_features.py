@@ -13,6 +13,9 @@ repetition; medians, minima and maxima over the repetitions:
                 at np=1: images/s and the ratio on/off.
   accumulation  train.accumulation_steps 1 / 4 at np=2: images/s, and
                 allreduces/s (one per optimizer step).
+  nonfinite     train.stop_on_nonfinite true / false (the per-step check of
+                the loss and every weight) at np=2 in float32 and at np=1 in
+                mixed_float16: images/s and the ratio on/off.
 
 bench.py calls `run` with the steps per epoch it calibrated; the timed epochs
 are those after the first (summary.json's images_per_sec).
@@ -28,7 +31,7 @@ from bench_common import ROOT, machine, stats, timestamp, trainer_summary
 BATCH = 64
 EPOCHS = 3
 CONFIG = "configs/bench_resnet20.yaml"
-SECTIONS = ("precision", "jit", "accumulation")
+SECTIONS = ("precision", "jit", "accumulation", "nonfinite")
 
 
 def _rate(np_: int, steps: int, *sets: str, accumulation: int = 1) -> float:
@@ -118,6 +121,17 @@ def accumulation(steps: int, repeats: int) -> dict:
             **_ratios(runs, {"images_per_sec_4_vs_1": ("np2_accumulation_4", "np2_accumulation_1")})}
 
 
+def nonfinite(steps: int, repeats: int) -> dict:
+    cases = {"np2_float32": (2, "float32"), "np1_mixed_float16": (1, "mixed_float16")}
+    variants = {f"{case}_check_{on}": (lambda n=n, p=p, o=on: _rate(n, steps, f"train.precision={p}",
+                                                                     f"train.stop_on_nonfinite={o}"))
+                for case, (n, p) in cases.items() for on in ("true", "false")}
+    runs = _alternate(variants, repeats, "nonfinite")
+    ratios = _ratios(runs, {f"{case}_check_on_vs_off": (f"{case}_check_true", f"{case}_check_false")
+                            for case in cases})
+    return {"images_per_sec": {k: stats(v) for k, v in runs.items()}, **ratios}
+
+
 def run(section: str, steps: int, repeats: int, digits_epochs: int = 20) -> dict:
     """One section's results, ready for bench_common.merge_results."""
     started = time.time()
@@ -125,6 +139,8 @@ def run(section: str, steps: int, repeats: int, digits_epochs: int = 20) -> dict
         result = precision(steps, repeats, digits_epochs)
     elif section == "jit":
         result = jit(steps, repeats)
+    elif section == "nonfinite":
+        result = nonfinite(steps, repeats)
     else:
         result = accumulation(steps, repeats)
     for key, value in result.items():

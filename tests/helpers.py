@@ -1,11 +1,12 @@
 """Helpers the tests share: the repository root, running a command or a worker script from it, a free port,
-checkpoint folders, the evaluation path's per-image answers, against which the serving tests compare the
-export, and a small image folder of shapes.
+a small filesystem, checkpoint folders, the evaluation path's per-image answers, against which the serving
+tests compare the export, and a small image folder of shapes.
 
 Kept apart from conftest.py, which pytest loads by itself and which holds only
 fixtures: a test module imports these names explicitly (`from helpers import run`).
 """
 
+import contextlib
 import json
 import os
 import re
@@ -92,6 +93,22 @@ def evaluation_predictions(run_dir, checkpoint: str = "latest", batch_size: int 
         labels.append(y.numpy())
     encoded = [parse_example(r)["image/encoded"].numpy() for r in tf.data.TFRecordDataset(files)]
     return np.concatenate(probabilities), np.concatenate(labels), encoded
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str):
+    """A tmpfs of `size` (e.g. "3m") mounted at `path` for the block, always unmounted after (needs root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def resize_filesystem(path: Path, size: str) -> None:
+    """Frees space on a small_filesystem: its size becomes `size`, its files stay."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
 
 
 SHAPES = ("circle", "square", "triangle")

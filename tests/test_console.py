@@ -123,6 +123,13 @@ def test_epoch_line_and_progress_text():
     assert progress_wanted({PROGRESS_ENV: "1"}, False) and progress_wanted({}, True) and not progress_wanted({}, False)
 
 
+def test_a_diverged_loss_shows_as_nan_or_inf():
+    diverged = {"loss": float("nan"), "accuracy": 0.1, "images_per_sec": 1234.4, "epoch_time_sec": 1.84}
+    assert format_epoch_line(5, 25, diverged) == "epoch 5/25  loss nan  accuracy 0.1000  1234 img/s  1.8 s"
+    assert format_epoch_line(5, 25, {"loss": float("inf")}) == "epoch 5/25  loss inf"
+    assert format_progress(3, 25, 11, 22, float("nan"), width=10) == "epoch 3/25 [=====>    ] 11/22  loss nan"
+
+
 def test_metrics_file_appends_one_record_per_epoch(tmp_path):
     from trainer.callbacks import MetricsFile
 

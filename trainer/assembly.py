@@ -74,6 +74,7 @@ def build_compiled_model(cfg: ExperimentConfig, spec: DataSpec, schedule, stop_r
             build_model(cfg.model.name, spec.input_shape, spec.num_classes), cfg.allreduce.fp16_compression,
             stop_request=stop_request, time_input=not cfg.runtime.deterministic,
             accumulation_steps=cfg.train.accumulation_steps, compile_parts=compile_parts,
+            watch_nonfinite=cfg.train.stop_on_nonfinite,
         )
     finally:
         keras.config.set_dtype_policy(previous)

@@ -7,6 +7,7 @@ files are given to rank 0 only, by trainer.outputs.
 
 import json
 import logging
+import os
 import socket
 import statistics
 import sys
@@ -15,6 +16,7 @@ import time
 import keras
 import numpy as np
 
+from trainer.checkpoint import NonFiniteState
 from trainer.console import format_epoch_line, format_progress
 
 log = logging.getLogger(__name__)
@@ -210,6 +212,8 @@ class MetricsFile(keras.callbacks.Callback):
     next epoch starts. An epoch cut short by a stop gets its record too; a
     resumed run appends after the records it keeps (ChiefOutputs.keep_records),
     so the file holds one record per epoch, as TensorBoard shows one value per step.
+    A failed append (a full disk) is cut off again, so that no half line stays,
+    and raises an OSError that names the file.
     """
 
     def __init__(self, path: str):
@@ -218,8 +222,16 @@ class MetricsFile(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         record = {"epoch": epoch + 1, **{k: float(v) for k, v in sorted((logs or {}).items()) if np.ndim(v) == 0}}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        # Unbuffered: a write that fails fails here, not again when the file is closed.
+        with open(self.path, "ab", buffering=0) as f:
+            end = f.seek(0, os.SEEK_END)
+            line = memoryview((json.dumps(record) + "\n").encode())
+            try:
+                while line:  # a raw write may write a part, and fail only at the next
+                    line = line[f.write(line):]
+            except OSError as e:
+                f.truncate(end)
+                raise OSError(e.errno, e.strerror, self.path) from e
 
 
 class EpochLine(keras.callbacks.Callback):
@@ -273,16 +285,23 @@ class ProgressBar(keras.callbacks.Callback):
 class EpochCheckpoint(keras.callbacks.Callback):
     """Writes a checkpoint at the end of every epoch, and of an epoch cut short by a stop.
 
-    A failed write (disk full, permissions) is logged and training goes on: the
-    earlier checkpoints are intact, and the next epoch tries again.
+    A failed write raises an OSError (trainer.failures.WriteGuard records it,
+    and every rank stops). `failures` is the run's trainer.failures.RunFailures:
+    after a non-finite step nothing is written, so that the newest checkpoint
+    stays the last finite one; weights that are not finite are refused by the
+    save itself, which stops the run too with train.stop_on_nonfinite, and is
+    a warning (training goes on) without.
     """
 
-    def __init__(self, manager, state_fn):
+    def __init__(self, manager, state_fn, failures):
         super().__init__()
         self.manager = manager
         self.state_fn = state_fn
+        self.failures = failures
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.failures.nonfinite is not None:
+            return
         step = int(self.model.optimizer.iterations.numpy())
         state = self.state_fn(step)
         validation = {k: float(v) for k, v in (logs or {}).items() if k.startswith("val_")}
@@ -290,8 +309,11 @@ class EpochCheckpoint(keras.callbacks.Callback):
             state["validation"] = validation
         try:
             path = self.manager.save(self.model, state)
-        except OSError as e:
-            log.error("checkpoint at step %d failed: %s; training continues, last good checkpoint: %s",
-                      step, e, self.manager.latest())
+        except NonFiniteState as e:
+            if self.failures.stop_on_nonfinite:
+                self.failures.record_nonfinite(f"{e} (checkpoint refused)", step)
+            else:
+                log.warning("checkpoint at step %d not written: %s; training goes on (train.stop_on_nonfinite: "
+                            "false), the newest checkpoint is %s", step, e, self.manager.latest() or "none")
             return
         log.debug("checkpoint written: %s", path)

@@ -13,7 +13,8 @@ names sort in training order), holding
 It is written under a temporary name, every file and the folder fsynced, and
 renamed into place, so a crash or power loss at any moment leaves the earlier
 checkpoints as they were; `latest()` only sees complete ones. Nothing is
-unpickled: HDF5, npz with allow_pickle=False and JSON.
+unpickled: HDF5, npz with allow_pickle=False and JSON. Weights or optimizer
+state with a NaN or an inf are never written (trainer.checkpoint_guard).
 
 Order is training progress as state.json records it (epoch, then the fraction
 of the next epoch done), never the folder name: the names of earlier versions
@@ -38,6 +39,7 @@ import numpy as np
 
 from data_pipeline import atomic
 from trainer import checkpoint_folder as folder
+from trainer.checkpoint_guard import NonFiniteState, check_finite, write_weights  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -173,15 +175,17 @@ class CheckpointManager:
         """Writes a checkpoint at the optimizer's current step and prunes old ones.
 
         `state` is stored in state.json beside the global step and the save number
-        (`checkpoint_number`, in the folder name too). Raises OSError
-        when the write fails; the earlier checkpoints are then untouched.
+        (`checkpoint_number`, in the folder name too). Raises OSError when the
+        write fails, NonFiniteState (before writing anything) for a NaN or an
+        inf; the earlier checkpoints are then untouched.
         """
+        check_finite(model)
         number = folder.next_number(self.directory)
         state = {**state, "global_step": int(model.optimizer.iterations.numpy()), "checkpoint_number": number}
         os.makedirs(self.directory, mode=0o750, exist_ok=True)
         final = os.path.join(self.directory, folder.name(number, state["global_step"]))
         with atomic.staged_dir(final, durable=True) as tmp:
-            model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
+            write_weights(model, os.path.join(tmp, WEIGHTS_FILE))
             store: dict = {}
             model.optimizer.save_own_variables(store)
             np.savez(os.path.join(tmp, OPTIMIZER_FILE), **{k: np.asarray(v) for k, v in store.items()})

@@ -156,6 +156,12 @@ class TrainConfig:
         backward_passes_per_step). The effective global batch, for the
         learning-rate scaling, steps per epoch and checkpoints, is
         global_batch_size * accumulation_steps.
+      stop_on_nonfinite: stop every rank at the step where the loss (averaged
+        over ranks) or a weight becomes NaN or inf, with exit code 3; no
+        checkpoint is written of it, so the newest stays the last finite one.
+        Under mixed_float16 a step whose gradients overflow is skipped, not a
+        divergence. false: training goes on and the epoch line shows `nan`
+        (checkpoints of non-finite weights are still never written).
       precise_bn: recompute the population mean and variance of every
         BatchNorm layer from the current weights over
         train.precise_bn_examples training examples (all ranks pooled, the
@@ -194,6 +200,7 @@ class TrainConfig:
     initial_loss_scale: float = 32768.0
     jit_compile: str = "auto"
     accumulation_steps: int = 1
+    stop_on_nonfinite: bool = True
     precise_bn: str = "auto"
     precise_bn_examples: int = 4096
 

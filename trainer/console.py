@@ -5,7 +5,6 @@ a worker's stdout is a pipe, so only the launcher knows whether a person
 watches a terminal, and it says so through this variable.
 """
 
-import math
 from collections.abc import Mapping
 
 # Set to "1" by the launcher when its own stdout is a terminal: rank 0 then draws a progress bar.
@@ -21,10 +20,11 @@ def format_epoch_line(epoch: int, epochs: int, logs: Mapping[str, float]) -> str
     """One line per epoch, e.g. `epoch 3/25  loss 0.4123  accuracy 0.8812  val_accuracy 0.9444  1234 img/s  1.8 s`.
 
     `epoch` counts from 1. Validation figures appear only for validated epochs.
+    A diverged loss shows as `loss nan` or `loss inf`: never left out.
     """
     parts = [f"epoch {epoch}/{epochs}"]
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-        if key in logs and math.isfinite(float(logs[key])):
+        if key in logs:
             parts.append(f"{key} {float(logs[key]):.4f}")
     skipped = sum(int(logs.get(k, 0)) for k in ("skipped_records", "val_skipped_records"))
     if skipped:
@@ -41,6 +41,6 @@ def format_progress(epoch: int, epochs: int, step: int, steps: int, loss: float 
     done = min(width, width * step // steps) if steps else 0
     bar = "=" * done + (">" if done < width else "") + " " * max(0, width - done - 1)
     text = f"epoch {epoch}/{epochs} [{bar}] {step}/{steps}"
-    if loss is not None and math.isfinite(loss):
+    if loss is not None:
         text += f"  loss {loss:.4f}"
     return text

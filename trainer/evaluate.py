@@ -10,7 +10,8 @@ combined (trainer.evaluation). Rank 0 prints one line, `evaluation {json}`,
 and with `--export DIR` writes a SavedModel of that checkpoint to DIR, which
 must not exist yet. Nothing in run_dir is written.
 
-Exit codes: 0 done; 2 bad config, data or checkpoint (one line on stderr); 1 anything else.
+Exit codes: 0 done; 2 bad config, data or checkpoint (one line on stderr); 74 the
+export could not be written (one line: the file and the errno); 1 anything else.
 """
 
 import logging
@@ -20,7 +21,8 @@ import sys
 from data_pipeline.arguments import ArgumentParser
 from trainer.config import ConfigError, check_environment, load_config, validate
 from trainer.data_spec import check_evaluation, model_signature, resolve_data
-from trainer.train import run_reporting_bad_input, setup_logging
+from trainer.exit_codes import EXIT_WRITE_FAILED
+from trainer.train import report_stop, run_reporting_bad_input, setup_logging
 
 
 def parse_args(argv):
@@ -85,7 +87,12 @@ def main(argv=None) -> int:
     setup_logging(lambda: ctx.rank, ctx.is_chief or cfg.runtime.log_all_ranks)
     logging.getLogger("trainer.evaluate").info("rank %d of %d evaluating checkpoint %s", ctx.rank, ctx.size,
                                                 args.checkpoint)
-    _, code = run_reporting_bad_input(lambda: evaluate_checkpoint(cfg, ctx, args.checkpoint, args.export))
+    from trainer.failures import WriteFailed
+
+    try:
+        _, code = run_reporting_bad_input(lambda: evaluate_checkpoint(cfg, ctx, args.checkpoint, args.export))
+    except WriteFailed as e:  # rank 0's export
+        return report_stop(f"write error: {e}", EXIT_WRITE_FAILED)
     return code
 
 

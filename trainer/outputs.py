@@ -2,7 +2,9 @@
 
 `make_outputs(ctx, ...)` returns a `ChiefOutputs` on rank 0 and a `RunOutputs`
 (which writes nothing) elsewhere. The trainer calls the same methods on every
-rank and never asks for the rank itself.
+rank and never asks for the rank itself. In training, a write that fails is
+recorded in the run's trainer.failures.RunFailures, not raised, and nothing
+more is written: every rank then stops at the same step (trainer.failures).
 
 RUN_DIR/
   claim.json             the job that holds the folder, while it runs (trainer.run_claim)
@@ -30,8 +32,10 @@ from data_pipeline import atomic
 from trainer import callbacks as cb
 from trainer import summaries
 from trainer.checkpoint import CHECKPOINT_DIR, CheckpointError, CheckpointManager
+from trainer.checkpoint_guard import nonfinite_variable
 from trainer.config import ConfigError, ExperimentConfig, best_mode, dump_yaml, profile_range
 from trainer.console import progress_wanted
+from trainer.failures import WRITE_ERRORS, WriteFailed, WriteGuard, describe_write_error
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +49,10 @@ class RunOutputs:
 
     verbose = 0  # for model.fit on every rank: the console lines are trainer.console's
 
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig, failures=None):
+        """`failures`: the run's trainer.failures.RunFailures; None outside training, where write errors raise."""
         self.cfg = cfg
+        self.failures = failures
         self.run_dir = cfg.run_dir
         self.checkpoints = CheckpointManager(
             os.path.join(self.run_dir, CHECKPOINT_DIR), cfg.train.keep_checkpoints,
@@ -91,10 +97,23 @@ class ChiefOutputs(RunOutputs):
             os.makedirs(self.run_dir, mode=0o750, exist_ok=True)
         except OSError as e:  # past check_run_dir, a filesystem may still refuse (/proc, a read-only mount)
             raise ConfigError(f"run_dir {self.run_dir!r}: cannot be created: {e.strerror or e}") from None
-        # Only rank 0 writes them, so no save or export of this run is under way.
-        self.checkpoints.remove_leftovers()
-        atomic.recover_dir(os.path.join(self.run_dir, EXPORT_DIR))
-        atomic.write_text(os.path.join(self.run_dir, "config.yaml"), dump_yaml(self.cfg))
+        try:
+            # Only rank 0 writes them, so no save or export of this run is under way.
+            self.checkpoints.remove_leftovers()
+            atomic.recover_dir(os.path.join(self.run_dir, EXPORT_DIR))
+            atomic.write_text(os.path.join(self.run_dir, "config.yaml"), dump_yaml(self.cfg))
+        except OSError as e:
+            self._failed(e)
+
+    def _failed(self, error: BaseException) -> None:
+        """Records a failed write of a training run (every rank then stops), or raises it outside training."""
+        if self.failures is None:
+            raise error
+        self.failures.record_write(error)
+
+    @property
+    def _writing(self) -> bool:
+        return self.failures is None or self.failures.write is None
 
     def restore_latest(self, model, expect_model: dict) -> dict | None:
         """The newest checkpoint by progress; an earlier one (with a warning) when it is torn."""
@@ -118,8 +137,12 @@ class ChiefOutputs(RunOutputs):
         except FileNotFoundError:
             return
         kept = {epoch: line for epoch, line in ((_epoch_of(x), x) for x in lines) if 0 < (epoch or 0) <= epochs_done}
-        if [kept[e] for e in sorted(kept)] != lines:
-            atomic.write_text(path, "".join(kept[e] + "\n" for e in sorted(kept)), durable=True)
+        if [kept[e] for e in sorted(kept)] != lines and self._writing:
+            try:
+                atomic.write_text(path, "".join(kept[e] + "\n" for e in sorted(kept)), durable=True)
+            except OSError as e:
+                self._failed(e)
+                return
             log.info("%s: continuing after epoch %d, %d of its %d records dropped (cut short, later, or torn)",
                      path, epochs_done, len(lines) - len(kept), len(lines))
 
@@ -134,7 +157,11 @@ class ChiefOutputs(RunOutputs):
     def train_writer(self):
         """One writer per start for tensorboard/train, opened at first use."""
         if self._writer is None:
-            self._writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard", "train"))
+            try:
+                self._writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard", "train"))
+            except WRITE_ERRORS as e:
+                self._failed(e)
+                self._writer = tf.summary.create_noop_writer()  # never written to: nothing is after a failure
         return self._writer
 
     def callbacks(self, state_fn, timer=None) -> list:
@@ -152,21 +179,21 @@ class ChiefOutputs(RunOutputs):
         if profile:
             extra.append(summaries.ProfileSteps(os.path.join(self.run_dir, "tensorboard", "train"), step, *profile))
         epochs = self.cfg.train.epochs
-        console = [cb.MetricsFile(os.path.join(self.run_dir, METRICS_FILE))]
-        if progress_wanted(os.environ, sys.stdout.isatty()):
-            console.append(cb.ProgressBar(epochs))
-        console.append(cb.EpochLine(epochs))
-        return [
-            *console,
-            cb.InputBoundWarning(),
-            cb.EpochCheckpoint(self.checkpoints, state_fn),
+        console = [cb.ProgressBar(epochs)] if progress_wanted(os.environ, sys.stdout.isatty()) else []
+        writers = [
+            cb.MetricsFile(os.path.join(self.run_dir, METRICS_FILE)),
+            cb.EpochCheckpoint(self.checkpoints, state_fn, self.failures),
             summaries.EpochScalars(self.train_writer, os.path.join(self.run_dir, "tensorboard", "validation")),
             *extra,
         ]
+        return [*console, cb.EpochLine(epochs), cb.InputBoundWarning(), WriteGuard(self.failures, writers)]
 
     def write_input_sample(self, dataset, step: int) -> None:
-        if self.cfg.tensorboard.sample_images:
-            summaries.write_input_sample(self.train_writer, dataset, self.cfg.tensorboard.sample_images, step)
+        if self.cfg.tensorboard.sample_images and self._writing:
+            try:
+                summaries.write_input_sample(self.train_writer, dataset, self.cfg.tensorboard.sample_images, step)
+            except WRITE_ERRORS as e:
+                self._failed(e)
 
     def load_summary(self) -> dict | None:
         path = os.path.join(self.run_dir, SUMMARY_FILE)
@@ -183,6 +210,14 @@ class ChiefOutputs(RunOutputs):
 
     def finish(self, model, summary: dict, log_validation: bool = False) -> dict:
         """Writes summary.json (and the export); `log_validation` when no epoch callback logged the final one."""
+        if self._writing:
+            try:
+                self._finish(model, summary, log_validation)
+            except WRITE_ERRORS as e:
+                self._failed(e)
+        return summary
+
+    def _finish(self, model, summary: dict, log_validation: bool) -> None:
         if log_validation:
             writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard", "validation"))
             with writer.as_default(step=summary["epochs"]):
@@ -194,15 +229,20 @@ class ChiefOutputs(RunOutputs):
         best = self.checkpoints.best()
         if best:
             summary["best_checkpoint"] = best
-        if self.cfg.train.export:
+        bad = nonfinite_variable(model.weights) if self.cfg.train.export else None
+        if bad:  # only with train.stop_on_nonfinite: false
+            log.warning("no export: %s is not finite", bad)
+        elif self.cfg.train.export:
             summary["export_dir"] = self._export(model, os.path.join(self.run_dir, EXPORT_DIR), summary)
         atomic.write_json(os.path.join(self.run_dir, SUMMARY_FILE), summary)
-        return summary
 
     def report_evaluation(self, model, result: dict, export_dir: str = "") -> None:
         """Prints an evaluation as one JSON line on stdout, and exports the model if asked."""
         if export_dir:
-            result["export_dir"] = self._export(model, export_dir, result)
+            try:
+                result["export_dir"] = self._export(model, export_dir, result)
+            except WRITE_ERRORS as e:
+                raise WriteFailed(describe_write_error(e)) from None
         print("evaluation " + json.dumps(result, sort_keys=True), flush=True)
 
     def _export(self, model, final: str, result: dict) -> str:
@@ -228,6 +268,6 @@ def _epoch_of(line: str) -> int | None:
     return epoch if type(epoch) is int else None
 
 
-def make_outputs(ctx, cfg: ExperimentConfig) -> RunOutputs:
-    """The single place where rank-0-only side effects are decided."""
-    return ChiefOutputs(cfg) if ctx.is_chief else RunOutputs(cfg)
+def make_outputs(ctx, cfg: ExperimentConfig, failures=None) -> RunOutputs:
+    """The single place where rank-0-only side effects are decided; `failures` in training (RunOutputs)."""
+    return ChiefOutputs(cfg, failures) if ctx.is_chief else RunOutputs(cfg, failures)

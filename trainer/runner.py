@@ -24,6 +24,7 @@ from trainer.data import SkippedRecords, check_shards, make_evaluator, precise_b
 from trainer.data_spec import model_signature, resolve_data
 from trainer.distributed import DistContext, weights_digest
 from trainer.evaluation import PeriodicValidation, recorded_validation, validation_metrics
+from trainer.failures import AgreeOnFailures, RunFailures, StopOnNonFinite
 from trainer.outputs import make_outputs
 from trainer.precise_bn import PreciseBatchNorm, PreciseStatistics, batches_for
 from trainer.preemption import StopOnRequest, Stopped, StopRequest
@@ -53,7 +54,10 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict | None:
         ctx, outputs, history = elastic.train(ctx, training, cfg.train.elastic_commit_steps)
     else:
         history = training.train(ctx, outputs, training.resume(ctx, outputs))
-    return training.finish(ctx, outputs, history)
+    summary = training.finish(ctx, outputs, history)
+    # Rank 0's last writes (summary, export), and any before training: every rank leaves with their outcome.
+    training.failures.agree(ctx, outputs.checkpoints, training.model, "failures.end")
+    return summary
 
 
 class TrainingRun:
@@ -82,6 +86,7 @@ class TrainingRun:
                  schedule.peak, schedule.initial, schedule.warmup_steps, schedule.decay)
         # Its signal handlers are installed by run(), once the outputs have started.
         self.request = StopRequest()
+        self.failures = RunFailures(self.request, cfg.train.stop_on_nonfinite)
         self.model = build_compiled_model(cfg, spec, schedule, stop_request=self.request)
         # Undecodable training records replaced on this rank (data.skip_corrupt_records), over the whole start.
         self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -97,7 +102,7 @@ class TrainingRun:
 
     def make_outputs(self, ctx: DistContext):
         """This rank's writer (trainer.outputs); rebuilt after an elastic reset, as the rank may change."""
-        return make_outputs(ctx, self.cfg)
+        return make_outputs(ctx, self.cfg, self.failures)
 
     def resume(self, ctx: DistContext, outputs) -> int:
         """The global step to start at, from the latest checkpoint (collective: run once per job)."""
@@ -138,6 +143,7 @@ class TrainingRun:
         callbacks = [
             cb.BroadcastInitialState(ctx),
             StopOnRequest(self.request, self.cfg.runtime.fault_stop_after_step),
+            *([StopOnNonFinite(self.failures)] if self.cfg.train.stop_on_nonfinite else []),
             cb.EpochTimer(self.global_batch),
             timer,
             cb.InputWait(),
@@ -147,6 +153,8 @@ class TrainingRun:
             validation,
             cb.EpochLog(ctx.rank),
             *outputs.callbacks(functools.partial(self.checkpoint_state, ctx), timer),
+            # Also what keeps the other ranks from going on before rank 0's checkpoint is written.
+            AgreeOnFailures(ctx, self.failures, outputs.checkpoints),
             *extra_callbacks,
         ]
         history: dict = {}
@@ -155,9 +163,8 @@ class TrainingRun:
             for key, values in phase.items():
                 history.setdefault(key, []).extend(values)
             if self.request.stopped:
-                # Rank 0 wrote its checkpoint in on_epoch_end; this collective
-                # keeps the other ranks alive until it has.
-                ctx.average_scalars({"stopped": 1.0}, "stop.barrier")
+                # Rank 0 wrote its checkpoint in on_epoch_end, or AgreeOnFailures
+                # stopped every rank with the failure.
                 raise Stopped(f"stopped at step {int(self.model.optimizer.iterations.numpy())} "
                               f"({self.request.signal_name or 'another rank was signalled'}); checkpoint written")
         check_replicas_agree(ctx, self.model)

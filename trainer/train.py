@@ -3,10 +3,13 @@
     python -m trainer.train --config configs/digits.yaml [--set train.epochs=5 ...]
 
 Exit codes: 0 done; 2 bad config, data or checkpoint, or a run_dir in use by
-another job (one line on stderr); 143 stopped by SIGTERM/SIGINT after writing
-a checkpoint (resumable); 1 anything else (trainer.exit_codes,
-docs/training.md). Every check that needs no TensorFlow runs before it is
-imported.
+another job (one line on stderr); 3 stopped because the loss or the weights
+became non-finite (train.stop_on_nonfinite); 74 a write of the run failed
+(checkpoint, metrics, summary, events or export), the earlier checkpoints
+intact; 143 stopped by SIGTERM/SIGINT after writing a checkpoint (resumable);
+1 anything else (trainer.exit_codes, docs/training.md). The lines of 3 and 74
+come from rank 0 alone. Every check that needs no TensorFlow runs before it
+is imported.
 
 Without the launcher, rank 0 claims run_dir for the run (trainer.run_claim);
 under it, the launcher's claim is this run's.
@@ -25,7 +28,7 @@ from data_pipeline.metadata import DataError
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, check_environment, check_run_dir, load_config, validate, validate_world
 from trainer.data_spec import check_start
-from trainer.exit_codes import EXIT_BAD_INPUT, EXIT_STOPPED
+from trainer.exit_codes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_STOPPED, EXIT_WRITE_FAILED
 from trainer.run_claim import RunClaimError
 
 PEER_GRACE_SEC = 30  # see yield_to_the_failed_rank
@@ -138,6 +141,7 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     from trainer.distributed import DistContext, collective_failed
+    from trainer.failures import Diverged, WriteFailed
     from trainer.preemption import Stopped
     from trainer.runner import run
 
@@ -164,6 +168,10 @@ def main(argv=None) -> int:
     except Stopped as e:
         log.warning("%s; exiting with %d, the next start resumes from it", e, EXIT_STOPPED)
         return EXIT_STOPPED
+    except Diverged as e:
+        return report_stop(f"training error: {e}" if str(e) else "", EXIT_NONFINITE)
+    except WriteFailed as e:
+        return report_stop(f"write error: {e}" if str(e) else "", EXIT_WRITE_FAILED)
     except tf.errors.OpError as e:
         if not collective_failed(e):
             raise
@@ -178,6 +186,20 @@ def main(argv=None) -> int:
     if summary is not None:
         print_summary(summary)
     return 0
+
+
+def report_stop(line: str, code: int) -> int:
+    """`code`, after the one line on stderr (rank 0's; the other ranks' is empty).
+
+    Every rank stops with the same code, but not at the same instant: horovodrun
+    answers the first to exit by terminating the others, and a SIGTERM that
+    lands while this process winds down would replace its code. It is ignored
+    from here on (Python keeps an ignored signal ignored through its shutdown).
+    """
+    if line:
+        print(line, file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
 
 
 def yield_to_the_failed_rank(seconds: float = PEER_GRACE_SEC) -> None:
