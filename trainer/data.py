@@ -46,18 +46,11 @@ def train_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_r
     size, channels = spec.input_shape[0], spec.input_shape[2]
     if cfg.data.synthetic:
         return synthetic_dataset(per_replica, size, channels, spec.num_classes, ctx.rank)
-    d = cfg.data
-    counts, skip = list(spec.train_shard_counts), start_step * per_replica
-    mine = files_at(spec.train_files, counts, ctx.size, ctx.rank, d.seed, skip)
+    skip = start_step * per_replica
+    mine = files_at(spec.train_files, list(spec.train_shard_counts), ctx.size, ctx.rank, cfg.data.seed, skip)
     log.debug("train shards read by this rank: %s", ",".join(os.path.basename(f) for f in mine))
-    options = TrainOptions(
-        per_replica_batch_size=per_replica, image_size=size, channels=channels,
-        num_shards=ctx.size, shard_index=ctx.rank, shard_counts=counts, crop_fraction=d.crop_fraction,
-        threads=ctx.input_threads, deterministic=d.deterministic_order or cfg.runtime.deterministic,
-        skip_corrupt=d.skip_corrupt_records,
-        seed=d.seed, shuffle_buffer=d.shuffle_buffer, skip_records=skip,
-        num_records=(cfg.train.epochs * spec.steps_per_epoch - start_step) * per_replica, augment=d.augment,
-    )
+    options = _train_options(cfg, spec, ctx, per_replica, skip,
+                             (cfg.train.epochs * spec.steps_per_epoch - start_step) * per_replica)
     ds = train_stream(spec.train_files, options, skipped)
     return ds.enumerate(start_step).map(_log_digest) if cfg.runtime.log_batch_digests else ds
 
@@ -77,16 +70,21 @@ def precise_bn_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, 
     size, channels = spec.input_shape[0], spec.input_shape[2]
     if cfg.data.synthetic:
         return synthetic_dataset(per_replica, size, channels, spec.num_classes, ctx.rank).take(num_batches)
+    ds = train_stream(spec.train_files, _train_options(cfg, spec, ctx, per_replica, 0, num_batches * per_replica))
+    return ds.cache() if num_batches * per_replica * size * size * channels * 4 <= PRECISE_BN_CACHE_BYTES else ds
+
+
+def _train_options(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_replica: int, skip_records: int,
+                   num_records: int) -> TrainOptions:
+    """This rank's training stream options: `num_records` records after the first `skip_records`."""
     d = cfg.data
-    options = TrainOptions(
-        per_replica_batch_size=per_replica, image_size=size, channels=channels,
+    return TrainOptions(
+        per_replica_batch_size=per_replica, image_size=spec.input_shape[0], channels=spec.input_shape[2],
         num_shards=ctx.size, shard_index=ctx.rank, shard_counts=spec.train_shard_counts, crop_fraction=d.crop_fraction,
         threads=ctx.input_threads, deterministic=d.deterministic_order or cfg.runtime.deterministic,
         skip_corrupt=d.skip_corrupt_records, seed=d.seed, shuffle_buffer=d.shuffle_buffer,
-        num_records=num_batches * per_replica, augment=d.augment,
+        skip_records=skip_records, num_records=num_records, augment=d.augment,
     )
-    ds = train_stream(spec.train_files, options)
-    return ds.cache() if num_batches * per_replica * size * size * channels * 4 <= PRECISE_BN_CACHE_BYTES else ds
 
 
 def _log_digest(step, batch):
