@@ -46,6 +46,7 @@ from launch.options import add_config_options, add_options, launch_values
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, check_environment, check_run_dir, load_config, validate, validate_world
 from trainer.data_spec import check_start
+from trainer.exit_codes import EXIT_BAD_INPUT
 from trainer.run_claim import TOKEN_ENV, RunClaimError, acquire
 
 DESCRIPTION = "Start data-parallel workers with horovodrun (or srun inside a Slurm allocation)."
@@ -262,6 +263,14 @@ def prepare(args: argparse.Namespace) -> Job:
     return Job(cmd, env, board, requeue_job, opts, stop_plan(opts), cfg.run_dir)
 
 
+def report_bad_input(error: Exception) -> int:
+    """EXIT_BAD_INPUT, after the error's one line, named by its kind (`launch: data error: ...`)."""
+    kind = "data error" if isinstance(error, DataError) else \
+        "checkpoint error" if isinstance(error, CheckpointError) else "error"
+    print(f"launch: {kind}: {error}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 def check_runner(argv: list[str]) -> None:
     """The runner must exist before anything starts (else a FileNotFoundError traceback from Popen)."""
     if not shutil.which(argv[0]):
@@ -275,15 +284,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.dry_run:  # a dry run only prints: it may be run where horovodrun is not
             check_runner(job.argv)
             claim = acquire(job.run_dir)  # the last check, the first write
-    except DataError as e:
-        print(f"launch: data error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"launch: checkpoint error: {e}", file=sys.stderr)
-        return 2
-    except (ConfigError, LaunchError, HostError, RunClaimError) as e:
-        print(f"launch: error: {e}", file=sys.stderr)
-        return 2
+    except (DataError, CheckpointError, ConfigError, LaunchError, HostError, RunClaimError) as e:
+        return report_bad_input(e)
     if args.dry_run:
         for key in sorted(job.env):
             if os.environ.get(key) != job.env[key]:

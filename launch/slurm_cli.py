@@ -28,6 +28,7 @@ import sys
 
 from data_pipeline.arguments import ArgumentParser
 from data_pipeline.metadata import DataError
+from launch.cli import report_bad_input
 from launch.command import LaunchError, tensorboard_command
 from launch.options import add_config_options, add_options, to_argv, unsafe_value
 from launch.slurm import SQUEUE_FORMAT, SlurmOptions, build_script, queued_job, tasks_per_node
@@ -162,15 +163,8 @@ def run(args: argparse.Namespace) -> int:
             raise LaunchError(f"run_dir {cfg.run_dir!r}: cannot write {e.filename or script_path!r}: "
                               f"{e.strerror or e}") from None
         job_id = submit(script_path)
-    except DataError as e:
-        print(f"launch: data error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"launch: checkpoint error: {e}", file=sys.stderr)
-        return 2
-    except (ConfigError, LaunchError, RunClaimError) as e:
-        print(f"launch: error: {e}", file=sys.stderr)
-        return 2
+    except (DataError, CheckpointError, ConfigError, LaunchError, RunClaimError) as e:
+        return report_bad_input(e)
     print(f"submitted Slurm job {job_id} ({script_path})")
     print(f"log: {os.path.join(log_dir, f'{opts.job_name}-{job_id}.out')} (stderr: .err)")
     board = tensorboard_command(None, os.path.join(opts.run_dir, "tensorboard"), host=args.tensorboard_host)
