@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from typing import NamedTuple
 
 from data_pipeline.arguments import ArgumentParser
@@ -43,10 +44,10 @@ from launch.command import (
 )
 from launch.hosts import HostError, allocation_hosts, expand_nodelist, format_hosts, parse_hostfile
 from launch.options import add_config_options, add_options, launch_values
-from trainer.checkpoint import CheckpointError
+from trainer.checkpoint import CheckpointError, run_finished
 from trainer.config import ConfigError, check_environment, check_run_dir, load_config, validate, validate_world
 from trainer.data_spec import check_start
-from trainer.exit_codes import EXIT_BAD_INPUT
+from trainer.exit_codes import EXIT_BAD_INPUT, EXIT_STOPPED
 from trainer.run_claim import TOKEN_ENV, RunClaimError, acquire
 
 DESCRIPTION = "Start data-parallel workers with horovodrun (or srun inside a Slurm allocation)."
@@ -124,7 +125,8 @@ def options_from_args(args: argparse.Namespace, np: int, hosts: str | None) -> L
 
 def execute(argv: list[str], env: dict[str, str], requeue_job: str | None = None,
             board: list[str] | None = None, verbose: bool = True,
-            stop: StopPlan = PASS_SIGTERM, elastic: bool = False) -> int:
+            stop: StopPlan = PASS_SIGTERM, elastic: bool = False,
+            finished: Callable[[], bool] | None = None) -> int:
     """Runs horovodrun (or srun), passing SIGINT on to it; returns the first failed worker's exit code, else its own.
 
     SIGTERM, and SIGUSR1 (what Slurm sends before the time limit, see
@@ -136,10 +138,14 @@ def execute(argv: list[str], env: dict[str, str], requeue_job: str | None = None
     which reads the runner's account of the workers' ends (launch.runner_report):
     a job that failed ends with one line saying how, unless the failed
     worker's own line said why.
+    `finished` tells whether the run has trained all its epochs: after a stop
+    that the launcher passed on, a runner that exits 0 before then is not
+    believed (EXIT_STOPPED instead, and the requeue), as a scheduler would
+    otherwise count a stopped run as done.
     """
     server = subprocess.Popen(board) if board else None
     try:
-        return _run_job(argv, env, requeue_job, verbose, stop, elastic)
+        return _run_job(argv, env, requeue_job, verbose, stop, elastic, finished)
     finally:
         if server is not None:
             server.terminate()
@@ -151,18 +157,21 @@ def execute(argv: list[str], env: dict[str, str], requeue_job: str | None = None
 
 
 def _run_job(argv: list[str], env: dict[str, str], requeue_job: str | None, verbose: bool = True,
-             stop: StopPlan = PASS_SIGTERM, elastic: bool = False) -> int:
+             stop: StopPlan = PASS_SIGTERM, elastic: bool = False,
+             finished: Callable[[], bool] | None = None) -> int:
     runner = os.path.basename(argv[0])
     proc, pumps, output = console.start(argv, env, verbose, srun=runner == "srun", elastic=elastic)
-    timed_out = []
+    timed_out, stopped = [], []
     # Started by the first stop: the runner's SIGTERM once the grace is over.
     deadline = threading.Timer(stop.kill_after or 0, proc.send_signal, (signal.SIGTERM,))
     deadline.daemon = True
 
     def forward(signum, _frame):
+        stopped.append(signum)
         proc.send_signal(signum)
 
-    def stop_workers(_signum, _frame):
+    def stop_workers(signum, _frame):
+        stopped.append(signum)
         proc.send_signal(stop.signal)
         if stop.kill_after is not None and deadline.ident is None:  # once
             deadline.start()
@@ -187,6 +196,13 @@ def _run_job(argv: list[str], env: dict[str, str], requeue_job: str | None, verb
     if account:
         print(account, file=sys.stderr, flush=True)
     code = output.report.exit_code(code)
+    if stopped and code == 0 and finished is not None and not finished():
+        # Seen once in a Slurm time-limit test: horovodrun exited 0 after its SIGTERM while
+        # rank 0 had said it stopped at a checkpoint with 143.
+        print(f"launch: error: the workers were stopped at a checkpoint and {runner} exited with 0, but the run "
+              f"has not trained all its epochs: exiting with {EXIT_STOPPED}, as for a stop", file=sys.stderr,
+              flush=True)
+        code = EXIT_STOPPED
     if timed_out and requeue_job and code != 0:
         res = subprocess.run(["scontrol", "requeue", requeue_job], capture_output=True, text=True, check=False)
         if res.returncode == 0:
@@ -208,6 +224,7 @@ class Job(NamedTuple):
       options: the launch options the command was built from.
       stop: how the launcher stops the workers at a checkpoint.
       run_dir: the config's run_dir, which the launcher claims.
+      epochs: the config's train.epochs, which a finished run has trained.
     """
 
     argv: list[str]
@@ -217,6 +234,7 @@ class Job(NamedTuple):
     options: LaunchOptions
     stop: StopPlan
     run_dir: str
+    epochs: int
 
 
 def prepare(args: argparse.Namespace) -> Job:
@@ -260,7 +278,7 @@ def prepare(args: argparse.Namespace) -> Job:
             raise LaunchError("--requeue-on-timeout needs SLURM_JOB_ID (run it inside a Slurm job)")
         if not shutil.which("scontrol"):
             raise LaunchError("--requeue-on-timeout needs scontrol, which is not on PATH")
-    return Job(cmd, env, board, requeue_job, opts, stop_plan(opts), cfg.run_dir)
+    return Job(cmd, env, board, requeue_job, opts, stop_plan(opts), cfg.run_dir, cfg.train.epochs)
 
 
 def report_bad_input(error: Exception) -> int:
@@ -297,13 +315,14 @@ def run(args: argparse.Namespace) -> int:
     with claim:
         env = {**job.env, TOKEN_ENV: claim.token}  # the workers' run_dir check finds this claim their own
         print(f"launch: {shlex.join(job.argv)}", file=sys.stderr, flush=True)
+        board = None
         if args.tensorboard is None:
             print(f"launch: watch with: {shlex.join(job.board)}", file=sys.stderr, flush=True)
-            return execute(job.argv, env, job.requeue_job, verbose=job.options.verbose, stop=job.stop,
-                           elastic=job.options.elastic)
-        print(f"launch: TensorBoard: {shlex.join(job.board)}", file=sys.stderr, flush=True)
-        return execute(job.argv, env, job.requeue_job, job.board, verbose=job.options.verbose, stop=job.stop,
-                       elastic=job.options.elastic)
+        else:
+            board = job.board
+            print(f"launch: TensorBoard: {shlex.join(job.board)}", file=sys.stderr, flush=True)
+        return execute(job.argv, env, job.requeue_job, board, verbose=job.options.verbose, stop=job.stop,
+                       elastic=job.options.elastic, finished=lambda: run_finished(job.run_dir, job.epochs))
 
 
 def main(argv=None) -> int:

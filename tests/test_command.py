@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import subprocess
@@ -378,3 +379,45 @@ def test_the_launcher_stops_an_mpi_runner_with_sigusr2_and_sends_sigterm_when_th
     assert code == 143, lines
     assert [x.split()[0] for x in lines] == ["ready", "USR2", "TERM"], lines
     assert 1.8 < float(lines[2].split()[1]) - float(lines[1].split()[1]) < 10, lines
+
+
+@pytest.mark.parametrize("summary_epochs, expected", [(None, 143), (3, 143), (5, 0)])
+def test_a_runner_that_exits_0_after_a_stop_does_not_make_an_unfinished_run_a_success(
+        tmp_path, capfd, summary_epochs, expected):
+    """After the stop it passed on, the launcher believes a 0 only for a run whose summary.json has all its epochs.
+
+    The stand-in runner exits 0 on SIGTERM, as horovodrun once did in the Slurm
+    time-limit test while rank 0 had stopped at a checkpoint (exit 143).
+    """
+    import signal
+    import threading
+    import time
+
+    from launch.cli import execute
+    from trainer.checkpoint import run_finished
+
+    if summary_epochs is not None:
+        (tmp_path / "summary.json").write_text(json.dumps({"epochs": summary_epochs}))
+    ready = tmp_path / "ready"
+    runner = tmp_path / "runner.py"
+    runner.write_text(
+        "import pathlib, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda s, f: sys.exit(0))\n"
+        f"pathlib.Path({str(ready)!r}).write_text('')\n"
+        "time.sleep(60)\n"
+    )
+
+    def signal_when_ready():
+        while not ready.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_when_ready, daemon=True).start()
+    code = execute([sys.executable, str(runner)], dict(os.environ), verbose=False,
+                   finished=lambda: run_finished(str(tmp_path), 5))
+    err = capfd.readouterr().err
+    assert code == expected, err
+    if expected:
+        assert err.count("has not trained all its epochs: exiting with 143") == 1, err
+    else:
+        assert "launch: error" not in err, err

@@ -49,6 +49,23 @@ BEST_FILE = "best.json"
 WEIGHTS_FILE = "model.weights.h5"
 OPTIMIZER_FILE = "optimizer.npz"
 RNG_FILE = "rng.npz"
+# In the run folder: rank 0 writes it (trainer.outputs) once the run has trained all its epochs.
+SUMMARY_FILE = "summary.json"
+
+
+def run_finished(run_dir: str, epochs: int) -> bool:
+    """Whether run_dir's summary.json says the run has trained `epochs` epochs (a stopped run writes none).
+
+    TensorFlow-free: the launcher asks it after a stop it passed on, as a
+    runner that exits 0 then does not prove the run is over.
+    """
+    try:
+        with open(os.path.join(run_dir, SUMMARY_FILE), encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return False
+    done = summary.get("epochs") if isinstance(summary, dict) else None
+    return isinstance(done, int) and done >= epochs
 
 
 def rng_variables(model) -> list:

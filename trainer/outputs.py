@@ -31,7 +31,7 @@ import tensorflow as tf
 from data_pipeline import atomic
 from trainer import callbacks as cb
 from trainer import summaries
-from trainer.checkpoint import CHECKPOINT_DIR, CheckpointError, CheckpointManager
+from trainer.checkpoint import CHECKPOINT_DIR, SUMMARY_FILE, CheckpointError, CheckpointManager
 from trainer.checkpoint_guard import nonfinite_variable
 from trainer.config import ConfigError, ExperimentConfig, best_mode, dump_yaml, profile_range
 from trainer.console import progress_wanted
@@ -39,7 +39,6 @@ from trainer.failures import WRITE_ERRORS, WriteFailed, WriteGuard, describe_wri
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
 EXPORT_DIR = "export"
 
