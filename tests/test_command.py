@@ -421,3 +421,33 @@ def test_a_runner_that_exits_0_after_a_stop_does_not_make_an_unfinished_run_a_su
         assert err.count("has not trained all its epochs: exiting with 143") == 1, err
     else:
         assert "launch: error" not in err, err
+
+
+@pytest.mark.horovod
+def test_horovodrun_checks_its_build_once_and_answers_from_the_kept_result_after(tmp_path):
+    """The patch keeps horovodrun's build check (a TensorFlow import, about 3 s) in ~/.horovod/build-checks.
+
+    A kept `false` proves the next start answers from the file: it refuses the
+    controller without importing anything. An unreadable file is checked
+    again and replaced; HOROVOD_BUILD_CHECK_CACHE=0 ignores the file.
+    """
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    argv = [horovodrun, "-np", "1", "--gloo", "-H", "localhost:1", sys.executable, "-c", "pass"]
+    checks = tmp_path / ".horovod" / "build-checks"
+
+    first = run(argv, env={"HOME": str(tmp_path)}, timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    kept = list(checks.iterdir())
+    assert len(kept) == 1 and json.loads(kept[0].read_text()) is True, kept
+
+    kept[0].write_text("false")
+    refused = run(argv, env={"HOME": str(tmp_path)}, timeout=120)
+    assert refused.returncode != 0 and "Gloo support has not been built" in refused.stderr, refused.stderr[-2000:]
+    ignored = run(argv, env={"HOME": str(tmp_path), "HOROVOD_BUILD_CHECK_CACHE": "0"}, timeout=120)
+    assert ignored.returncode == 0, ignored.stderr[-2000:]
+    assert kept[0].read_text() == "false"
+
+    kept[0].write_text("{torn")
+    again = run(argv, env={"HOME": str(tmp_path)}, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert list(checks.iterdir()) == kept and json.loads(kept[0].read_text()) is True
