@@ -352,8 +352,8 @@ def test_the_launcher_stops_an_mpi_runner_with_sigusr2_and_sends_sigterm_when_th
     import threading
     import time
 
-    from launch.cli import execute
     from launch.command import StopPlan
+    from launch.job import execute
 
     out = tmp_path / "out"
     runner = tmp_path / "runner.py"
@@ -393,7 +393,7 @@ def test_a_runner_that_exits_0_after_a_stop_does_not_make_an_unfinished_run_a_su
     import threading
     import time
 
-    from launch.cli import execute
+    from launch.job import execute
     from trainer.checkpoint import run_finished
 
     if summary_epochs is not None:
