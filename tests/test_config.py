@@ -97,6 +97,8 @@ def test_bad_keys_and_types_name_the_key_and_value(override, message):
         ("train.precise_bn=sometimes", "train.precise_bn='sometimes': must be auto, true or false"),
         ("train.precise_bn_examples=0", "train.precise_bn_examples=0: must be >= 1"),
         ("train.initial_loss_scale=0.5", "train.initial_loss_scale=0.5: must be >= 1"),
+        ("train.label_smoothing=1", "train.label_smoothing=1.0: must be in [0, 1)"),
+        ("train.label_smoothing=-0.1", "train.label_smoothing=-0.1: must be in [0, 1)"),
     ],
 )
 def test_bad_values_are_rejected_with_key_and_value(override, message):

@@ -56,6 +56,36 @@ def build_optimizer(cfg: ExperimentConfig, schedule, precision: str = "float32")
     return optimizer
 
 
+@keras.saving.register_keras_serializable(package="hvd_keras_cnn")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Cross-entropy of integer labels against the labels smoothed by `smoothing` (train.label_smoothing).
+
+    Written here because Keras's SparseCategoricalCrossentropy has no
+    label_smoothing (its CategoricalCrossentropy has, on one-hot labels, which
+    the input pipeline does not produce): the labels are made one-hot here and
+    handed to Keras's categorical_crossentropy with its label_smoothing.
+    """
+
+    def __init__(self, smoothing: float, name: str = "smoothed_sparse_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.smoothing = float(smoothing)
+
+    def call(self, y_true, y_pred):
+        labels = tf.reshape(tf.cast(y_true, tf.int32), [-1])
+        one_hot = tf.one_hot(labels, tf.shape(y_pred)[-1], dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "smoothing": self.smoothing}
+
+
+def training_loss(label_smoothing: float = 0.0) -> keras.losses.Loss:
+    """The loss of the train step; validation always uses the plain cross-entropy (trainer.evaluation)."""
+    if label_smoothing:
+        return SmoothedSparseCrossentropy(label_smoothing)
+    return keras.losses.SparseCategoricalCrossentropy()
+
+
 def build_compiled_model(cfg: ExperimentConfig, spec: DataSpec, schedule, stop_request=None) -> DataParallelModel:
     """The config's model, compiled, with its optimizer's variables created.
 
@@ -80,7 +110,7 @@ def build_compiled_model(cfg: ExperimentConfig, spec: DataSpec, schedule, stop_r
         keras.config.set_dtype_policy(previous)
     model.compile(
         optimizer=build_optimizer(cfg, schedule, precision),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
+        loss=training_loss(cfg.train.label_smoothing),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         # Horovod's ops have no XLA kernels on CPU builds: at most the parts
         # around the allreduce are compiled (compile_parts above).
