@@ -51,18 +51,36 @@ def profile_range(text: str) -> tuple[int, int] | None:
 def validate(cfg) -> None:
     """Static checks of the values alone: no file system, no world size."""
     _check(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must be set")
-    d, m, t, r = cfg.data, cfg.model, cfg.train, cfg.runtime
+    _validate_data(cfg.data)
+    _validate_model(cfg.model)
+    _validate_train(cfg.train)
+    _validate_runtime(cfg.runtime, cfg.tensorboard)
+    d, m, t = cfg.data, cfg.model, cfg.train
+    if d.synthetic:
+        for key in ("image_size", "channels", "num_classes"):
+            _check(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be set (> 0) with data.synthetic")
+        _check(t.steps_per_epoch > 0, "train.steps_per_epoch", t.steps_per_epoch,
+               "must be set (> 0) with data.synthetic")
+        return
+    _check(bool(d.dir), "data.dir", d.dir, "must be set (or data.synthetic: true)")
+
+
+def _validate_data(d) -> None:
     _check(d.global_batch_size > 0, "data.global_batch_size", d.global_batch_size, "must be > 0")
     _check(d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer, "must be > 0")
     _check(0 < d.augment.crop_area_min <= 1, "data.augment.crop_area_min", d.augment.crop_area_min, "must be in (0, 1]")
     _check(0 < d.crop_fraction <= 1, "data.crop_fraction", d.crop_fraction, "must be in (0, 1]")
+
+
+def _validate_model(m) -> None:
     _check(m.name in MODEL_NAMES, "model.name", m.name, f"must be one of {', '.join(MODEL_NAMES)}")
     for key in ("image_size", "channels", "num_classes"):
         _check(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0")
     _check(m.channels in (0, 1, 3), "model.channels", m.channels, "must be 1, 3 or 0 (from the data)")
+
+
+def _validate_train(t) -> None:
     _check(t.epochs > 0, "train.epochs", t.epochs, "must be > 0")
-    _check(r.fault_stop_after_step >= 0, "runtime.fault_stop_after_step", r.fault_stop_after_step, "must be >= 0")
-    _check(r.fault_slow_save_sec >= 0, "runtime.fault_slow_save_sec", r.fault_slow_save_sec, "must be >= 0")
     _check(t.base_learning_rate > 0, "train.base_learning_rate", t.base_learning_rate, "must be > 0")
     _check(t.reference_batch_size > 0, "train.reference_batch_size", t.reference_batch_size, "must be > 0")
     _check(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "must be >= 0")
@@ -86,22 +104,19 @@ def validate(cfg) -> None:
     _check(t.precise_bn.lower() in ("auto", "true", "false"), "train.precise_bn", t.precise_bn,
            "must be auto, true or false")
     _check(t.precise_bn_examples >= 1, "train.precise_bn_examples", t.precise_bn_examples, "must be >= 1")
+    # Keras seeds rank r with train.seed + r, and takes 0 .. 2**32 - 1 only (-5 was a ValueError traceback).
+    _check(0 <= t.seed < 2**31, "train.seed", t.seed, "must be in 0..2147483647")
+
+
+def _validate_runtime(r, tb) -> None:
+    _check(r.fault_stop_after_step >= 0, "runtime.fault_stop_after_step", r.fault_stop_after_step, "must be >= 0")
+    _check(r.fault_slow_save_sec >= 0, "runtime.fault_slow_save_sec", r.fault_slow_save_sec, "must be >= 0")
     for key in ("intra_op_threads", "inter_op_threads"):
         # TensorFlow takes an int32 and starts that many threads; 100000000000 was a ValueError traceback.
         _check(0 <= getattr(r, key) <= MAX_THREADS, f"runtime.{key}", getattr(r, key), f"must be in 0..{MAX_THREADS}")
-    # Keras seeds rank r with train.seed + r, and takes 0 .. 2**32 - 1 only (-5 was a ValueError traceback).
-    _check(0 <= t.seed < 2**31, "train.seed", t.seed, "must be in 0..2147483647")
-    tb = cfg.tensorboard
     _check(tb.step_frequency >= 0, "tensorboard.step_frequency", tb.step_frequency, "must be >= 0")
     _check(tb.sample_images >= 0, "tensorboard.sample_images", tb.sample_images, "must be >= 0")
     profile_range(tb.profile_steps)
-    if d.synthetic:
-        for key in ("image_size", "channels", "num_classes"):
-            _check(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be set (> 0) with data.synthetic")
-        _check(t.steps_per_epoch > 0, "train.steps_per_epoch", t.steps_per_epoch,
-               "must be set (> 0) with data.synthetic")
-        return
-    _check(bool(d.dir), "data.dir", d.dir, "must be set (or data.synthetic: true)")
 
 
 def check_environment(cfg) -> None:
