@@ -42,7 +42,7 @@ from launch.job import execute
 from launch.options import add_config_options, add_options, launch_values
 from trainer.checkpoint import CheckpointError, run_finished
 from trainer.config import ConfigError, check_environment, check_run_dir, load_config, validate, validate_world
-from trainer.data_spec import check_start
+from trainer.data_spec import check_model_build, check_start
 from trainer.exit_codes import EXIT_BAD_INPUT
 from trainer.run_claim import TOKEN_ENV, RunClaimError, acquire
 
@@ -171,7 +171,7 @@ def prepare(args: argparse.Namespace) -> Job:
     check_run_dir(cfg.run_dir)
     # The config against its data, and the checkpoint a resume would restore: what the
     # workers would refuse after loading TensorFlow, refused here with the same line.
-    check_start(cfg)
+    check_model_build(cfg, check_start(cfg))
     logdir = os.path.join(cfg.run_dir, "tensorboard")
     if args.tensorboard is None:  # no server: the command to start one, for people to run
         board = tensorboard_command(None, logdir, host=args.tensorboard_host)

@@ -35,7 +35,7 @@ from launch.slurm import SQUEUE_FORMAT, SlurmOptions, build_script, queued_job, 
 from launch.slurm import validate as validate_slurm
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, check_environment, load_config, validate, validate_world
-from trainer.data_spec import check_start
+from trainer.data_spec import check_model_build, check_start
 from trainer.run_claim import RunClaimError
 from trainer.run_claim import check as check_claim
 
@@ -138,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         validate(cfg)
         if args.data_check:
             check_environment(cfg)
-            check_start(cfg)  # reads the data's metadata.json, as the workers will
+            # reads the data's metadata.json, as the workers will; builds model.builder's model
+            check_model_build(cfg, check_start(cfg))
         opts = options_from_args(args, cfg.run_dir)
         validate_slurm(opts)
         validate_world(cfg, opts.nodes * tasks_per_node(opts))

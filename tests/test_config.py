@@ -6,7 +6,6 @@ import pytest
 
 from data_pipeline.metadata import DataError
 from trainer.config import (
-    MODEL_NAMES,
     ConfigError,
     ExperimentConfig,
     best_mode,
@@ -78,7 +77,18 @@ def test_bad_keys_and_types_name_the_key_and_value(override, message):
     [
         ("data.global_batch_size=0", "data.global_batch_size=0: must be > 0"),
         ("data.global_batch_size=-8", "data.global_batch_size=-8: must be > 0"),
-        ("model.name=vgg", "model.name='vgg': must be one of " + ", ".join(MODEL_NAMES)),
+        ("model.name=vgg", "model.name='vgg': is not a built-in model (simple_cnn, resnet20, resnet50) or a "
+         "keras.applications name; did you mean VGG19 or VGG16?"),
+        ("model.name=efficientnetv2-b0", "model.name='efficientnetv2-b0': is not a built-in model (simple_cnn, "
+         "resnet20, resnet50) or a keras.applications name; did you mean EfficientNetV2B0 or EfficientNetV2B3 or "
+         "EfficientNetV2B2?"),
+        ("model.name=darknet", "model.name='darknet': is not a built-in model (simple_cnn, resnet20, resnet50) or "
+         "a keras.applications name (docs/models.md lists them)"),
+        ("model.builder=mymodels.build", "model.builder='mymodels.build': must be package.module:function"),
+        ("model.builder_output=softmax",
+         "model.builder_output='softmax': must be one of auto, probabilities, logits"),
+        ("model.unfreeze_epoch=3", "model.unfreeze_epoch=3: needs model.freeze_until"),
+        ("model.unfreeze_epoch=-1", "model.unfreeze_epoch=-1: must be >= 0"),
         ("train.epochs=0", "train.epochs=0: must be > 0"),
         ("train.base_learning_rate=0", "train.base_learning_rate=0.0: must be > 0"),
         ("train.optimizer=rmsprop", "train.optimizer='rmsprop': must be one of adam, sgd"),

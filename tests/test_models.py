@@ -1,14 +1,53 @@
+import keras
 import numpy as np
 import pytest
 
-from trainer.config import MODEL_NAMES
+from trainer.model_names import APPLICATIONS, BUILT_IN
 from trainer.models import BUILDERS, build_model
 
 
 def test_every_config_choice_has_its_builder():
     # One list of names (trainer.model_names): the config accepts exactly the models that can be built.
-    assert tuple(BUILDERS) == MODEL_NAMES
-    assert all(BUILDERS[name].__name__ == name for name in MODEL_NAMES)
+    assert tuple(BUILDERS) == BUILT_IN
+    assert all(BUILDERS[name].__name__ == name for name in BUILT_IN)
+
+
+def test_the_applications_table_is_the_installed_keras_applications():
+    # The launcher checks names and sizes without TensorFlow, from this table: it must list every
+    # constructor of the installed Keras, each with the module whose preprocess_input it takes.
+    constructors = {n: getattr(keras.applications, n) for n in dir(keras.applications) if n[0].isupper()}
+    assert set(APPLICATIONS) == set(constructors)
+    for name, (module, _) in APPLICATIONS.items():
+        assert constructors[name].__module__ == f"keras.src.applications.{module}", name
+
+
+# One model of each input scaling (trainer.model_names.INPUT_SCALING), and the two odd smallest sizes.
+@pytest.mark.parametrize("name", ["ResNet50", "MobileNetV2", "DenseNet121", "MobileNetV3Small", "Xception"])
+def test_an_application_sees_its_own_preprocessing_and_builds_down_to_its_smallest_size(name):
+    module_name, smallest = APPLICATIONS[name]
+    shape = (smallest, smallest, 3)
+    ours = build_model(name, shape, 7)
+    plain = getattr(keras.applications, name)(weights=None, input_shape=shape, classes=7, classifier_activation=None)
+    plain.set_weights(ours.get_weights())  # the same layers in the same order: ours adds none with weights
+    images = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
+    module = getattr(keras.applications, module_name)
+    # The first layer with weights sees what Keras's recipe feeds it (the output saturates too much to tell).
+    first = next(layer.name for layer in plain.layers if layer.weights)
+    seen = keras.Model(ours.input, ours.get_layer(first).output)(images, training=False)
+    expect = keras.Model(plain.input, plain.get_layer(first).output)(module.preprocess_input(images * 255.0))
+    np.testing.assert_allclose(seen.numpy(), expect.numpy(), rtol=1e-4, atol=1e-4)
+    expect = keras.ops.softmax(plain(module.preprocess_input(images * 255.0), training=False)).numpy()
+    np.testing.assert_allclose(ours(images, training=False).numpy(), expect, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError):  # the launcher's limit is Keras's: one pixel less does not build
+        getattr(keras.applications, name)(weights=None, input_shape=(smallest - 1, smallest - 1, 3), classes=7)
+
+
+def test_one_channel_images_are_repeated_to_the_three_an_application_takes():
+    gray = np.random.default_rng(1).random((2, 32, 32, 1), dtype=np.float32)
+    model = build_model("MobileNetV3Small", (32, 32, 1), 4)
+    rgb = build_model("MobileNetV3Small", (32, 32, 3), 4)
+    rgb.set_weights(model.get_weights())
+    np.testing.assert_allclose(model(gray).numpy(), rgb(np.repeat(gray, 3, axis=-1)).numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_simple_cnn_on_digits_shape():

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from trainer.config import ExperimentConfig, dump_yaml
 from trainer.data_spec import DataSpec
-from trainer.models import build_model
+from trainer.models import build_net
 from trainer.step import DataParallelModel
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def build_compiled_model(cfg: ExperimentConfig, spec: DataSpec, schedule, stop_r
     keras.config.set_dtype_policy(precision)
     try:
         model = DataParallelModel.wrap(
-            build_model(cfg.model.name, spec.input_shape, spec.num_classes), cfg.allreduce.fp16_compression,
+            build_net(cfg.model, spec.input_shape, spec.num_classes), cfg.allreduce.fp16_compression,
             stop_request=stop_request, time_input=not cfg.runtime.deterministic,
             accumulation_steps=cfg.train.accumulation_steps, compile_parts=compile_parts,
             watch_nonfinite=cfg.train.stop_on_nonfinite,

@@ -86,21 +86,58 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The shared CNN.
+    """The shared CNN (docs/models.md).
 
     Attributes:
-      name: one of simple_cnn, resnet20 (CIFAR-style) or resnet50
-        (keras.applications, weights=None).
+      name: simple_cnn (small, for digits-sized inputs), resnet20
+        (CIFAR-style) or resnet50, or any keras.applications constructor by
+        name (EfficientNetV2B0, MobileNetV3Small, ConvNeXtTiny, ResNet50V2,
+        ...), built with weights=None (nothing is downloaded), its own head
+        for the data's class count, and the input scaling its family expects
+        applied to the pipeline's [0, 1] images (docs/models.md lists them).
+        keras.applications models need at least 32 pixels (71 for Xception,
+        75 for the Inception models); one-channel images are repeated to three.
+      builder: `package.module:function` of your own model instead of
+        model.name: a function (input_shape, num_classes) -> keras.Model,
+        imported on every rank (the module must be importable there: on
+        PYTHONPATH or under the folder the job starts in). The launcher
+        imports and builds it before any worker starts and checks its input
+        and output shapes.
+      builder_output: what model.builder's model outputs: `probabilities`
+        (a softmax), `logits` (a softmax is added, in float32), or `auto`,
+        which runs the model once on random images and takes probabilities
+        when every output row is non-negative and sums to 1.
+      fused_batchnorm: the keras.applications models' BatchNormalization layers
+        run as TensorFlow's fused kernel (trainer.batchnorm; same weights and
+        results), measured faster here (docs/benchmarks.md); false keeps Keras's.
       image_size: input height and width; 0 takes them from the shards'
         metadata.json (when all images there have one size).
       channels: input channels; 0 takes them from metadata.json.
       num_classes: 0 takes the class count from metadata.json.
+      initial_weights: a `.weights.h5` or `.keras` file to start from (for
+        example ImageNet weights saved from keras.applications elsewhere, or
+        another run's checkpoint model.weights.h5), loaded by rank 0 and
+        broadcast when a run starts without a checkpoint. Layers whose weights
+        differ in shape (a head for another class count) keep their random
+        initialisation and are named in one log line; a file that matches no
+        layer is an error before training.
+      freeze_until: fine-tuning: the layers from the first up to and
+        including this one (by name) are frozen, their BatchNormalization
+        layers in inference mode, until model.unfreeze_epoch; empty: none.
+      unfreeze_epoch: the epoch (1-based) from which every layer trains, with
+        model.freeze_until; 0 keeps them frozen to the end.
     """
 
     name: str = "simple_cnn"
+    builder: str = ""
+    builder_output: str = "auto"
+    fused_batchnorm: bool = True
     image_size: int = 0
     channels: int = 0
     num_classes: int = 0
+    initial_weights: str = ""
+    freeze_until: str = ""
+    unfreeze_epoch: int = 0
 
 
 @dataclass

@@ -14,14 +14,16 @@ import, no circle. Like trainer.config, this module needs no TensorFlow.
 
 import glob
 import os
+import re
 
 from data_pipeline.metadata import DataError
-from trainer.model_names import MODEL_NAMES
+from trainer.model_names import BUILT_IN, MODEL_NAMES, close_names
 
 OPTIMIZERS = ("adam", "sgd")
 LR_DECAYS = ("cosine", "constant")
 BEST_METRICS = ("val_accuracy", "val_loss", "val_top5_accuracy")
 BEST_MODES = ("auto", "max", "min")
+BUILDER_OUTPUTS = ("auto", "probabilities", "logits")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 MAX_THREADS = 1024
 
@@ -73,7 +75,18 @@ def _validate_data(d) -> None:
 
 
 def _validate_model(m) -> None:
-    _check(m.name in MODEL_NAMES, "model.name", m.name, f"must be one of {', '.join(MODEL_NAMES)}")
+    if m.builder:
+        _check(bool(re.fullmatch(r"[\w.]+:\w+", m.builder)), "model.builder", m.builder,
+               "must be package.module:function")
+    elif m.name not in MODEL_NAMES:
+        near = close_names(m.name)
+        _check(False, "model.name", m.name, f"is not a built-in model ({', '.join(BUILT_IN)}) or a keras.applications "
+               "name" + (f"; did you mean {' or '.join(near)}?" if near else " (docs/models.md lists them)"))
+    _check(m.builder_output in BUILDER_OUTPUTS, "model.builder_output", m.builder_output,
+           f"must be one of {', '.join(BUILDER_OUTPUTS)}")
+    _check(m.unfreeze_epoch >= 0, "model.unfreeze_epoch", m.unfreeze_epoch, "must be >= 0")
+    _check(bool(m.freeze_until) or not m.unfreeze_epoch, "model.unfreeze_epoch", m.unfreeze_epoch,
+           "needs model.freeze_until")
     for key in ("image_size", "channels", "num_classes"):
         _check(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0")
     _check(m.channels in (0, 1, 3), "model.channels", m.channels, "must be 1, 3 or 0 (from the data)")

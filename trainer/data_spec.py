@@ -7,12 +7,18 @@ does not fit its data, or a checkpoint of another model, is refused before
 any worker starts with the line a worker would print.
 """
 
+import dataclasses
+import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 from data_pipeline import metadata as md
 from trainer.checkpoint import CHECKPOINT_DIR, CheckpointManager, check_model
 from trainer.config import ConfigError, ExperimentConfig, effective_batch_size
+from trainer.model_check import ERROR_PREFIX
+from trainer.model_names import smallest_image_size
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,10 @@ def resolve_data(cfg: ExperimentConfig) -> DataSpec:
         spec = DataSpec((m.image_size, m.image_size, m.channels), m.num_classes, t.steps_per_epoch, [], [])
     else:
         spec = _from_metadata(cfg)
+    smallest = smallest_image_size(m.name)
+    if not m.builder and spec.input_shape[0] < smallest:
+        raise ConfigError(f"model.image_size={spec.input_shape[0]}: model {m.name} needs images of at least "
+                          f"{smallest} pixels (set model.image_size; the images are resized to it)")
     if t.best_metric == "val_top5_accuracy" and spec.num_classes <= 5:
         raise ConfigError(f"train.best_metric='val_top5_accuracy': the data has {spec.num_classes} classes")
     return spec
@@ -73,7 +83,8 @@ def _from_metadata(cfg: ExperimentConfig) -> DataSpec:
 
 def model_signature(cfg: ExperimentConfig, spec: DataSpec) -> dict:
     """What a checkpoint must match to be restored into this run's model."""
-    return {"name": cfg.model.name, "input_shape": list(spec.input_shape), "num_classes": spec.num_classes}
+    name = cfg.model.builder or cfg.model.name
+    return {"name": name, "input_shape": list(spec.input_shape), "num_classes": spec.num_classes}
 
 
 def _checkpoints(cfg: ExperimentConfig) -> CheckpointManager:
@@ -102,3 +113,26 @@ def check_evaluation(cfg: ExperimentConfig, which: str) -> DataSpec:
     path = manager.resolve(which)
     check_model(path, manager.read_state(path), model_signature(cfg, spec))
     return spec
+
+
+def check_model_build(cfg: ExperimentConfig, spec: DataSpec) -> None:
+    """The model built once in a child process (trainer.model_check), when building it is the only check.
+
+    For the launchers, before any worker starts, when model.builder,
+    model.initial_weights or model.freeze_until is set: ConfigError with the
+    child's line when the builder fails to import, raises or returns other
+    shapes, the weights file matches nothing, or the model has no such layer.
+    """
+    m = cfg.model
+    if not (m.builder or m.initial_weights or m.freeze_until):
+        return
+    args = {"model": dataclasses.asdict(m), "input_shape": list(spec.input_shape), "num_classes": spec.num_classes}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # The builder's module is found as the workers find it: from the folder the job starts in.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH", "")) if p)
+    res = subprocess.run([sys.executable, "-m", "trainer.model_check", json.dumps(args)],
+                         capture_output=True, text=True, env=env, check=False)
+    if res.returncode != 0:
+        lines = [line[len(ERROR_PREFIX):] for line in res.stderr.splitlines() if line.startswith(ERROR_PREFIX)]
+        raise ConfigError(lines[-1] if lines else f"model: building it to check it exited with {res.returncode}: "
+                          + " / ".join(res.stderr.strip().splitlines()[-3:]))

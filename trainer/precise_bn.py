@@ -103,8 +103,10 @@ class PreciseBatchNorm:
         self._datasets: dict = {}
 
     def _bind(self, model) -> list:
-        if self._model is not model:
-            self._model, self._layers = model, batchnorm_layers(model)
+        # Bound anew when a fine-tuning phase froze or unfroze layers (trainer.freeze).
+        key = (id(model), tuple(layer.trainable for layer in model.layers))
+        if self._model != key:
+            self._model, self._layers = key, batchnorm_layers(model)
             self._fn = _batch_moments_fn(model, self._layers) if self._layers else None
         return self._layers
 

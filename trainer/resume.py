@@ -4,8 +4,9 @@ import logging
 
 from data_pipeline.collective import on_root
 from trainer.checkpoint import CheckpointError
-from trainer.config import ExperimentConfig
+from trainer.config import ConfigError, ExperimentConfig
 from trainer.distributed import DistContext
+from trainer.initial_weights import InitialWeightsError, load_initial_weights
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +17,19 @@ def broadcast_restore(ctx: DistContext, restore) -> dict | None:
 
 
 def resume_state(ctx: DistContext, cfg: ExperimentConfig, outputs, model, signature: dict) -> dict | None:
-    """Rank 0 restores the latest checkpoint; every rank gets its state.json (or its error)."""
-    return broadcast_restore(ctx, lambda: outputs.restore_latest(model, signature) if cfg.train.resume else None)
+    """Rank 0 restores the latest checkpoint; every rank gets its state.json (or its error).
+
+    Without a checkpoint, rank 0 loads model.initial_weights instead (the
+    start of fit broadcasts rank 0's weights to the others).
+    """
+    def restore():
+        state = outputs.restore_latest(model, signature) if cfg.train.resume else None
+        if state is None and cfg.model.initial_weights:
+            load_initial_weights(model, cfg.model.initial_weights)
+        return state
+
+    return on_root(ctx.is_chief, lambda v: ctx.broadcast_object(v, "resume.state"), restore, CheckpointError,
+                   catch=(InitialWeightsError, ConfigError))
 
 
 def resume_step(state: dict | None, spe: int, gbs: int, world_size: int, schedule, model) -> int:

@@ -25,6 +25,7 @@ from trainer.data_spec import model_signature, resolve_data
 from trainer.distributed import DistContext, weights_digest
 from trainer.evaluation import PeriodicValidation, recorded_validation, validation_metrics
 from trainer.failures import AgreeOnFailures, RunFailures, StopOnNonFinite
+from trainer.freeze import set_phase, split_phases
 from trainer.outputs import make_outputs
 from trainer.precise_bn import PreciseBatchNorm, PreciseStatistics, batches_for
 from trainer.preemption import StopOnRequest, Stopped, StopRequest
@@ -158,7 +159,8 @@ class TrainingRun:
             *extra_callbacks,
         ]
         history: dict = {}
-        for initial, end, steps in fit_phases(start_step, spe, epochs):
+        for initial, end, steps in split_phases(fit_phases(start_step, spe, epochs), self.cfg.model, spe):
+            set_phase(self.model, self.cfg.model, initial)
             phase = self._fit(ctx, outputs, callbacks, start_step, initial, end, steps)
             for key, values in phase.items():
                 history.setdefault(key, []).extend(values)

@@ -56,6 +56,8 @@ class DataParallelModel(keras.Model):
         self.compile_parts = bool(compile_parts)
         self.watch_nonfinite = bool(watch_nonfinite)
         self._gradients_fn = self._apply_fn = None
+        # Variables of layers model.freeze_until froze (trainer.freeze): unchanged, so not allreduced as state.
+        self.frozen_variables: set[int] = set()
 
     @classmethod
     def wrap(cls, net: keras.Model, fp16_allreduce: bool = False, stop_request=None, time_input: bool = True,
@@ -148,6 +150,10 @@ class DataParallelModel(keras.Model):
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             self.optimizer.iterations.assign_add(tf.cast(tf.logical_not(applied), self.optimizer.iterations.dtype))
 
+    def reset_parts(self) -> None:
+        """Forgets the traced gradient and update functions (the trainable variables changed)."""
+        self._gradients_fn = self._apply_fn = None
+
     def _parts(self):
         """local_gradients and apply_gradients, each XLA-compiled with `compile_parts`."""
         if self._gradients_fn is None:
@@ -164,7 +170,7 @@ class DataParallelModel(keras.Model):
         # Float state outside the gradients (BatchNorm moving statistics) moves
         # in the forward pass, before anyone knows whether the step will be
         # skipped: its values from before are kept to put back.
-        state = [v for v in self.non_trainable_variables if v.dtype in _FLOATS]
+        state = [v for v in self.non_trainable_variables if v.dtype in _FLOATS and id(v) not in self.frozen_variables]
         skips = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
         before = [tf.identity(v.value) for v in state] if skips else []
         loss, y_pred, grads = gradients_fn(x, y, sample_weight)

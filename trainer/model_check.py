@@ -1,0 +1,43 @@
+"""The launcher's check of the model a config builds, run apart: `python -m trainer.model_check JSON`.
+
+For what can be checked only by building the model: model.builder (imports,
+builds, its shapes), model.initial_weights (a file that matches no layer) and
+model.freeze_until (a layer name the model has). trainer.data_spec.check_model
+runs it in a child process on the CPU when any of them is set, so the
+launcher, which stays up for the whole job, neither holds TensorFlow's memory
+nor a GPU. The one line of a failure goes to stderr; the exit code is 2.
+"""
+
+import json
+import sys
+
+from trainer.config import ModelConfig
+
+ERROR_PREFIX = "model check: "  # the line the launcher takes, among whatever TensorFlow logs
+
+
+def check(model_cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    """Builds the model as a worker does, then loads its initial weights and finds its freeze layer."""
+    from trainer.freeze import freeze_layers
+    from trainer.initial_weights import load_initial_weights
+    from trainer.models import build_net
+
+    model = build_net(model_cfg, input_shape, num_classes)
+    if model_cfg.initial_weights:
+        load_initial_weights(model, model_cfg.initial_weights)
+    if model_cfg.freeze_until:
+        freeze_layers(model, model_cfg.freeze_until)
+
+
+def main(argv: list[str]) -> int:
+    args = json.loads(argv[0])
+    try:
+        check(ModelConfig(**args["model"]), tuple(args["input_shape"]), int(args["num_classes"]))
+    except ValueError as e:  # ConfigError and InitialWeightsError: bad input, one line
+        print(ERROR_PREFIX + str(e).splitlines()[0], file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
