@@ -125,3 +125,30 @@ def test_two_ranks_fine_tune_a_user_model_from_its_weights_frozen_then_unfrozen_
     assert epoch_records(run_dir)[-1]["val_accuracy"] > 0.5
     after = messages(out, "weights after training:")
     assert sorted(after) == [0, 1] and after[0] == after[1]
+
+
+@pytest.mark.parametrize("sets, line", [
+    (("model.builder=usermodels:wrong_output",),
+     "model.builder='usermodels:wrong_output': its model outputs shape (11,), expected (10,): one value per class"),
+    (("model.initial_weights={other}",),
+     "model.initial_weights='{other}': matches no layer of model simple_cnn (1 layers with weights in the file, "
+     "6 in the model)"),
+    (("model.freeze_until=stem", "model.builder=usermodels:small"),
+     "model.freeze_until='stem': model small has no such layer (its first layers: input_layer, stem_conv, "
+     "stem_bn, re_lu, ...; its last: flatten, head, probs)"),
+    (("model.name=EfficientNetV2B0",),
+     "model.image_size=8: model EfficientNetV2B0 needs images of at least 32 pixels (set model.image_size; the "
+     "images are resized to it)"),
+])
+def test_the_launcher_refuses_what_only_building_the_model_shows_before_any_worker_starts(
+        digits_shards, user_module, tmp_path, sets, line):
+    import keras
+
+    other = tmp_path / "other.weights.h5"
+    keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).save_weights(other)
+    sets = [s.format(other=other) for s in sets]
+    res = run(launch_argv(tmp_path / "run", digits_shards, *(x for s in sets for x in ("--set", s))),
+              env={"PYTHONPATH": str(user_module)}, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == "launch: error: " + line.format(other=other)
+    assert not (tmp_path / "run").exists()  # no worker started, nothing written
