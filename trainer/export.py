@@ -77,8 +77,9 @@ class ExportInfo:
       global_step: the optimizer step of the exported weights.
       metrics: the checkpoint's validation metrics (val_accuracy, ...).
       normalisation: what build_shards did to each file before storing it
-        (metadata.json), repeated on a served file; None (synthetic data):
-        served files are decoded as records are.
+        (metadata.json), repeated on a served file; None (synthetic data, or
+        shards adopted as their converter stored them, normalisation
+        `as_stored`): served files are decoded as records are.
     """
 
     class_names: tuple[str, ...]
