@@ -50,8 +50,8 @@ def read_records(path: str, digest=None):
             data = f.read(length + _FOOTER)
             digest.update(data)
             if len(data) < length + _FOOTER:
-                raise RecordError(f"truncated: record {index} at byte {offset} holds {max(len(data) - _FOOTER, 0)} "
-                                  f"of its {length} bytes")
+                held = f"{len(data)} of its {length} bytes" if len(data) < length else "its data, not its whole CRC"
+                raise RecordError(f"truncated: record {index} at byte {offset} holds {held}")
             record, (data_crc,) = data[:length], struct.unpack("<I", data[length:])
             if _masked_crc(record) != data_crc:
                 raise RecordError(f"record {index} at byte {offset}: its data fails its CRC32C")

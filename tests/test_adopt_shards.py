@@ -11,7 +11,7 @@ import pytest
 from data_pipeline import adopt_shards
 from data_pipeline.metadata import METADATA_FILE, DataError, check_metadata, load_metadata, sha256_file
 from data_pipeline.record_reader import read_records
-from helpers import run
+from helpers import run, small_filesystem
 from imagenet_shards import SYNSETS, TEXTS, write_shards, write_synsets
 from test_horovod import epoch_records, launch_argv
 
@@ -152,6 +152,16 @@ def test_bad_input_is_one_line_exit_2_and_no_metadata(shards, capsys, tmp_path, 
     assert err[0].startswith(expected), err[0]
     after = (shards / METADATA_FILE).read_bytes() if (shards / METADATA_FILE).exists() else None
     assert after == before  # none written, an existing one kept
+
+
+def test_a_folder_where_metadata_json_cannot_be_written_is_one_line_exit_1(written, capsys, tmp_path):
+    pages = sum(-(-p.stat().st_size // 4096) for p in written[0].iterdir())
+    with small_filesystem(tmp_path / "fs", f"{pages * 4}k") as fs:  # the shards fill it
+        for p in written[0].iterdir():
+            shutil.copy(p, fs / p.name)
+        code, err = adopt(capsys, fs)
+        assert (code, err) == (1, [f"adopt_shards: error: No space left on device: {str(fs / METADATA_FILE)!r}"])
+        assert sorted(p.name for p in fs.iterdir()) == sorted(p.name for p in written[0].iterdir())
 
 
 def test_force_replaces_an_existing_metadata(shards, capsys):
