@@ -112,6 +112,11 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[:-10])
 
 
+def _cut_in_the_last_header(path):
+    last = sum(len(r) + 16 for r in list(read_records(str(path)))[:-1])
+    path.write_bytes(path.read_bytes()[:last + 5])
+
+
 def _flip_a_byte(path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -125,6 +130,9 @@ def _flip_a_byte(path):
      "shard train-00001-of-00002 is missing from {d!r} (1 of 2 present)"),
     (lambda d: _truncate(d / "train-00001-of-00002"), [],
      "shard {t!r} is unreadable (truncated: record 23 at byte {last} holds "),
+    (lambda d: _cut_in_the_last_header(d / "train-00001-of-00002"), [],
+     "shard {t!r} is unreadable (truncated: record 23 at byte {last} has a header of 5 bytes); no metadata.json "
+     "written"),
     (lambda d: _flip_a_byte(d / "train-00001-of-00002"), [], "shard {t!r} is unreadable (record "),
     (None, ["--label-offset", "0"], "labels 1..3 do not fit 3 classes at label offset 0 (labels 0..2 allowed)"),
     (None, ["--synsets", "2"], "labels 1..3 do not fit 2 classes at label offset 0 (labels 0..1 allowed)"),
