@@ -97,6 +97,10 @@ def check_metadata(meta, path: str) -> None:
         count = info.get("num_examples", total)
         if not _is_count(count) or count != total:
             fail(f"splits.{split}.num_examples={count!r}: its shards hold {total}")
+    # Adopted shards (data_pipeline.adopt_shards) keep labels counted from 1: the reader subtracts this.
+    offset = meta.get("label_offset", 0)
+    if not _is_count(offset) or offset not in (0, 1):
+        fail(f"label_offset={offset!r}: expected 0 or 1")
     try:  # read again by the serving export, at the end of training: a bad record must stop the start
         normalisation.from_metadata(meta)
     except ValueError as e:
@@ -121,6 +125,11 @@ def _checked_shards(shards, where: str, fail) -> list:
 
 def num_examples(meta: dict, split: str) -> int:
     return int(meta["splits"].get(split, {}).get("num_examples", 0))
+
+
+def label_offset(meta: dict) -> int:
+    """What the reader subtracts from every stored label: 1 for shards whose labels count from 1 (adopted), else 0."""
+    return int(meta.get("label_offset", 0))
 
 
 def shard_files(data_dir: str, meta: dict, split: str) -> list[str]:

@@ -21,6 +21,9 @@ from importlib import metadata as package_metadata
 # as the width (data_pipeline.pillow_resize.vertical_first).
 PASS_ORDERS = ("rows_first", "columns_first_if_100x_tall", "columns_first_if_height_shrinks_2x_more")
 ENCODINGS = ("auto", "jpeg", "png")
+# The `normalisation` of shards another converter wrote (data_pipeline.adopt_shards): the records hold the
+# files as that converter stored them, and a served file is decoded as the reader decodes a record.
+AS_STORED = "as_stored"
 
 
 def pass_order_of(pillow_version: str) -> str:
@@ -92,9 +95,14 @@ def installed_pillow() -> str:
         return ""
 
 
-def from_metadata(meta: dict) -> Normalisation:
-    """The normalisation of a shard folder's metadata.json; ValueError naming the key when it cannot be served."""
+def from_metadata(meta: dict) -> Normalisation | None:
+    """The normalisation of a shard folder's metadata.json; ValueError naming the key when it cannot be served.
+
+    None for AS_STORED (adopted shards): the export decodes a served file as a record.
+    """
     recorded = meta.get("normalisation")
+    if recorded == AS_STORED:
+        return None
     if recorded is None:  # shards from before the record: the same algorithm, with the options it had
         options = meta.get("options") if isinstance(meta.get("options"), dict) else {}
         pillow = installed_pillow()

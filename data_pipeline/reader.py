@@ -24,7 +24,7 @@ import tensorflow as tf
 from data_pipeline.metadata import DataError
 from data_pipeline.positions import file_order, pass_seed, shard_files_for, stream_position
 from data_pipeline.preprocess import augment, decode, eval_image
-from data_pipeline.records import parse_example
+from data_pipeline.records import parse_image_and_label
 from data_pipeline.stream_options import EvalOptions, StreamOptions, TrainOptions
 
 log = logging.getLogger(__name__)
@@ -151,19 +151,17 @@ def training_records(
 def _train_parse(options: TrainOptions):
     """(record, augmentation seed) to (augmented image, label)."""
     def parse(serialized, element_seed):
-        ex = parse_example(serialized)
-        image = decode(ex["image/encoded"], options.channels)
-        image = augment(image, element_seed, options.image_size, options.augment, options.crop_fraction)
-        return image, tf.cast(ex["image/class/label"], tf.int32)
+        encoded, label = parse_image_and_label(serialized, options.label_offset)
+        image = decode(encoded, options.channels)
+        return augment(image, element_seed, options.image_size, options.augment, options.crop_fraction), label
     return parse
 
 
 def _eval_parse(options: EvalOptions):
     """Record to (centre-cropped image, label)."""
     def parse(serialized):
-        ex = parse_example(serialized)
-        image = eval_image(ex["image/encoded"], options.channels, options.image_size, options.crop_fraction)
-        return image, tf.cast(ex["image/class/label"], tf.int32)
+        encoded, label = parse_image_and_label(serialized, options.label_offset)
+        return eval_image(encoded, options.channels, options.image_size, options.crop_fraction), label
     return parse
 
 

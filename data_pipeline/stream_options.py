@@ -32,6 +32,8 @@ class StreamOptions:
       skip_corrupt: skip undecodable images and the rest of a shard after a
         corrupt record, instead of failing. A training stream replaces an
         undecodable record by the next one, so it keeps its length.
+      label_offset: subtracted from every stored label (metadata.json's
+        label_offset: 1 for adopted shards whose labels count from 1).
     """
 
     per_replica_batch_size: int
@@ -44,6 +46,7 @@ class StreamOptions:
     threads: int = 0
     deterministic: bool = True
     skip_corrupt: bool = False
+    label_offset: int = 0
 
     def __post_init__(self):
         if not 0 <= self.shard_index < self.num_shards:

@@ -13,6 +13,7 @@ import, no circle. Like trainer.config, this module needs no TensorFlow.
 """
 
 import glob
+import json
 import os
 import re
 
@@ -147,8 +148,21 @@ def check_environment(cfg) -> None:
     if not os.path.isfile(os.path.join(d.dir, "metadata.json")):
         raise DataError(
             f"data.dir={d.dir!r}: has no metadata.json (build it with python -m data_pipeline.build_shards)")
-    if not glob.glob(os.path.join(d.dir, "train-*-of-*.tfrecord")):
+    if not _listed_train_shards(d.dir) and not glob.glob(os.path.join(d.dir, "train-*-of-*.tfrecord")):
         raise DataError(f"data.dir={d.dir!r}: has no train-*.tfrecord shards")
+
+
+def _listed_train_shards(data_dir: str) -> list:
+    """The train shards metadata.json lists (adopted ones keep their own names, such as train-00000-of-01024).
+
+    Only whether there are any: the full check of the file (data_pipeline.metadata) runs before training.
+    """
+    try:
+        with open(os.path.join(data_dir, "metadata.json"), encoding="utf-8") as f:
+            shards = json.load(f)["splits"]["train"]["shards"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return shards if isinstance(shards, list) else []
 
 
 def check_run_dir(run_dir: str) -> None:

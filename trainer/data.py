@@ -83,7 +83,7 @@ def _train_options(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_
         num_shards=ctx.size, shard_index=ctx.rank, shard_counts=spec.train_shard_counts, crop_fraction=d.crop_fraction,
         threads=ctx.input_threads, deterministic=d.deterministic_order or cfg.runtime.deterministic,
         skip_corrupt=d.skip_corrupt_records, seed=d.seed, shuffle_buffer=d.shuffle_buffer,
-        skip_records=skip_records, num_records=num_records, augment=d.augment,
+        skip_records=skip_records, num_records=num_records, augment=d.augment, label_offset=spec.label_offset,
     )
 
 
@@ -113,7 +113,7 @@ def eval_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, batch_
     options = EvalOptions(
         per_replica_batch_size=batch_size, image_size=size, channels=channels, num_shards=ctx.size,
         shard_index=ctx.rank, crop_fraction=cfg.data.crop_fraction, threads=ctx.input_threads,
-        skip_corrupt=cfg.data.skip_corrupt_records,
+        skip_corrupt=cfg.data.skip_corrupt_records, label_offset=spec.label_offset,
     )
     return eval_stream(files, options)
 

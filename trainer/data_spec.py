@@ -33,6 +33,7 @@ class DataSpec:
     num_train: int = 0
     num_val: int = 0
     train_shard_counts: tuple[int, ...] = ()
+    label_offset: int = 0  # subtracted from every stored label by the reader (metadata.json; adopted shards)
 
 
 def resolve_data(cfg: ExperimentConfig) -> DataSpec:
@@ -77,7 +78,7 @@ def _from_metadata(cfg: ExperimentConfig) -> DataSpec:
         (image_size, image_size, channels), num_classes, steps,
         md.shard_files(cfg.data.dir, meta, "train"), md.shard_files(cfg.data.dir, meta, "validation"),
         n_train, md.num_examples(meta, "validation"),
-        tuple(int(x["num_examples"]) for x in meta["splits"]["train"]["shards"]),
+        tuple(int(x["num_examples"]) for x in meta["splits"]["train"]["shards"]), md.label_offset(meta),
     )
 
 

@@ -17,9 +17,11 @@ not a record: it first goes through the normalisation build_shards recorded in
 metadata.json (mode rules, the --max-side downscale, with Pillow's integer
 formulas; data_pipeline.source_image), then it is decoded with the training
 channels, centre-cropped by data.crop_fraction and resized exactly as the
-validation images were. A string that is not a JPEG, PNG, GIF or BMP, or a
-file the export cannot normalise as the converter did, fails the whole call
-with InvalidArgumentError saying why.
+validation images were. Shards adopted from another converter
+(data_pipeline.adopt_shards, normalisation `as_stored`) hold the files as that
+converter stored them: a served file is then decoded as a record is. A string
+that is not a JPEG, PNG, GIF or BMP, or a file the export cannot normalise as
+the converter did, fails the whole call with InvalidArgumentError saying why.
 
 `loaded.preprocess(one_file_bytes)` is the per-image part of serving_default
 (check, decode, crop, resize, scale), for callers that decode in their own
@@ -77,8 +79,9 @@ class ExportInfo:
       global_step: the optimizer step of the exported weights.
       metrics: the checkpoint's validation metrics (val_accuracy, ...).
       normalisation: what build_shards did to each file before storing it
-        (metadata.json), repeated on a served file; None (synthetic data):
-        served files are decoded as records are.
+        (metadata.json), repeated on a served file; None (synthetic data, or
+        shards adopted as their converter stored them, normalisation
+        `as_stored`): served files are decoded as records are.
     """
 
     class_names: tuple[str, ...]
