@@ -27,7 +27,8 @@ ratios are taken per repetition (side by side) and reported as median, min and
 max. Results are merged into bench/results.json.
 
     python scripts/bench.py [--repeats 3] [--epoch-seconds 11]
-        [--only conversion,loader,input,predict,trainer,precision,jit,accumulation,nonfinite,scaling,keras_cost,peers]
+        [--only conversion,loader,input,predict,trainer,precision,jit,accumulation,nonfinite,models,scaling,
+                keras_cost,peers]
         [--scaling-variants default,cycle_1ms,...] [--peer-steps 5]
 
 `peers` and `keras_cost` are scripts/bench_peers.py: ResNet-50 against Horovod's
@@ -38,6 +39,8 @@ memory); `loader` and `input` use scripts/bench_input.py; `predict` is
 scripts/bench_predict.py (python -m trainer.predict on 2,000 images: images/s
 and peak RSS). `precision`, `jit`, `accumulation` and `nonfinite` are scripts/bench_features.py
 (the training step's options side by side), with epochs of --feature-epoch-seconds.
+`models` is scripts/bench_models.py: EfficientNetV2B0 and MobileNetV3Small at
+np=1 and np=2, with the fused BatchNorm and with Keras's (ratios fused/keras).
 """
 
 import argparse
@@ -52,6 +55,7 @@ import time
 import bench_conversion
 import bench_features
 import bench_input
+import bench_models
 import bench_peers
 import bench_predict
 import bench_scaling
@@ -60,8 +64,8 @@ from bench_common import RESULTS, ROOT, bench_env, machine, merge_results, stats
 PY = sys.executable
 BATCH = 64
 EPOCHS = 3  # the first is warm-up; the other two are the steady-state measurement
-SECTIONS = ("conversion", "loader", "input", "predict", "trainer", *bench_features.SECTIONS, "scaling", "keras_cost",
-            "peers")
+SECTIONS = ("conversion", "loader", "input", "predict", "trainer", *bench_features.SECTIONS, "models", "scaling",
+            "keras_cost", "peers")
 
 
 def plain(threads: int, steps: int) -> subprocess.Popen:
@@ -235,6 +239,8 @@ def main() -> int:
         for section in features:
             merge_results(args.out, f"step_{section}", bench_features.run(section, steps, args.repeats,
                                                                           args.digits_epochs))
+    if "models" in parts:
+        merge_results(args.out, "applications", bench_models.run(args.repeats))
     if "keras_cost" in parts:
         merge_results(args.out, "keras_cost", bench_peers.keras_cost(args.repeats, 2 * args.peer_steps))
     if "peers" in parts:
