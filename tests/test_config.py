@@ -52,6 +52,13 @@ def test_dumped_config_loads_back_identically(tmp_path):
     assert again == cfg
 
 
+def test_floats_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 reads 5e-4 as a string; 5.0e-4 as a float.
+    assert load_config(None, ["train.weight_decay=5e-4"]).train.weight_decay == 0.0005
+    path = write(tmp_path, "train:\n  weight_decay: 1e-4\n  ema: 0.9999\n")
+    assert load_config(path).train.weight_decay == 0.0001
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -62,6 +69,7 @@ def test_dumped_config_loads_back_identically(tmp_path):
         # Both pass `> 0`-style checks: inf trained a whole run on a NaN loss, and inf warm-up epochs crashed.
         ("train.base_learning_rate=.inf", "train.base_learning_rate=inf: expected a finite number"),
         ("train.warmup_epochs=.nan", "train.warmup_epochs=nan: expected a finite number"),
+        ("train.weight_decay=inf", "train.weight_decay='inf': expected float"),  # YAML's is .inf: a string
         ("train.resume=1", "train.resume=1: expected bool"),
         ("data=3", "data=3: expected a mapping"),
         ("noequals", "override 'noequals' is not key=value"),
