@@ -128,9 +128,10 @@ def _checkpoint_arrays(folder) -> dict:
 def test_two_ranks_validate_and_export_the_average_and_a_resume_continues_it_exactly(digits_shards, tmp_path):
     import tensorflow as tf
 
-    # 3 epochs of 4 steps; the stop at step 6 is mid-epoch 2, so the resumed start runs two fits.
+    # 3 epochs of 4 steps of 2 micro-batches; the stop at step 6 is mid-epoch 2, so the resumed start runs two fits.
     base = ("--set", "train.epochs=3", "--set", "train.steps_per_epoch=4", "--set", "train.ema=0.9",
-            "--set", "train.weight_decay=0.05", "--set", "runtime.deterministic=true")
+            "--set", "train.weight_decay=0.05", "--set", "train.accumulation_steps=2",
+            "--set", "runtime.deterministic=true")
     straight = tmp_path / "straight"
     res = run(launch_argv(straight, digits_shards, *base), timeout=600)
     out = res.stdout + res.stderr
