@@ -60,7 +60,8 @@ def evaluation_predictions(run_dir, checkpoint: str = "latest", batch_size: int 
     """(probabilities [N, classes], labels [N], encoded images [N]) of a run's validation records, in file order.
 
     The evaluation path, image by image: the run's model restored from
-    `checkpoint` as trainer.evaluate restores it, applied to the validation
+    `checkpoint` as trainer.evaluate restores it (the averaged weights with
+    train.ema, as trainer.ema.EvaluatedWeights puts them in), applied to the validation
     stream (data_pipeline.reader.eval_stream with the run's crop) in this one
     process. The encoded images are the records' own bytes.
     """
@@ -75,6 +76,7 @@ def evaluation_predictions(run_dir, checkpoint: str = "latest", batch_size: int 
     from trainer.checkpoint import CheckpointManager
     from trainer.config import load_config
     from trainer.data_spec import model_signature, resolve_data
+    from trainer.ema import EvaluatedWeights
     from trainer.schedule import make_schedule
 
     cfg = load_config(str(Path(run_dir) / "config.yaml"))
@@ -83,6 +85,7 @@ def evaluation_predictions(run_dir, checkpoint: str = "latest", batch_size: int 
                                                           spec.steps_per_epoch))
     manager = CheckpointManager(str(Path(run_dir) / "checkpoints"))
     manager.restore(model, manager.resolve(checkpoint), model_signature(cfg, spec))
+    EvaluatedWeights(model, cfg.train.ema_evaluate).swap_in()
     files = shard_files(cfg.data.dir, load_metadata(cfg.data.dir), "validation")
     size, _, channels = spec.input_shape
     options = EvalOptions(per_replica_batch_size=batch_size, image_size=size, channels=channels,

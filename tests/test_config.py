@@ -51,6 +51,13 @@ def test_dumped_config_loads_back_identically(tmp_path):
     assert again == cfg
 
 
+def test_floats_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 reads 5e-4 as a string; 5.0e-4 as a float.
+    assert load_config(None, ["train.weight_decay=5e-4"]).train.weight_decay == 0.0005
+    path = write(tmp_path, "train:\n  weight_decay: 1e-4\n  ema: 0.9999\n")
+    assert load_config(path).train.weight_decay == 0.0001
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -61,6 +68,7 @@ def test_dumped_config_loads_back_identically(tmp_path):
         # Both pass `> 0`-style checks: inf trained a whole run on a NaN loss, and inf warm-up epochs crashed.
         ("train.base_learning_rate=.inf", "train.base_learning_rate=inf: expected a finite number"),
         ("train.warmup_epochs=.nan", "train.warmup_epochs=nan: expected a finite number"),
+        ("train.weight_decay=inf", "train.weight_decay='inf': expected float"),  # YAML's is .inf: a string
         ("train.resume=1", "train.resume=1: expected bool"),
         ("data=3", "data=3: expected a mapping"),
         ("noequals", "override 'noequals' is not key=value"),
@@ -109,6 +117,12 @@ def test_bad_keys_and_types_name_the_key_and_value(override, message):
         ("train.initial_loss_scale=0.5", "train.initial_loss_scale=0.5: must be >= 1"),
         ("train.label_smoothing=1", "train.label_smoothing=1.0: must be in [0, 1)"),
         ("train.label_smoothing=-0.1", "train.label_smoothing=-0.1: must be in [0, 1)"),
+        ("train.weight_decay=-0.01", "train.weight_decay=-0.01: must be in [0, 1)"),
+        ("train.weight_decay=1", "train.weight_decay=1.0: must be in [0, 1)"),
+        ("train.weight_decay_exclude=batchnorm,gamma", "train.weight_decay_exclude='batchnorm,gamma': must be empty "
+                                                       "or a comma-separated list of batchnorm, bias"),
+        ("train.ema=1", "train.ema=1.0: must be in [0, 1) (0: off)"),
+        ("train.ema=-0.5", "train.ema=-0.5: must be in [0, 1) (0: off)"),
     ],
 )
 def test_bad_values_are_rejected_with_key_and_value(override, message):
@@ -116,6 +130,14 @@ def test_bad_values_are_rejected_with_key_and_value(override, message):
         validate(synthetic_cfg(override))
     assert str(e.value) == message
     assert "\n" not in str(e.value)
+
+
+def test_weight_decay_times_the_peak_learning_rate_must_stay_below_1():
+    validate(synthetic_cfg("train.weight_decay=0.5", "train.base_learning_rate=4"))  # peak 1: 0.5 a step
+    with pytest.raises(ConfigError) as e:
+        validate(synthetic_cfg("train.weight_decay=0.5", "train.base_learning_rate=8"))
+    assert str(e.value) == ("train.weight_decay=0.5: times the peak learning rate 2 must be < 1: each step multiplies "
+                            "the weights by 1 - their product")
 
 
 def test_data_dir_checks(tmp_path):

@@ -6,8 +6,9 @@ import logging
 import keras
 import tensorflow as tf
 
-from trainer.config import ExperimentConfig, dump_yaml
+from trainer.config import ExperimentConfig, dump_yaml, weight_decay_exclusions
 from trainer.data_spec import DataSpec
+from trainer.ema import start_average
 from trainer.models import build_net
 from trainer.step import DataParallelModel
 
@@ -44,15 +45,61 @@ def resolve_jit(jit_compile: str, capability: tuple[int, int] | None) -> bool:
     return value == "true"
 
 
-def build_optimizer(cfg: ExperimentConfig, schedule, precision: str = "float32") -> keras.optimizers.Optimizer:
-    if cfg.train.optimizer == "adam":
-        optimizer = keras.optimizers.Adam(learning_rate=schedule)
+class _KeepsTrainingWeights:
+    """Keras's fit ends by overwriting the weights with their average (train.ema): not here (see trainer.ema)."""
+
+    def finalize_variable_values(self, var_list):
+        pass
+
+
+class SGD(_KeepsTrainingWeights, keras.optimizers.SGD):
+    pass
+
+
+class Adam(_KeepsTrainingWeights, keras.optimizers.Adam):
+    pass
+
+
+class AdamW(_KeepsTrainingWeights, keras.optimizers.AdamW):
+    pass
+
+
+def decay_excluded(model, exclude: list[str]) -> list:
+    """The trainable weights train.weight_decay_exclude names: BatchNorm's gamma and beta, layers' biases."""
+    found = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):  # noqa: SLF001  (as trainer.precise_bn)
+        if "batchnorm" in exclude and isinstance(layer, keras.layers.BatchNormalization):
+            found.extend(layer.trainable_weights)
+        bias = getattr(layer, "bias", None)
+        if "bias" in exclude and isinstance(bias, keras.Variable) and bias.trainable:
+            found.append(bias)
+    return found
+
+
+def build_optimizer(cfg: ExperimentConfig, schedule, precision: str = "float32", model=None):
+    """The optimizer of train.optimizer, with train.weight_decay and train.ema; call before it is built.
+
+    Weight decay is Keras's decoupled one: each step multiplies the decayed
+    weights by 1 - learning_rate x weight_decay before the gradient update
+    (AdamW for adam). `model` gives the weights it leaves alone
+    (train.weight_decay_exclude).
+    """
+    t = cfg.train
+    extra = {"use_ema": True, "ema_momentum": t.ema} if t.ema else {}
+    if t.weight_decay:
+        extra["weight_decay"] = t.weight_decay
+    if t.optimizer == "adam":
+        optimizer = (AdamW if t.weight_decay else Adam)(learning_rate=schedule, **extra)
     else:
-        optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.train.momentum, nesterov=True)
+        optimizer = SGD(learning_rate=schedule, momentum=t.momentum, nesterov=True, **extra)
+    if t.weight_decay and model is not None:
+        optimizer.exclude_from_weight_decay(var_list=decay_excluded(model, weight_decay_exclusions(
+            t.weight_decay_exclude)))
     if precision == "mixed_float16":
         # float16 gradients underflow without it. Its scale is optimizer state:
         # checkpoints save and restore it with the other optimizer variables.
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=cfg.train.initial_loss_scale)
+        # It calls the inner optimizer's apply (weight decay, average) only on finite steps.
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=t.initial_loss_scale)
     return optimizer
 
 
@@ -109,7 +156,7 @@ def build_compiled_model(cfg: ExperimentConfig, spec: DataSpec, schedule, stop_r
     finally:
         keras.config.set_dtype_policy(previous)
     model.compile(
-        optimizer=build_optimizer(cfg, schedule, precision),
+        optimizer=build_optimizer(cfg, schedule, precision, model),
         loss=training_loss(cfg.train.label_smoothing),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         # Horovod's ops have no XLA kernels on CPU builds: at most the parts
@@ -117,7 +164,17 @@ def build_compiled_model(cfg: ExperimentConfig, spec: DataSpec, schedule, stop_r
         jit_compile=False,
     )
     model.optimizer.build(model.trainable_variables)
+    start_average(model)
+    warn_l2_besides_decay(cfg, model)
     return model
+
+
+def warn_l2_besides_decay(cfg: ExperimentConfig, model) -> None:
+    """One warning when train.weight_decay decays weights that an L2 regularizer also pulls to 0 (resnet20)."""
+    if not cfg.train.weight_decay or not model.losses:
+        return
+    log.warning("train.weight_decay=%g with model %s, whose kernel_regularizer adds an L2 penalty to the loss: "
+                "both shrink those weights (docs/training.md#weight-decay)", cfg.train.weight_decay, cfg.model.name)
 
 
 def config_hash(cfg: ExperimentConfig) -> str:

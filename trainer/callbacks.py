@@ -237,13 +237,13 @@ class MetricsFile(keras.callbacks.Callback):
 class EpochLine(keras.callbacks.Callback):
     """Prints the person's line per epoch on stdout (see trainer.console.format_epoch_line)."""
 
-    def __init__(self, epochs: int, stream=None):
+    def __init__(self, epochs: int, stream=None, evaluated: str = ""):
         super().__init__()
-        self.epochs = epochs
-        self.stream = stream
+        self.epochs, self.stream, self.evaluated = epochs, stream, evaluated  # evaluated: "EMA weights" (train.ema)
 
     def on_epoch_end(self, epoch, logs=None):
-        print(format_epoch_line(epoch + 1, self.epochs, logs or {}), file=self.stream or sys.stdout, flush=True)
+        print(format_epoch_line(epoch + 1, self.epochs, logs or {}, self.evaluated), file=self.stream or sys.stdout,
+              flush=True)
 
 
 class ProgressBar(keras.callbacks.Callback):

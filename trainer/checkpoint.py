@@ -282,7 +282,8 @@ class CheckpointManager:
             if len(store) != len(model.optimizer.variables):  # Keras would skip them all, the step counter too
                 raise CheckpointError(f"checkpoint {path!r} holds {len(store)} optimizer variables, this run's "
                                       f"optimizer {len(model.optimizer.variables)}: it was written with another "
-                                      "train.optimizer or train.precision (mixed_float16 adds a loss scale)")
+                                      "train.optimizer or train.precision (mixed_float16 adds a loss scale), or "
+                                      "train.ema on or off (it adds the average)")
             model.load_weights(os.path.join(path, WEIGHTS_FILE))
             model.optimizer.load_own_variables(store)
             rng = rng_variables(model)

@@ -29,6 +29,7 @@ from trainer.config_checks import (  # noqa: F401  (re-exported: callers import 
     profile_range,
     validate,
     validate_world,
+    weight_decay_exclusions,
 )
 from trainer.config_train import TrainConfig  # noqa: F401  (re-exported)
 from trainer.config_yaml import dump_yaml, load_into, parse_override, to_dict  # noqa: F401  (re-exported)

@@ -26,6 +26,7 @@ BEST_METRICS = ("val_accuracy", "val_loss", "val_top5_accuracy")
 BEST_MODES = ("auto", "max", "min")
 BUILDER_OUTPUTS = ("auto", "probabilities", "logits")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+WEIGHT_DECAY_EXCLUDES = ("batchnorm", "bias")
 MAX_THREADS = 1024
 
 
@@ -59,6 +60,9 @@ def validate(cfg) -> None:
     _validate_train(cfg.train)
     _validate_runtime(cfg.runtime, cfg.tensorboard)
     d, m, t = cfg.data, cfg.model, cfg.train
+    peak = t.base_learning_rate * d.global_batch_size * t.accumulation_steps / t.reference_batch_size
+    _check(peak * t.weight_decay < 1, "train.weight_decay", t.weight_decay,
+           f"times the peak learning rate {peak:g} must be < 1: each step multiplies the weights by 1 - their product")
     if d.synthetic:
         for key in ("image_size", "channels", "num_classes"):
             _check(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be set (> 0) with data.synthetic")
@@ -101,6 +105,12 @@ def _validate_train(t) -> None:
     _check(t.lr_decay in LR_DECAYS, "train.lr_decay", t.lr_decay, f"must be one of {', '.join(LR_DECAYS)}")
     _check(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
     _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
+    _check(0 <= t.weight_decay < 1, "train.weight_decay", t.weight_decay, "must be in [0, 1)")
+    _check(set(weight_decay_exclusions(t.weight_decay_exclude)) <= set(WEIGHT_DECAY_EXCLUDES),
+           "train.weight_decay_exclude", t.weight_decay_exclude,
+           f"must be empty or a comma-separated list of {', '.join(WEIGHT_DECAY_EXCLUDES)}")
+    # 1: the average would never leave the initial weights.
+    _check(0 <= t.ema < 1, "train.ema", t.ema, "must be in [0, 1) (0: off)")
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)")
     _check(t.steps_per_epoch >= 0, "train.steps_per_epoch", t.steps_per_epoch, "must be >= 0")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
@@ -174,6 +184,11 @@ def check_run_dir(run_dir: str) -> None:
         raise ConfigError(f"run_dir {run_dir!r}: {existing!r} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"run_dir {run_dir!r}: {existing!r} is not writable")
+
+
+def weight_decay_exclusions(text: str) -> list[str]:
+    """`train.weight_decay_exclude` as a list of its (lower-case) items."""
+    return [item.strip().lower() for item in text.split(",") if item.strip()]
 
 
 def best_mode(t) -> str:

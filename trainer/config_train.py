@@ -22,6 +22,25 @@ class TrainConfig:
       lr_decay: after warmup, `cosine` (to 0 at the last step) or `constant`.
       optimizer: adam or sgd (with momentum, Nesterov).
       momentum: SGD momentum.
+      weight_decay: decoupled weight decay (Loshchilov and Hutter 2019): every
+        optimizer step first multiplies each decayed weight by
+        1 - learning_rate x weight_decay (Keras's weight_decay: with adam the
+        optimizer is AdamW, with sgd Keras's SGD with it), apart from the
+        gradient, which it does not enter; 0 turns it off. The L2
+        kernel_regularizer of resnet20 (and of nothing else) stays in the loss
+        besides it: see docs/training.md#weight-decay.
+      weight_decay_exclude: what weight_decay leaves alone, comma-separated:
+        `batchnorm` (the scale gamma and offset beta of BatchNorm layers),
+        `bias` (every layer's bias); empty: every trainable weight decays.
+      ema: momentum of an exponential moving average of the trainable weights,
+        updated after every applied optimizer step (Keras's optimizer EMA:
+        average = ema x average + (1 - ema) x weights); 0 turns it off, 0.999
+        to 0.9999 are usual. Checkpoints keep the training weights and the
+        average (a resume continues both exactly); see train.ema_evaluate.
+      ema_evaluate: with train.ema, validation (and so the best checkpoint),
+        the export, trainer.evaluate and the summary use the averaged weights
+        (the epoch line says `(EMA weights)`, summary.json
+        `"evaluated_weights": "ema"`); false: the training weights.
       label_smoothing: the training loss is the cross-entropy against labels
         smoothed by this much: 1 - label_smoothing + label_smoothing / classes
         for the true class, label_smoothing / classes for each other (Szegedy
@@ -98,6 +117,10 @@ class TrainConfig:
     lr_decay: str = "cosine"
     optimizer: str = "sgd"
     momentum: float = 0.9
+    weight_decay: float = 0.0
+    weight_decay_exclude: str = "batchnorm,bias"
+    ema: float = 0.0
+    ema_evaluate: bool = True
     label_smoothing: float = 0.0
     steps_per_epoch: int = 0
     resume: bool = True

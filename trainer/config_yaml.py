@@ -28,12 +28,27 @@ def _coerce(key: str, raw, typ):
             return float(raw)
         if isinstance(raw, float):
             raise ConfigError(f"{key}={raw!r}: expected a finite number")
+        # YAML 1.1 reads 5e-4 (no dot) as a string: the usual way to write a weight decay.
+        number = _float_literal(raw)
+        if number is not None:
+            return number
     elif typ is str:
         if raw is None:
             return ""
         if not isinstance(raw, (dict, list)):
             return str(raw)
     raise ConfigError(f"{key}={raw!r}: expected {typ.__name__}")
+
+
+def _float_literal(raw) -> float | None:
+    """A string such as `5e-4` as a finite float; None for anything else."""
+    if not isinstance(raw, str):
+        return None
+    try:
+        number = float(raw)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _apply(obj, key: str, value) -> None:

@@ -16,16 +16,19 @@ def progress_wanted(environ: Mapping[str, str], stdout_isatty: bool) -> bool:
     return stdout_isatty or environ.get(PROGRESS_ENV) == "1"
 
 
-def format_epoch_line(epoch: int, epochs: int, logs: Mapping[str, float]) -> str:
+def format_epoch_line(epoch: int, epochs: int, logs: Mapping[str, float], evaluated: str = "") -> str:
     """One line per epoch, e.g. `epoch 3/25  loss 0.4123  accuracy 0.8812  val_accuracy 0.9444  1234 img/s  1.8 s`.
 
-    `epoch` counts from 1. Validation figures appear only for validated epochs.
+    `epoch` counts from 1. Validation figures appear only for validated epochs,
+    followed by `(EMA weights)` when `evaluated` is "EMA weights" (train.ema).
     A diverged loss shows as `loss nan` or `loss inf`: never left out.
     """
     parts = [f"epoch {epoch}/{epochs}"]
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
         if key in logs:
             parts.append(f"{key} {float(logs[key]):.4f}")
+    if evaluated and ("val_loss" in logs or "val_accuracy" in logs):
+        parts.append(f"({evaluated})")
     skipped = sum(int(logs.get(k, 0)) for k in ("skipped_records", "val_skipped_records"))
     if skipped:
         parts.append(f"{skipped} records skipped")

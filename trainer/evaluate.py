@@ -6,7 +6,9 @@
 `--checkpoint` is `latest`, `best` (see checkpoints/best.json) or a checkpoint
 folder of the config's run_dir. Any number of ranks gives the same result (up
 to float rounding): each evaluates its own part of the split and the sums are
-combined (trainer.evaluation). Rank 0 prints one line, `evaluation {json}`,
+combined (trainer.evaluation). A run with train.ema is evaluated (and exported)
+with its averaged weights, as its validation was (train.ema_evaluate: false,
+the training weights). Rank 0 prints one line, `evaluation {json}`,
 and with `--export DIR` writes a SavedModel of that checkpoint to DIR, which
 must not exist yet. Nothing in run_dir is written.
 
@@ -38,6 +40,7 @@ def parse_args(argv):
 def evaluate_checkpoint(cfg, ctx, which: str, export_dir: str) -> None:
     from trainer.assembly import build_compiled_model
     from trainer.data import make_evaluator
+    from trainer.ema import EvaluatedWeights, averages
     from trainer.outputs import make_outputs
     from trainer.resume import broadcast_restore
     from trainer.schedule import make_schedule
@@ -51,14 +54,17 @@ def evaluate_checkpoint(cfg, ctx, which: str, export_dir: str) -> None:
     outputs = make_outputs(ctx, cfg)
     state = broadcast_restore(ctx, lambda: outputs.restore(model, which, model_signature(cfg, spec)))
     ctx.broadcast_variables(model.variables, "eval.model")  # rank 0 alone loaded the checkpoint
-    result = evaluator.evaluate(model)
-    report = {
-        "checkpoint": state["path"], "epoch": state.get("epoch"), "global_step": state.get("global_step"),
-        "config_sha256": state.get("config_sha256"),
-        "world_size": ctx.size, "val_examples": result["examples"], "eval_time_sec": round(result["time_sec"], 3),
-        **{f"val_{k}": v for k, v in result.items() if k not in ("examples", "time_sec")},
-    }
-    outputs.report_evaluation(model, report, export_dir)
+    ctx.broadcast_variables(averages(model.optimizer), "eval.average")
+    # The weights the run validated: the average with train.ema (and train.ema_evaluate), for the export too.
+    with EvaluatedWeights(model, cfg.train.ema_evaluate).swapped() as weights:
+        result = evaluator.evaluate(model)
+        report = {
+            "checkpoint": state["path"], "epoch": state.get("epoch"), "global_step": state.get("global_step"),
+            "config_sha256": state.get("config_sha256"), "evaluated_weights": weights.name,
+            "world_size": ctx.size, "val_examples": result["examples"], "eval_time_sec": round(result["time_sec"], 3),
+            **{f"val_{k}": v for k, v in result.items() if k not in ("examples", "time_sec")},
+        }
+        outputs.report_evaluation(model, report, export_dir)
 
 
 def checked_config(args):

@@ -185,7 +185,9 @@ class ChiefOutputs(RunOutputs):
             summaries.EpochScalars(self.train_writer, os.path.join(self.run_dir, "tensorboard", "validation")),
             *extra,
         ]
-        return [*console, cb.EpochLine(epochs), cb.InputBoundWarning(), WriteGuard(self.failures, writers)]
+        evaluated = "EMA weights" if self.cfg.train.ema and self.cfg.train.ema_evaluate else ""
+        return [*console, cb.EpochLine(epochs, evaluated=evaluated), cb.InputBoundWarning(),
+                WriteGuard(self.failures, writers)]
 
     def write_input_sample(self, dataset, step: int) -> None:
         if self.cfg.tensorboard.sample_images and self._writing:

@@ -23,6 +23,7 @@ from trainer.config import ExperimentConfig, effective_batch_size
 from trainer.data import SkippedRecords, check_shards, make_evaluator, precise_bn_dataset, train_dataset
 from trainer.data_spec import model_signature, resolve_data
 from trainer.distributed import DistContext, weights_digest
+from trainer.ema import EvaluatedWeights, UseEvaluatedWeights, UseTrainingWeights, averages
 from trainer.evaluation import PeriodicValidation, recorded_validation, validation_metrics
 from trainer.failures import AgreeOnFailures, RunFailures, StopOnNonFinite
 from trainer.freeze import set_phase, split_phases
@@ -141,6 +142,7 @@ class TrainingRun:
         # Built per context: an elastic resize changes which records each rank evaluates.
         every = self.cfg.train.validate_every_epochs
         validation = PeriodicValidation(self.evaluator(ctx), every, epochs)
+        weights = self.evaluated_weights()
         callbacks = [
             cb.BroadcastInitialState(ctx),
             StopOnRequest(self.request, self.cfg.runtime.fault_stop_after_step),
@@ -150,8 +152,10 @@ class TrainingRun:
             cb.InputWait(),
             cb.AverageMetrics(ctx),
             *([SkippedRecords(ctx, self.skipped)] if self.cfg.data.skip_corrupt_records else []),
+            UseEvaluatedWeights(weights, every, epochs),  # the average (train.ema), for the next two
             PreciseStatistics(self.precise_bn, ctx, spe, every, epochs),  # before the validation it serves
             validation,
+            UseTrainingWeights(weights),  # before the checkpoint: it holds the training weights and the average
             cb.EpochLog(ctx.rank),
             *outputs.callbacks(functools.partial(self.checkpoint_state, ctx), timer),
             # Also what keeps the other ranks from going on before rank 0's checkpoint is written.
@@ -199,6 +203,9 @@ class TrainingRun:
                 err = corrupt_shard_error(spec.val_files, e)
             raise err from None
 
+    def evaluated_weights(self) -> EvaluatedWeights:
+        return EvaluatedWeights(self.model, self.cfg.train.ema_evaluate)
+
     def evaluator(self, ctx: DistContext):
         # The micro-batch: evaluation keeps no gradients, but its memory should not exceed training's.
         return make_evaluator(self.cfg, self.spec, ctx, self.cfg.data.global_batch_size // ctx.size)
@@ -221,17 +228,20 @@ class TrainingRun:
             # Training finished but its summary was never written: the weights restored on rank 0
             # are evaluated again on every rank below, unless their checkpoint recorded the validation.
             ctx.broadcast_variables(self.model.variables, "eval.model")
+            ctx.broadcast_variables(averages(self.model.optimizer), "eval.average")
             history = {}
-        # The last epoch is always validated in fit, unless a stop cut it short,
-        # or the run was stopped on its last step: its checkpoint recorded the validation.
-        val = self.validated.get(epochs)
-        if val is None:
-            # The final weights' statistics, as the last epoch's validation would have had them.
-            self.precise_bn.maybe_run(self.model, ctx, epochs * self.steps_per_epoch)
-            val = self.evaluator(ctx).evaluate(self.model)
-        summary = self.summary(ctx, history, val)
-        logged = epochs in self.validated or self.logged_final
-        return outputs.finish(self.model, summary, log_validation=not logged)
+        # Validation, the summary and the export see the same weights (the average with train.ema).
+        with self.evaluated_weights().swapped() as weights:
+            # The last epoch is always validated in fit, unless a stop cut it short,
+            # or the run was stopped on its last step: its checkpoint recorded the validation.
+            val = self.validated.get(epochs)
+            if val is None:
+                # The final weights' statistics, as the last epoch's validation would have had them.
+                self.precise_bn.maybe_run(self.model, ctx, epochs * self.steps_per_epoch)
+                val = self.evaluator(ctx).evaluate(self.model)
+            summary = {**self.summary(ctx, history, val), "evaluated_weights": weights.name}
+            logged = epochs in self.validated or self.logged_final
+            return outputs.finish(self.model, summary, log_validation=not logged)
 
     def summary(self, ctx: DistContext, history: dict, val: dict) -> dict:
         """The run's summary.json: final validation, throughput and sizes."""
@@ -256,7 +266,10 @@ class TrainingRun:
 
 def check_replicas_agree(ctx: DistContext, model) -> None:
     """Fails loudly if the ranks' models differ after training (they must not)."""
-    digest = weights_digest(model.variables)
+    average = averages(model.optimizer)
+    if average:
+        log.debug("EMA weights after training: %s", weights_digest(average))
+    digest = weights_digest([*model.variables, *average])
     log.debug("weights after training: %s", digest)
     digests = ctx.allgather_object(digest, "final.digest")
     if len(set(digests)) != 1:
