@@ -185,9 +185,12 @@ def test_parse_override_reads_yaml_scalars():
 
 
 def test_shipped_configs_load():
-    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"))
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cfg = load_config(str(configs / "digits.yaml"))
     assert isinstance(cfg, ExperimentConfig)
     assert cfg.model.name == "simple_cnn"
+    for path in sorted(configs.glob("*.yaml")):  # every key known, every value valid
+        validate(load_config(str(path)))
 
 
 def test_best_mode_auto_minimises_losses_and_maximises_the_rest():

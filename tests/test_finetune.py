@@ -101,7 +101,7 @@ def test_two_ranks_fine_tune_a_user_model_from_its_weights_frozen_then_unfrozen_
                        "--set", f"model.initial_weights={tmp_path / 'pre.weights.h5'}",
                        "--set", "model.freeze_until=stem_bn", "--set", "model.unfreeze_epoch=3",
                        "--set", "train.epochs=3", "--set", "train.keep_checkpoints=9", "--set", "train.export=false",
-                       "--set", "runtime.fault_stop_after_step=5")
+                       "--set", "train.ema=0.9", "--set", "runtime.fault_stop_after_step=5")
     env = {"PYTHONPATH": str(user_module)}
     first = run(argv, timeout=600, env=env)
     out = first.stdout + first.stderr
@@ -122,6 +122,11 @@ def test_two_ranks_fine_tune_a_user_model_from_its_weights_frozen_then_unfrozen_
         assert not same(by_epoch[epoch][BODY], given[BODY]), epoch
     for path in STEM:
         assert not same(by_epoch[3][path], by_epoch[2][path]), path
+    # train.ema: the average started at the loaded weights, so the frozen stem's average is still them.
+    with np.load(checkpoint_dir(run_dir, 2 * spe) / "optimizer.npz") as npz:
+        stem_kernel = given[STEM[0]][0]
+        assert any(npz[k].shape == stem_kernel.shape and np.allclose(npz[k], stem_kernel, rtol=1e-5, atol=1e-7)
+                   for k in npz.files)
     assert epoch_records(run_dir)[-1]["val_accuracy"] > 0.5
     after = messages(out, "weights after training:")
     assert sorted(after) == [0, 1] and after[0] == after[1]
