@@ -157,3 +157,23 @@ def test_the_launcher_refuses_what_only_building_the_model_shows_before_any_work
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1] == "launch: error: " + line.format(other=other)
     assert not (tmp_path / "run").exists()  # no worker started, nothing written
+
+
+def test_a_start_from_initial_weights_starts_the_weight_average_there(tmp_path):
+    from trainer.assembly import build_compiled_model
+    from trainer.config import load_config
+    from trainer.data_spec import DataSpec
+    from trainer.ema import averages
+    from trainer.initial_weights import start_from
+
+    cfg = load_config("configs/digits.yaml", ["train.ema=0.9", "run_dir=x"])
+    spec = DataSpec((8, 8, 1), 10, 2, [], [])
+    source = build_compiled_model(cfg, spec, 0.01)
+    source.set_weights([w + 1.0 for w in source.get_weights()])
+    source.save_weights(tmp_path / "start.weights.h5")
+    model = build_compiled_model(cfg, spec, 0.01)
+    start_from(model, str(tmp_path / "start.weights.h5"))
+    pairs = list(zip(model.trainable_variables, averages(model.optimizer)))
+    assert len(pairs) == len(model.trainable_variables) > 0
+    for weight, average in pairs:
+        np.testing.assert_array_equal(average.numpy(), weight.numpy())

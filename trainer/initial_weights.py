@@ -22,6 +22,8 @@ import zipfile
 import h5py
 import keras
 
+from trainer.ema import start_average
+
 log = logging.getLogger(__name__)
 
 KERAS_WEIGHTS_MEMBER = "model.weights.h5"  # where a .keras archive keeps its weights
@@ -99,3 +101,15 @@ def load_initial_weights(model: keras.Model, path: str) -> tuple[int, list[str]]
     log.info("model.initial_weights: %d of %d layers with weights loaded from %s; kept as initialised: %s",
              len(taken), len(mine), path, ", ".join(kept) or "none")
     return len(taken), kept
+
+
+def start_from(model: keras.Model, path: str) -> None:
+    """A run's start from model.initial_weights: the file's layers loaded, and the average restarted there.
+
+    train.ema's average was set to the random initialisation when the
+    optimizer was built (trainer.ema.start_average); it must start from the
+    weights the run starts from. Keras copies the weights into it at step 0
+    too, but not when that step is skipped (mixed_float16).
+    """
+    load_initial_weights(model, path)
+    start_average(model)

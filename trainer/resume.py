@@ -6,8 +6,7 @@ from data_pipeline.collective import on_root
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, ExperimentConfig
 from trainer.distributed import DistContext
-from trainer.ema import start_average
-from trainer.initial_weights import InitialWeightsError, load_initial_weights
+from trainer.initial_weights import InitialWeightsError, start_from
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +25,7 @@ def resume_state(ctx: DistContext, cfg: ExperimentConfig, outputs, model, signat
     def restore():
         state = outputs.restore_latest(model, signature) if cfg.train.resume else None
         if state is None and cfg.model.initial_weights:
-            load_initial_weights(model, cfg.model.initial_weights)
-            start_average(model)  # train.ema: the average starts at the loaded weights, not the random ones
+            start_from(model, cfg.model.initial_weights)
         return state
 
     return on_root(ctx.is_chief, lambda v: ctx.broadcast_object(v, "resume.state"), restore, CheckpointError,
