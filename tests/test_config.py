@@ -143,9 +143,10 @@ def test_mixing_needs_two_examples_per_rank(mix):
     validate_world(cfg, 1)
     with pytest.raises(ConfigError) as e:
         validate_world(cfg, 2)
-    assert str(e.value) == ("data.global_batch_size=2: leaves 1 example per rank at the world size 2: mixup and "
-                            "cutmix (data.augment.mixup_alpha, cutmix_alpha) need at least 2")
+    assert str(e.value) == ("data.global_batch_size=2: leaves 1 example per rank and step at the world size 2: "
+                            "mixup and cutmix (data.augment.mixup_alpha, cutmix_alpha) need at least 2")
     validate_world(synthetic_cfg("data.global_batch_size=2"), 2)  # unmixed, one example per rank is fine
+    validate_world(synthetic_cfg("data.global_batch_size=2", "train.accumulation_steps=2", mix), 2)  # 2 per step
 
 
 def test_bad_yaml_file(tmp_path):

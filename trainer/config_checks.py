@@ -169,7 +169,9 @@ def validate_world(cfg, world_size: int) -> None:
     _check(
         gbs % world_size == 0, "data.global_batch_size", gbs, f"is not divisible by the world size {world_size}"
     )
-    # Mixup and cutmix pair the images of one rank's batch: alone in its batch, an image has none to mix with.
-    _check(not cfg.data.augment.mixes or gbs // world_size >= 2, "data.global_batch_size", gbs,
-           f"leaves {gbs // world_size} example per rank at the world size {world_size}: mixup and cutmix "
+    # Mixup and cutmix pair the images of the batch a rank reads (all its micro-batches): alone, an image has
+    # none to mix with.
+    read = gbs // world_size * cfg.train.accumulation_steps
+    _check(not cfg.data.augment.mixes or read >= 2, "data.global_batch_size", gbs,
+           f"leaves {read} example per rank and step at the world size {world_size}: mixup and cutmix "
            "(data.augment.mixup_alpha, cutmix_alpha) need at least 2")
