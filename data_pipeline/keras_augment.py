@@ -32,7 +32,6 @@ class StatelessSeeds(keras.random.SeedGenerator):
 
     def __init__(self, seed: tf.Tensor):  # no super().__init__: it would make the state variable
         self.name = "stateless_seeds"
-        self.backend = keras.src.backend
         self._seed = tf.cast(seed, tf.int64)
         self._drawn = 0
 

@@ -101,3 +101,15 @@ def test_the_loss_on_soft_labels_is_the_cross_entropy_against_the_smoothed_soft_
     accuracy = keras.metrics.CategoricalAccuracy()
     accuracy.update_state(soft, np.array([[0.1, 0.8, 0.05, 0.05], [0, 0, 1, 0], [0, 0, 0.6, 0.4]], "float32"))
     assert float(accuracy.result()) == pytest.approx(2 / 3)
+
+
+def test_the_tensorboard_sample_names_the_label_of_most_weight(tmp_path):
+    from trainer.summaries import write_input_sample
+
+    images = tf.zeros([3, 4, 4, 1])
+    soft = tf.constant([[0.25, 0.75, 0], [0, 0, 1], [0.6, 0.4, 0]])
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    write_input_sample(writer, tf.data.Dataset.from_tensors((images, soft)), 3, step=0)
+    described = [v.metadata.summary_description for f in tmp_path.iterdir()
+                 for e in tf.compat.v1.train.summary_iterator(str(f)) for v in e.summary.value]
+    assert described == ["labels with the most weight, row by row: 1:0.75 2:1.00 0:0.60"]
