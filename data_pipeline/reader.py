@@ -10,7 +10,8 @@ so the ranks read disjoint files and each pass deals the files out anew. With
 fewer files than pipelines every pipeline reads all files and keeps every
 `num_shards`-th record (element-level sharding, slower). Records are then
 shuffled in blocks (seed from (seed, p)), decoded and augmented with stateless
-ops seeded by (seed, p, position in the pass): the stream is a function of the
+ops seeded by (seed, p, position in the pass), and batches mixed (mixup,
+cutmix) with seeds from (seed, batch position): the stream is a function of the
 position alone, so a resumed run that skips k records reads what the
 uninterrupted run read after its first k. The arithmetic of passes and
 positions is in data_pipeline.positions.
@@ -21,6 +22,7 @@ import re
 
 import tensorflow as tf
 
+from data_pipeline.keras_augment import mix_batches, rand_augment
 from data_pipeline.metadata import DataError
 from data_pipeline.positions import file_order, pass_seed, shard_files_for, stream_position
 from data_pipeline.preprocess import augment, decode, eval_image
@@ -30,6 +32,7 @@ from data_pipeline.stream_options import EvalOptions, StreamOptions, TrainOption
 log = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
+RANDAUGMENT_STREAM = 1  # folded into a record's seed for its RandAugment draws, apart from its crop and flip
 MAX_PARALLEL_FILES = 8  # files read at once per pipeline: enough to hide one slow file, few open buffers
 
 
@@ -150,10 +153,17 @@ def training_records(
 
 def _train_parse(options: TrainOptions):
     """(record, augmentation seed) to (augmented image, label)."""
+    aug = options.augment
+    more = rand_augment(aug.randaugment_layers, aug.randaugment_magnitude) if aug.randaugment_layers else None
+
     def parse(serialized, element_seed):
         encoded, label = parse_image_and_label(serialized, options.label_offset)
         image = decode(encoded, options.channels)
-        return augment(image, element_seed, options.image_size, options.augment, options.crop_fraction), label
+        image = augment(image, element_seed, options.image_size, aug, options.crop_fraction)
+        if more is not None:
+            image.set_shape([options.image_size, options.image_size, options.channels])  # a random crop loses it
+            image = more(image, tf.random.experimental.stateless_fold_in(element_seed, RANDAUGMENT_STREAM))
+        return image, label
     return parse
 
 
@@ -166,13 +176,14 @@ def _eval_parse(options: EvalOptions):
 
 
 def _decode_and_batch(ds: tf.data.Dataset, parse, options: StreamOptions, drop_remainder: bool,
-                      count: int = 0, skipped: tf.Variable | None = None) -> tf.data.Dataset:
+                      count: int = 0, skipped: tf.Variable | None = None, mix=None) -> tf.data.Dataset:
     """Records to (image, label) batches, on the pipeline's share of the cores.
 
     Holds `count` examples (0: all). With options.skip_corrupt, a record that
     does not decode is replaced by the next one, so the stream still holds
     `count` examples, and `skipped` (an int64 variable) grows by the records
     each batch skipped as that batch is handed out, not when it is prefetched.
+    `mix` (batches -> batches) runs on the batches before the prefetch.
     """
     threads, deterministic = options.threads, options.deterministic
     # With a known share of the cores, decode on all of it and keep two batches
@@ -191,6 +202,8 @@ def _decode_and_batch(ds: tf.data.Dataset, parse, options: StreamOptions, drop_r
     if count:
         ds = ds.take(count)
     ds = ds.batch(options.per_replica_batch_size, drop_remainder=drop_remainder)
+    if mix is not None:
+        ds = mix(ds)
     ds = ds.prefetch(2 if threads else AUTOTUNE)
     tf_options = tf.data.Options()
     tf_options.deterministic = deterministic
@@ -231,8 +244,15 @@ def train_stream(files: list[str], options: TrainOptions, skipped: tf.Variable |
         shard_counts=None if o.shard_counts is None else list(o.shard_counts),
         deterministic=o.deterministic, skip_corrupt=o.skip_corrupt,
     )
+    mix = None
+    if o.augment.mixes:
+        # The batch's place in the stream seeds its mix; a resumed run skips whole batches (its steps).
+        first_batch = o.skip_records // o.per_replica_batch_size if o.num_records else 0
+
+        def mix(batches):
+            return mix_batches(batches, o.augment, o.num_classes, o.seed, first_batch, o.num_shards, o.shard_index)
     return _decode_and_batch(ds, _train_parse(o), o, drop_remainder=True,
-                             count=o.num_records if o.skip_corrupt else 0, skipped=skipped)
+                             count=o.num_records if o.skip_corrupt else 0, skipped=skipped, mix=mix)
 
 
 def eval_stream(files: list[str], options: EvalOptions) -> tf.data.Dataset:

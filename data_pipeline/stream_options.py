@@ -71,7 +71,11 @@ class TrainOptions(StreamOptions):
         used only with `num_records`.
       num_records: records the stream holds after `skip_records`; 0: it goes
         on forever. Needs `shard_counts` for every file.
-      augment: random crop and flip (default: none).
+      augment: random crop and flip, RandAugment, mixup and cutmix (default:
+        none). With mixup or cutmix the labels are soft, float32
+        [batch, num_classes].
+      num_classes: the classes of the one-hot labels that mixup and cutmix
+        mix; needed only with them.
     """
 
     seed: int = 0
@@ -79,9 +83,12 @@ class TrainOptions(StreamOptions):
     skip_records: int = 0
     num_records: int = 0
     augment: Augment = field(default_factory=Augment)
+    num_classes: int = 0
 
     def __post_init__(self):
         super().__post_init__()
+        if self.augment.mixes and self.num_classes < 1:
+            raise ValueError("mixup and cutmix need num_classes")
         # A copy: the config's Augment is mutable, these options are not.
         object.__setattr__(self, "augment", dataclasses.replace(self.augment))
 

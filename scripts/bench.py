@@ -20,6 +20,8 @@ ordered reader / with data.deterministic_order=false, 2 threads each), and
 and flip / (h) the same on synthetic tensors, and `deterministic_order_ratio` =
 (g) / (i) the same as (g) with data.deterministic_order=false (parallel reads
 handing out whatever is ready first), all alternated per repetition.
+`input_recipe`: `input_efficiency` of (r) the same as (g) with RandAugment (2 ops,
+magnitude 0.5) and mixup (0.2) on / (h), with (g) alongside.
 
 The machine is noisy, so the variants alternate within each repetition, each
 measurement covers >= 20 s of steady-state steps after a warm-up epoch, and the
@@ -27,8 +29,8 @@ ratios are taken per repetition (side by side) and reported as median, min and
 max. Results are merged into bench/results.json.
 
     python scripts/bench.py [--repeats 3] [--epoch-seconds 11]
-        [--only conversion,loader,input,predict,trainer,precision,jit,accumulation,nonfinite,models,scaling,
-                keras_cost,peers]
+        [--only conversion,loader,input,input_recipe,predict,trainer,precision,jit,accumulation,nonfinite,
+                models,scaling,keras_cost,peers]
         [--scaling-variants default,cycle_1ms,...] [--peer-steps 5]
 
 `peers` and `keras_cost` are scripts/bench_peers.py: ResNet-50 against Horovod's
@@ -64,8 +66,8 @@ from bench_common import RESULTS, ROOT, bench_env, machine, merge_results, stats
 PY = sys.executable
 BATCH = 64
 EPOCHS = 3  # the first is warm-up; the other two are the steady-state measurement
-SECTIONS = ("conversion", "loader", "input", "predict", "trainer", *bench_features.SECTIONS, "models", "scaling",
-            "keras_cost", "peers")
+SECTIONS = ("conversion", "loader", "input", "input_recipe", "predict", "trainer", *bench_features.SECTIONS, "models",
+            "scaling", "keras_cost", "peers")
 
 
 def plain(threads: int, steps: int) -> subprocess.Popen:
@@ -120,13 +122,56 @@ def loader_bench(args, work: str) -> dict:
             "published_range": "40-120", "machine": machine(), "date": timestamp()}
 
 
-def input_bench(args, work: str) -> dict:
+def cifar_shards(work: str) -> str:
+    """2,560 generated 32x32 JPEGs in 8 shards, made once per bench run."""
     images, shards = os.path.join(work, "cifar"), os.path.join(work, "cifar-shards")
-    bench_input.write_images(images, 2560, 32, 32)
-    bench_input.build_shards(images, shards, 8)
+    if not os.path.isdir(shards):
+        bench_input.write_images(images, 2560, 32, 32)
+        bench_input.build_shards(images, shards, 8)
+    return shards
+
+
+def crop_flip_sets(shards: str) -> tuple[str, ...]:
+    return ("data.synthetic=false", f"data.dir={shards}", "data.augment.random_resized_crop=true",
+            "data.augment.crop_area_min=0.35", "data.augment.flip=true")
+
+
+RECIPE_SETS = ("data.augment.randaugment_layers=2", "data.augment.randaugment_magnitude=0.5",
+               "data.augment.mixup_alpha=0.2")
+
+
+def input_recipe_bench(args, work: str) -> dict:
+    """As input_bench, with RandAugment (2 ops, 0.5) and mixup (0.2) on top of the crop and flip.
+
+    Against the plain synthetic run: everything the recipe adds (RandAugment
+    per image, the mix and the one-hot labels per batch, the categorical loss)
+    counts against it. The crop and flip alone run alongside, for reference.
+    """
+    shards = cifar_shards(work)
     steps = calibrate(args.epoch_seconds)
-    real_sets = ("data.synthetic=false", f"data.dir={shards}", "data.augment.random_resized_crop=true",
-                 "data.augment.crop_area_min=0.35", "data.augment.flip=true")
+    runs = {"r_trainer_np1_recipe": [], "g_trainer_np1_real_shards": [], "h_trainer_np1_synthetic": []}
+    for rep in range(args.repeats):
+        runs["r_trainer_np1_recipe"].append(trainer_rate(1, steps, sets=(*crop_flip_sets(shards), *RECIPE_SETS)))
+        runs["g_trainer_np1_real_shards"].append(trainer_rate(1, steps, sets=crop_flip_sets(shards)))
+        runs["h_trainer_np1_synthetic"].append(trainer_rate(1, steps))
+        latest = ", ".join(f"{k.split('_')[0]}={v[-1]:.1f}" for k, v in runs.items())
+        print(f"repeat {rep + 1}/{args.repeats}: {latest}", flush=True)
+    r, g, h = runs.values()
+    ratio, crop = stats([a / b for a, b in zip(r, h)]), stats([a / b for a, b in zip(g, h)])
+    print(f"input_efficiency with RandAugment + mixup: median {ratio['median']:.3f} (min {ratio['min']:.3f}, "
+          f"max {ratio['max']:.3f}), target >= 0.95; crop + flip alone: median {crop['median']:.3f} "
+          f"(min {crop['min']:.3f}, max {crop['max']:.3f})", flush=True)
+    return {"input_efficiency": ratio, "input_efficiency_crop_flip": crop,
+            "images_per_sec": {k: stats(v) for k, v in runs.items()}, "model": "resnet20",
+            "per_replica_batch_size": BATCH, "steps_per_epoch": steps, "target": 0.95,
+            "augment": "random resized crop (0.35-1) + flip + RandAugment (2 ops, magnitude 0.5) + mixup (alpha 0.2)",
+            "machine": machine(), "date": timestamp()}
+
+
+def input_bench(args, work: str) -> dict:
+    shards = cifar_shards(work)
+    steps = calibrate(args.epoch_seconds)
+    real_sets = crop_flip_sets(shards)
     real, synthetic, unordered = [], [], []
     for rep in range(args.repeats):
         real.append(trainer_rate(1, steps, sets=real_sets))
@@ -225,6 +270,8 @@ def main() -> int:
             merge_results(args.out, "loader", loader_bench(args, work))
         if "input" in parts:
             merge_results(args.out, "input_efficiency", input_bench(args, work))
+        if "input_recipe" in parts:
+            merge_results(args.out, "input_efficiency_recipe", input_recipe_bench(args, work))
     if "predict" in parts:
         merge_results(args.out, "predict", bench_predict.run(2000, args.repeats))
     if "trainer" in parts:

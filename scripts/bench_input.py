@@ -13,6 +13,7 @@ input: trainer throughput (ResNet-20, 32x32, np=1) on real shards divided by
   data.deterministic_order=false); bench.py's `loader` part runs both.
 
     python scripts/bench_input.py loader --shards DIR [--threads 1] [--seconds 20] [--unordered]
+        [--image-size 224] [--recipe]
 """
 
 import argparse
@@ -57,10 +58,12 @@ def build_shards(images: str, out: str, num_shards: int) -> None:
     )
 
 
-def measure_loader(shards: str, threads: int, seconds: float, batch: int = 64, ordered: bool = True) -> dict:
+def measure_loader(shards: str, threads: int, seconds: float, batch: int = 64, ordered: bool = True,
+                   image_size: int = 224, recipe: bool = False) -> dict:
     """Images/s and images per CPU second of the training reader, after a warm-up.
 
     `ordered`: the default deterministic record order (data.deterministic_order).
+    `recipe`: RandAugment (2 ops, magnitude 0.5) and mixup (0.2) on top of the crop and flip.
     """
     from data_pipeline.augment import Augment
     from data_pipeline.metadata import load_metadata, shard_files
@@ -69,10 +72,11 @@ def measure_loader(shards: str, threads: int, seconds: float, batch: int = 64, o
 
     meta = load_metadata(shards)
     counts = [s["num_examples"] for s in meta["splits"]["train"]["shards"]]
+    more = {"randaugment_layers": 2, "randaugment_magnitude": 0.5, "mixup_alpha": 0.2} if recipe else {}
     options = TrainOptions(
-        per_replica_batch_size=batch, image_size=224, channels=3, seed=0, shuffle_buffer=1024,
-        augment=Augment(random_resized_crop=True, crop_area_min=0.08, flip=True), threads=threads,
-        deterministic=ordered, num_records=10**9, shard_counts=counts,
+        per_replica_batch_size=batch, image_size=image_size, channels=3, seed=0, shuffle_buffer=1024,
+        augment=Augment(random_resized_crop=True, crop_area_min=0.08, flip=True, **more), threads=threads,
+        deterministic=ordered, num_records=10**9, shard_counts=counts, num_classes=len(meta["class_names"]),
     )
     ds = train_stream(shard_files(shards, meta, "train"), options)
     it = iter(ds)
@@ -86,8 +90,9 @@ def measure_loader(shards: str, threads: int, seconds: float, batch: int = 64, o
     wall = time.perf_counter() - wall0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = usage.ru_utime + usage.ru_stime - cpu0
-    return {"threads": threads, "ordered": ordered, "images": images, "wall_sec": round(wall, 2),
-            "cpu_sec": round(cpu, 2), "images_per_sec": images / wall, "images_per_cpu_sec": images / cpu}
+    return {"threads": threads, "ordered": ordered, "image_size": image_size, "recipe": recipe, "images": images,
+            "wall_sec": round(wall, 2), "cpu_sec": round(cpu, 2), "images_per_sec": images / wall,
+            "images_per_cpu_sec": images / cpu}
 
 
 def loader_run(shards: str, threads: int, seconds: float, ordered: bool = True) -> dict:
@@ -109,8 +114,11 @@ def main() -> int:
     lp.add_argument("--threads", type=int, default=1)
     lp.add_argument("--seconds", type=float, default=20.0)
     lp.add_argument("--unordered", action="store_true", help="data.deterministic_order=false")
+    lp.add_argument("--image-size", type=int, default=224, help="the model's input side")
+    lp.add_argument("--recipe", action="store_true", help="RandAugment (2 ops, 0.5) and mixup (0.2) too")
     args = p.parse_args()
-    print(json.dumps(measure_loader(args.shards, args.threads, args.seconds, ordered=not args.unordered)))
+    print(json.dumps(measure_loader(args.shards, args.threads, args.seconds, ordered=not args.unordered,
+                                    image_size=args.image_size, recipe=args.recipe)))
     return 0
 
 

@@ -123,6 +123,12 @@ def test_bad_keys_and_types_name_the_key_and_value(override, message):
                                                        "or a comma-separated list of batchnorm, bias"),
         ("train.ema=1", "train.ema=1.0: must be in [0, 1) (0: off)"),
         ("train.ema=-0.5", "train.ema=-0.5: must be in [0, 1) (0: off)"),
+        ("data.augment.randaugment_layers=-1", "data.augment.randaugment_layers=-1: must be >= 0"),
+        ("data.augment.randaugment_magnitude=1.5", "data.augment.randaugment_magnitude=1.5: must be in [0, 1]"),
+        ("data.augment.randaugment_magnitude=-0.1", "data.augment.randaugment_magnitude=-0.1: must be in [0, 1]"),
+        ("data.augment.mixup_alpha=-0.2", "data.augment.mixup_alpha=-0.2: must be >= 0 (0: off)"),
+        ("data.augment.cutmix_alpha=-1", "data.augment.cutmix_alpha=-1.0: must be in [0, 1] (0: off)"),
+        ("data.augment.cutmix_alpha=2", "data.augment.cutmix_alpha=2.0: must be in [0, 1] (0: off)"),
     ],
 )
 def test_bad_values_are_rejected_with_key_and_value(override, message):
@@ -161,6 +167,18 @@ def test_global_batch_must_divide_by_world_size():
     with pytest.raises(ConfigError) as e:
         validate_world(cfg, 2)
     assert str(e.value) == "data.global_batch_size=63: is not divisible by the world size 2"
+
+
+@pytest.mark.parametrize("mix", ["data.augment.mixup_alpha=0.2", "data.augment.cutmix_alpha=1"])
+def test_mixing_needs_two_examples_per_rank(mix):
+    cfg = synthetic_cfg("data.global_batch_size=2", mix)
+    validate_world(cfg, 1)
+    with pytest.raises(ConfigError) as e:
+        validate_world(cfg, 2)
+    assert str(e.value) == ("data.global_batch_size=2: leaves 1 example per rank and step at the world size 2: "
+                            "mixup and cutmix (data.augment.mixup_alpha, cutmix_alpha) need at least 2")
+    validate_world(synthetic_cfg("data.global_batch_size=2"), 2)  # unmixed, one example per rank is fine
+    validate_world(synthetic_cfg("data.global_batch_size=2", "train.accumulation_steps=2", mix), 2)  # 2 per step
 
 
 def test_bad_yaml_file(tmp_path):

@@ -1,6 +1,7 @@
 """Stops through the real horovodrun with 2 ranks: mid-epoch, on an epoch's last step, and on one rank's SIGTERM."""
 
 import json
+import math
 import re
 import signal
 import subprocess
@@ -134,14 +135,28 @@ def batch_digests(output: str) -> dict[int, dict[int, str]]:
             for rank, found in messages(output, "batch_digest").items()}
 
 
-def test_a_resumed_run_sees_the_same_batches_at_the_same_steps_by_default(digits_shards, tmp_path):
-    # Default settings: no runtime.deterministic. Stopped mid-epoch 2, then resumed.
-    base = ("--set", "train.epochs=3", "--set", "train.export=false", "--set", "runtime.log_batch_digests=true")
+# The augmentation recipe: RandAugment per record, mixup or cutmix per batch (soft labels). Not the crop
+# and flip: a flipped digit is another glyph, and the reader's own tests cover their resume.
+RECIPE = ("data.augment.randaugment_layers=2", "data.augment.randaugment_magnitude=0.5",
+          "data.augment.mixup_alpha=0.2", "data.augment.cutmix_alpha=1.0")
+
+
+def test_a_resumed_run_sees_the_same_batches_at_the_same_steps_with_the_augmentation_recipe(digits_shards, tmp_path):
+    # Default order settings (no runtime.deterministic), every augmentation on. Stopped mid-epoch 2, then resumed.
+    base = ("--set", "train.epochs=3", "--set", "train.export=false", "--set", "runtime.log_batch_digests=true",
+            *(x for key in RECIPE for x in ("--set", key)))
     straight = run(launch_argv(tmp_path / "a", digits_shards, *base), timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    expected = batch_digests(straight.stdout + straight.stderr)
+    out = straight.stdout + straight.stderr
+    assert "RandAugment 2 ops, magnitude 0.5, mixup 0.2 or cutmix 1 (one per batch, 1/2 each): soft labels" in out
+    expected = batch_digests(out)
+    # The same steps on both ranks, with other records and other draws (the labels' hashes differ too).
     assert sorted(expected) == [0, 1] and all(sorted(d) == list(range(3 * SPE)) for d in expected.values())
-    assert expected[0] != expected[1]  # the ranks read different records
+    assert all(expected[0][s].split()[i] != expected[1][s].split()[i] for s in range(3 * SPE) for i in (0, 1))
+    # It learns on soft labels: finite loss, training accuracy (against the label of most weight) above chance.
+    records = epoch_records(tmp_path / "a")
+    assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"], records
+    assert records[-1]["accuracy"] > 0.15 and records[-1]["val_accuracy"] > 0.5, records
 
     stop = SPE + 8
     argv = launch_argv(tmp_path / "b", digits_shards, *base)

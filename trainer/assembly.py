@@ -126,8 +126,15 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
         return {**super().get_config(), "smoothing": self.smoothing}
 
 
-def training_loss(label_smoothing: float = 0.0) -> keras.losses.Loss:
-    """The loss of the train step; validation always uses the plain cross-entropy (trainer.evaluation)."""
+def training_loss(label_smoothing: float = 0.0, soft_labels: bool = False) -> keras.losses.Loss:
+    """The loss of the train step; validation always uses the plain cross-entropy (trainer.evaluation).
+
+    `soft_labels`: the training labels are float [batch, classes] (mixup,
+    cutmix: data.augment.mixes); Keras's categorical cross-entropy takes
+    them, smoothing them by label_smoothing (y * (1 - s) + s / classes).
+    """
+    if soft_labels:
+        return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
     if label_smoothing:
         return SmoothedSparseCrossentropy(label_smoothing)
     return keras.losses.SparseCategoricalCrossentropy()
@@ -155,10 +162,13 @@ def build_compiled_model(cfg: ExperimentConfig, spec: DataSpec, schedule, stop_r
         )
     finally:
         keras.config.set_dtype_policy(previous)
+    soft = cfg.data.augment.mixes
     model.compile(
         optimizer=build_optimizer(cfg, schedule, precision, model),
-        loss=training_loss(cfg.train.label_smoothing),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        loss=training_loss(cfg.train.label_smoothing, soft),
+        # On soft labels: whether the prediction is the label with the most weight (the dominant image's).
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy") if soft
+                 else keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         # Horovod's ops have no XLA kernels on CPU builds: at most the parts
         # around the allreduce are compiled (compile_parts above).
         jit_compile=False,

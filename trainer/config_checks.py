@@ -75,7 +75,14 @@ def validate(cfg) -> None:
 def _validate_data(d) -> None:
     _check(d.global_batch_size > 0, "data.global_batch_size", d.global_batch_size, "must be > 0")
     _check(d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer, "must be > 0")
-    _check(0 < d.augment.crop_area_min <= 1, "data.augment.crop_area_min", d.augment.crop_area_min, "must be in (0, 1]")
+    a = d.augment
+    _check(0 < a.crop_area_min <= 1, "data.augment.crop_area_min", a.crop_area_min, "must be in (0, 1]")
+    _check(a.randaugment_layers >= 0, "data.augment.randaugment_layers", a.randaugment_layers, "must be >= 0")
+    _check(0 <= a.randaugment_magnitude <= 1, "data.augment.randaugment_magnitude", a.randaugment_magnitude,
+           "must be in [0, 1]")
+    _check(a.mixup_alpha >= 0, "data.augment.mixup_alpha", a.mixup_alpha, "must be >= 0 (0: off)")
+    # Keras's CutMix takes at most 1 (its factor's bounds).
+    _check(0 <= a.cutmix_alpha <= 1, "data.augment.cutmix_alpha", a.cutmix_alpha, "must be in [0, 1] (0: off)")
     _check(0 < d.crop_fraction <= 1, "data.crop_fraction", d.crop_fraction, "must be in (0, 1]")
 
 
@@ -204,3 +211,9 @@ def validate_world(cfg, world_size: int) -> None:
     _check(
         gbs % world_size == 0, "data.global_batch_size", gbs, f"is not divisible by the world size {world_size}"
     )
+    # Mixup and cutmix pair the images of the batch a rank reads (all its micro-batches): alone, an image has
+    # none to mix with.
+    read = gbs // world_size * cfg.train.accumulation_steps
+    _check(not cfg.data.augment.mixes or read >= 2, "data.global_batch_size", gbs,
+           f"leaves {read} example per rank and step at the world size {world_size}: mixup and cutmix "
+           "(data.augment.mixup_alpha, cutmix_alpha) need at least 2")

@@ -11,6 +11,7 @@ import keras
 import tensorflow as tf
 
 from data_pipeline import metadata as md
+from data_pipeline.keras_augment import mix_batches
 from data_pipeline.positions import files_at
 from data_pipeline.reader import eval_stream, synthetic_dataset, train_stream
 from data_pipeline.stream_options import EvalOptions, TrainOptions
@@ -45,7 +46,11 @@ def train_dataset(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_r
     """
     size, channels = spec.input_shape[0], spec.input_shape[2]
     if cfg.data.synthetic:
-        return synthetic_dataset(per_replica, size, channels, spec.num_classes, ctx.rank)
+        ds = synthetic_dataset(per_replica, size, channels, spec.num_classes, ctx.rank)
+        if cfg.data.augment.mixes:
+            # The model's loss takes soft labels then: mix the synthetic batch as the real ones would be.
+            ds = mix_batches(ds, cfg.data.augment, spec.num_classes, cfg.data.seed, start_step, ctx.size, ctx.rank)
+        return ds
     skip = start_step * per_replica
     mine = files_at(spec.train_files, list(spec.train_shard_counts), ctx.size, ctx.rank, cfg.data.seed, skip)
     log.debug("train shards read by this rank: %s", ",".join(os.path.basename(f) for f in mine))
@@ -83,7 +88,8 @@ def _train_options(cfg: ExperimentConfig, spec: DataSpec, ctx: DistContext, per_
         num_shards=ctx.size, shard_index=ctx.rank, shard_counts=spec.train_shard_counts, crop_fraction=d.crop_fraction,
         threads=ctx.input_threads, deterministic=d.deterministic_order or cfg.runtime.deterministic,
         skip_corrupt=d.skip_corrupt_records, seed=d.seed, shuffle_buffer=d.shuffle_buffer,
-        skip_records=skip_records, num_records=num_records, augment=d.augment, label_offset=spec.label_offset,
+        skip_records=skip_records, num_records=num_records, augment=d.augment, num_classes=spec.num_classes,
+        label_offset=spec.label_offset,
     )
 
 

@@ -54,8 +54,9 @@ class Evaluator:
         self._step = None
 
     def _sums_fn(self, model):
-        # The plain cross-entropy whatever the training loss (train.label_smoothing changes
-        # only that one): val_loss, and a best checkpoint chosen by it, mean the same in every run.
+        # The plain cross-entropy on integer labels whatever the training loss (train.label_smoothing
+        # and data.augment's mixup and cutmix change only that one): val_loss, and a best checkpoint
+        # chosen by it, mean the same in every run.
         loss = keras.losses.SparseCategoricalCrossentropy()
         top_k = self.top_k
 

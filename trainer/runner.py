@@ -14,6 +14,7 @@ import time
 import keras
 import tensorflow as tf
 
+from data_pipeline.augment import describe as describe_augment
 from data_pipeline.collective import on_root
 from data_pipeline.reader import corrupt_shard_error
 from trainer import callbacks as cb
@@ -86,6 +87,7 @@ class TrainingRun:
         self.schedule = schedule = make_schedule(cfg.train, gbs, ctx.size, spec.steps_per_epoch)
         log.info("learning rate: peak %.6g (linear scaling), warmup from %.6g over %d steps, then %s",
                  schedule.peak, schedule.initial, schedule.warmup_steps, schedule.decay)
+        log.info("training augmentation: %s", describe_augment(cfg.data.augment))
         # Its signal handlers are installed by run(), once the outputs have started.
         self.request = StopRequest()
         self.failures = RunFailures(self.request, cfg.train.stop_on_nonfinite)

@@ -240,11 +240,18 @@ def image_grid(images: np.ndarray, count: int, min_tile: int = 64) -> np.ndarray
 
 
 def write_input_sample(writer, dataset, count: int, step: int) -> None:
-    """A grid of the first `count` images of the dataset's first batch, with their labels."""
+    """A grid of the first `count` images of the dataset's first batch, with their labels.
+
+    Soft labels (mixup, cutmix) are shown as the class of the most weight, with that weight.
+    """
     images, labels = next(iter(dataset.take(1)))
     grid = image_grid(np.clip(images.numpy(), 0.0, 1.0), count)
-    shown = labels.numpy()[:count].tolist()
+    labels = labels.numpy()[:count]
+    if labels.ndim == 2:
+        shown, what = [f"{k}:{row[k]:.2f}" for row, k in zip(labels, labels.argmax(1))], "labels with the most weight"
+    else:
+        shown, what = labels.tolist(), "labels"
     with writer.as_default(step=step):
         tf.summary.image("input/first_batch", grid, max_outputs=1,
-                         description=f"labels, row by row: {' '.join(str(x) for x in shown)}")
+                         description=f"{what}, row by row: {' '.join(str(x) for x in shown)}")
     writer.flush()
