@@ -42,9 +42,12 @@ def _refuse_unless(ok: tf.Tensor, message: str):
     return tf.debugging.Assert(ok, [f"image_bytes: {message}"])
 
 
-def _with_checks(checks: list, tensors: tuple) -> tuple:
+def _after_checks(checks: list, make):
+    """`make()`'s tensor, its ops created after `checks` ran: a decode that would fail on a file a check
+    refuses must not run first, or its own error would come out instead of the check's reason (the
+    ops of a graph without a dependency between them run in any order)."""
     with tf.control_dependencies(checks):
-        return tuple(tf.identity(t) for t in tensors)
+        return tf.identity(make())
 
 
 def _jpeg(encoded: tf.Tensor, norm: Normalisation) -> tf.Tensor:
@@ -55,12 +58,11 @@ def _jpeg(encoded: tf.Tensor, norm: Normalisation) -> tf.Tensor:
     cmyk_ok = tf.cond(components == 4, lambda: image_headers.jpeg_has_adobe_marker(encoded), lambda: tf.constant(True))
     check = _refuse_unless(cmyk_ok, "a CMYK JPEG without the Adobe APP14 marker: the converter reads it inverted, "
                                     "TensorFlow does not; convert it to RGB")
-    if norm.max_side:
-        scale = pillow_resize.jpeg_draft_scale(height, width, norm.max_side)
-        pixels = tf.switch_case(tf.where(scale == 8, 3, tf.where(scale == 4, 2, tf.where(scale == 2, 1, 0))), branches)
-    else:
-        pixels = branches[0]()
-    return _with_checks([check], (pixels,))[0]
+    if not norm.max_side:
+        return _after_checks([check], branches[0])
+    scale = pillow_resize.jpeg_draft_scale(height, width, norm.max_side)
+    index = tf.where(scale == 8, 3, tf.where(scale == 4, 2, tf.where(scale == 2, 1, 0)))
+    return _after_checks([check], lambda: tf.switch_case(index, branches))
 
 
 def _png(encoded: tf.Tensor) -> tf.Tensor:
@@ -78,7 +80,7 @@ def _gif(encoded: tf.Tensor) -> tf.Tensor:
         _refuse_unless(frame["covers_screen"], "a GIF whose first frame does not cover its screen; convert it to PNG"),
         _refuse_unless(frame["palette"], "a GIF without a colour table; convert it to PNG"),
     ]
-    return _with_checks(checks, (tf.io.decode_gif(encoded)[0],))[0]
+    return _after_checks(checks, lambda: tf.io.decode_gif(encoded)[0])
 
 
 def _bmp(encoded: tf.Tensor) -> tf.Tensor:
@@ -88,12 +90,12 @@ def _bmp(encoded: tf.Tensor) -> tf.Tensor:
                                tf.reduce_any([bits == 8, bits == 24, bits == 32])])
     check = _refuse_unless(supported, "a BMP that is not 8-, 24- or 32-bit uncompressed (with a header of 40 "
                                       "bytes or more); convert it to PNG")
-    pixels = _with_checks([check], (tf.io.decode_bmp(encoded, channels=0),))[0]
+    pixels = _after_checks([check], lambda: tf.io.decode_bmp(encoded, channels=0))
 
     def through_palette():
         indices = tf.cast(pixels[:, :, 0], tf.int32)
         inside = _refuse_unless(tf.reduce_max(indices) < header["colors"], "a BMP with a pixel outside its palette")
-        return _with_checks([inside], (tf.gather(header["palette"], indices),))[0]
+        return _after_checks([inside], lambda: tf.gather(header["palette"], indices))
 
     # 32-bit BI_RGB: Pillow reads BGRX, the fourth byte is not alpha.
     return tf.cond(bits == 8, through_palette, lambda: pixels[:, :, :3])
