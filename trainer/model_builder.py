@@ -3,9 +3,9 @@
 The function takes (input_shape, num_classes) and returns a keras.Model. It is
 imported and called on every rank, under the run's dtype policy (so its
 layers compute in bfloat16 or float16 under mixed precision), and by the
-launcher first, which builds it once and checks it (`check_builder`), so a
+launcher first, which builds it once and checks it (trainer.model_check), so a
 builder that fails to import, raises or returns the wrong shapes stops the job
-with one line before any worker starts (trainer.model_check).
+with one line before any worker starts.
 
 The trainer wants class probabilities in float32 out of the model (its loss,
 metrics and export take probabilities). A model that ends in logits gets a
