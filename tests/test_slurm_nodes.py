@@ -102,7 +102,7 @@ def test_time_limit_signal_from_slurm_checkpoints_requeues_and_completes_under_g
     config = tmp_path / "digits.yaml"
     digits = (ROOT / "configs" / "digits.yaml").read_text()
     config.write_text(digits.replace("  epochs: 60\n", f"  epochs: {EPOCHS}\n"))
-    accepted = (nodes.dir / "sshd.out").read_text().count("Accepted publickey")
+    accepted = (nodes.dir / "sshd-node2.out").read_text().count("Accepted publickey")
     started = time.monotonic()
     job_id = submit(nodes, run_dir, digits_shards, "--time", "2", "--signal-grace-sec", "45", "--config", config)
     stopped: dict[int, list[str]] = {}
@@ -139,7 +139,7 @@ def test_time_limit_signal_from_slurm_checkpoints_requeues_and_completes_under_g
     # The launcher built -H from the allocation; rank 1 logged in on node2 over ssh (at least
     # once: horovodrun caches its ssh check and NIC probe for an hour).
     assert " -np 2 --gloo -H node1:1,node2:1 " in log
-    assert (nodes.dir / "sshd.out").read_text().count("Accepted publickey") >= accepted + 1
+    assert (nodes.dir / "sshd-node2.out").read_text().count("Accepted publickey") >= accepted + 1
     assert_one_rank_per_node(run_dir, log)
     print(f"time limit: SIGUSR1 from Slurm, stopped at step {first}, ran to {epochs * 22}, {restarts} requeue(s) "
           f"after {signalled:.1f} s; COMPLETED after {time.monotonic() - started:.1f} s")
@@ -154,7 +154,7 @@ def test_dead_node_ends_the_job_and_the_checkpoint_resumes_under_srun(nodes, dig
         assert nodes.job(job_id)["JobState"] in ("PENDING", "RUNNING") and time.monotonic() < deadline
         time.sleep(0.1)
     # node2 dies: its slurmd and every process of the job on it, at once.
-    sshd = nodes.procs[nodes.labels.index("sshd")].pid
+    sshd = nodes.nodes.procs[0].pid  # the harness's one sshd, on node2
     killed = time.monotonic()
     for pid in nodes.pids_in("node2"):
         if pid != sshd:
