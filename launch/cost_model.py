@@ -264,8 +264,9 @@ def recommend(model: ModelBytes, compute_s: float, cluster: Cluster, per_replica
         elif k == settings.accumulation_steps and fp16 == settings.fp16:
             recs.append(Recommendation(name, "", None, f"not needed: {TARGET_EFFICIENCY:.0%} reached already"))
         else:
-            recs.append(Recommendation(name, sets, predict(*args, _with(base, accumulation_steps=k)),
-                                       f"{k}x the images per step, the micro-batch's memory unchanged"))
+            p = predict(*args, _with(base, accumulation_steps=k))
+            recs.append(Recommendation(name, sets, p, f"{p.global_batch:,} images per step, the same memory "
+                                       "per micro-batch; the learning rate scales with it"))
     recs.append(_fusion(model, cluster, settings, args))
     return recs
 
