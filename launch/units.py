@@ -6,7 +6,7 @@ import re
 _NUMBER = r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
 _PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _BANDWIDTH_UNITS = "bit, Kbit, Mbit, Gbit, Tbit or Kbps ... Tbps (bits); B, KB, MB, GB, TB (bytes); optional /s"
-_SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_PER_SECOND = {"s": 1.0, "ms": 1e3, "us": 1e6, "µs": 1e6, "ns": 1e9}  # divided by: 20us is 2e-05 exactly
 
 
 def _number(text: str, what: str, units: str) -> tuple[float, str]:
@@ -51,7 +51,7 @@ def parse_duration(text: str) -> float:
     value, unit = _number(text, "duration", "s, ms, us, ns")
     if not unit and value == 0:
         return 0.0
-    if unit.lower() not in _SECONDS:
+    if unit.lower() not in _PER_SECOND:
         why = "no unit" if not unit else f"unknown unit {unit!r}"
         raise ValueError(f"duration {text!r}: {why} (use s, ms, us or ns)")
-    return value * _SECONDS[unit.lower()]
+    return value / _PER_SECOND[unit.lower()]
