@@ -7,10 +7,10 @@ ranks (ordered by host), so one allreduce of S bytes takes
 
 with a the link's latency and B its bandwidth (bytes/s): the ring passes
 2(p-1) messages in turn, and each node's NIC carries one ring link out,
-2(p-1)/p·S bytes. `fixed` is Horovod's own time per allreduce, assumed to be
-half a cycle time (the gradients are ready at any moment of a cycle) plus one
-negotiation among the ranks (a gather and a broadcast, 2·ceil(log2 p)·a); the
-`network` benchmark fits the real constant.
+2(p-1)/p·S bytes. `fixed` is Horovod's own time, assumed to be half a cycle
+time (the gradients are ready at any moment of a cycle) plus one negotiation
+among the ranks (a gather and a broadcast, 2·ceil(log2 p)·a); the `network`
+benchmark fits the real constant.
 
 The trainer's step (trainer/step.py, `_allreduce`) does one grouped allreduce
 after the backward passes of all its micro-batches: the gradients (float32,
@@ -18,11 +18,10 @@ as the variables are under mixed precision too), the float state (BatchNorm
 moving statistics) and two float32 scalars (loss, stop flag). Nothing
 overlaps it: a step is compute + communication. With
 `allreduce.fp16_compression` the gradients go as float16 in a grouped
-allreduce of their own; Horovod fuses only tensors of one dtype, so that is
-two allreduces at least. Fusion packs whole ready tensors of one dtype into
-allreduces of at most the fusion threshold (horovod/common/controller.cc,
-FuseResponses), so S bytes become about ceil(S/threshold) allreduces run one
-after another, each with its fixed and latency terms.
+allreduce of their own, and Horovod fuses only tensors of one dtype. Fusion
+packs whole tensors into allreduces of at most the fusion threshold, which
+run one after another in the cycle: each adds its ring latency, the cycle's
+fixed time is paid once.
 """
 
 import math
@@ -53,11 +52,14 @@ class AllreduceTerms:
 
 
 def allreduce_terms(nbytes: float, ranks: int, latency_s: float, bandwidth_Bps: float, fixed_s: float = 0.0,
-                    count: int = 1) -> AllreduceTerms:
-    """`count` ring allreduces one after another that carry `nbytes` in all; all zero for one rank."""
+                    count: int = 1, per_allreduce_s: float = 0.0) -> AllreduceTerms:
+    """`count` ring allreduces carrying `nbytes` in all, run one after another in one Horovod cycle: its
+    `fixed_s` once (the background loop negotiates all ready tensors once per cycle, then runs that cycle's
+    fused allreduces in turn: horovod/common/operations.cc, RunLoopOnce), and per allreduce its ring
+    latency and `per_allreduce_s`. All zero for one rank."""
     if ranks <= 1:
         return AllreduceTerms(0.0, 0.0, 0.0, 0)
-    return AllreduceTerms(count * fixed_s, count * 2 * (ranks - 1) * latency_s,
+    return AllreduceTerms(fixed_s + count * per_allreduce_s, count * 2 * (ranks - 1) * latency_s,
                           2 * (ranks - 1) / ranks * nbytes / bandwidth_Bps, count)
 
 
@@ -68,19 +70,33 @@ def ring_allreduce_seconds(nbytes: float, ranks: int, latency_s: float, bandwidt
 
 
 def horovod_fixed_seconds(cycle_time_s: float, ranks: int, latency_s: float) -> float:
-    """The assumed per-allreduce constant: half a cycle's wait plus a negotiation (gather + broadcast)."""
+    """The assumed constant of a cycle: half a cycle's wait plus a negotiation (gather + broadcast)."""
     if ranks <= 1:
         return 0.0
     return cycle_time_s / 2 + 2 * math.ceil(math.log2(ranks)) * latency_s
 
 
-def fusion_chunks(nbytes: float, threshold_bytes: float, tensors: int = 1) -> int:
-    """Allreduces a message of `nbytes` in `tensors` tensors becomes: ceil(S/threshold); threshold 0: one per tensor."""
+def fusion_chunks(nbytes: float, threshold_bytes: float, tensors: int | None = None) -> int:
+    """Allreduces a message of `nbytes` becomes when its tensors' sizes are not known: ceil(S/threshold),
+    at most one per tensor (a tensor is never split); threshold 0: one per tensor."""
     if nbytes <= 0:
         return 0
     if threshold_bytes <= 0:
-        return max(tensors, 1)
-    return max(math.ceil(nbytes / threshold_bytes), 1)
+        return max(tensors or 1, 1)
+    chunks = max(math.ceil(nbytes / threshold_bytes), 1)
+    return min(chunks, tensors) if tensors else chunks
+
+
+def fused_allreduces(tensor_bytes, threshold_bytes: float) -> int:
+    """Allreduces Horovod fuses tensors of one dtype into, in their order: each takes the next tensors while
+    they fit in the threshold, and at least one (horovod/common/controller.cc, FuseResponses)."""
+    count, size = 0, None
+    for nbytes in tensor_bytes:
+        if size is not None and size + nbytes <= threshold_bytes:
+            size += nbytes
+        else:
+            count, size = count + 1, nbytes
+    return count
 
 
 def step_seconds(compute_s: float, comm_s: float) -> float:
@@ -97,6 +113,8 @@ class ModelBytes:
       trainable_bytes: their bytes as the variables hold them (float32).
       state_bytes: the non-trainable float variables' bytes (BatchNorm moving statistics).
       trainable_tensors, state_tensors: how many variables of each kind.
+      trainable_tensor_bytes, state_tensor_bytes: each variable's bytes, in
+        the order of the allreduce; empty: fusion is estimated from the totals.
     """
 
     trainable_params: int
@@ -104,6 +122,23 @@ class ModelBytes:
     state_bytes: int
     trainable_tensors: int = 1
     state_tensors: int = 0
+    trainable_tensor_bytes: tuple[int, ...] = ()
+    state_tensor_bytes: tuple[int, ...] = ()
+
+    def allreduces(self, fp16: bool, threshold_bytes: float) -> int:
+        """How many allreduces Horovod's fusion makes of a step's message."""
+        scalars = (SCALAR_BYTES // 2,) * 2
+        if not self.trainable_tensor_bytes:
+            grads, extra = self.gradient_bytes(fp16), self.state_bytes + SCALAR_BYTES
+            if fp16:  # two dtypes: two grouped allreduces, fused apart
+                return fusion_chunks(grads, threshold_bytes, self.trainable_tensors) + \
+                    fusion_chunks(extra, threshold_bytes, self.state_tensors + 2)
+            return fusion_chunks(grads + extra, threshold_bytes, self.trainable_tensors + self.state_tensors + 2)
+        extra = (*self.state_tensor_bytes, *scalars)
+        if fp16:
+            grads = tuple(b // 2 for b in self.trainable_tensor_bytes)
+            return fused_allreduces(grads, threshold_bytes) + fused_allreduces(extra, threshold_bytes)
+        return fused_allreduces((*self.trainable_tensor_bytes, *extra), threshold_bytes)
 
     def gradient_bytes(self, fp16: bool) -> int:
         return self.trainable_params * 2 if fp16 else self.trainable_bytes
@@ -136,7 +171,8 @@ class Settings:
       accumulation_steps: train.accumulation_steps (micro-batches per step, one allreduce).
       fusion_threshold_bytes: Horovod's fusion threshold (launch --fusion-threshold-mb); 0 disables fusion.
       cycle_time_s: Horovod's cycle time (launch --cycle-time-ms).
-      fixed_s: the per-allreduce constant; None: horovod_fixed_seconds of the cycle time.
+      fixed_s: the constant of a step's cycle (paid once); None: horovod_fixed_seconds of the cycle time.
+      per_allreduce_s: the constant of each allreduce of the cycle (0: only its ring latency).
     """
 
     fp16: bool = False
@@ -144,18 +180,14 @@ class Settings:
     fusion_threshold_bytes: float = HOROVOD_FUSION_THRESHOLD
     cycle_time_s: float = 0.005
     fixed_s: float | None = None
+    per_allreduce_s: float = 0.0
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """One step of data-parallel training on a cluster, as the model predicts it (seconds, bytes, images).
-
-    `network` is False on one node: nothing crosses a network, and the
-    transfer between the GPUs of the node (NVLink, PCIe, shared memory) is
-    not modelled, so comm_s is 0 there. `compute_s` is the whole step's
-    (all its micro-batches); `efficiency` is the step's throughput against
-    `ranks` GPUs each training alone: compute / (compute + comm).
-    """
+    """A step as the model predicts it. `network` is False on one node, where the transfer between its GPUs
+    is not modelled (comm_s 0). `compute_s` is the whole step's (all its micro-batches); `efficiency`, the
+    throughput against `ranks` GPUs each training alone: compute / (compute + comm)."""
 
     ranks: int
     network: bool
@@ -174,19 +206,13 @@ class Prediction:
 
 
 def communication(model: ModelBytes, cluster: Cluster, settings: Settings) -> tuple[AllreduceTerms, float]:
-    """(the terms of a step's allreduces summed, the fixed constant of one) over the network."""
-    p = cluster.ranks
+    """(the terms of a step's allreduces summed, the fixed constant of its cycle) over the network."""
     fixed = settings.fixed_s if settings.fixed_s is not None else \
-        horovod_fixed_seconds(settings.cycle_time_s, p, cluster.latency_s)
-    grads = model.gradient_bytes(settings.fp16)
-    extra = model.state_bytes + SCALAR_BYTES
-    threshold = settings.fusion_threshold_bytes
-    if settings.fp16:  # two dtypes: two grouped allreduces, fused apart
-        count = fusion_chunks(grads, threshold, model.trainable_tensors) + \
-            fusion_chunks(extra, threshold, model.state_tensors + 2)
-    else:
-        count = fusion_chunks(grads + extra, threshold, model.trainable_tensors + model.state_tensors + 2)
-    return allreduce_terms(grads + extra, p, cluster.latency_s, cluster.bandwidth_Bps, fixed, count), fixed
+        horovod_fixed_seconds(settings.cycle_time_s, cluster.ranks, cluster.latency_s)
+    count = model.allreduces(settings.fp16, settings.fusion_threshold_bytes)
+    terms = allreduce_terms(model.message_bytes(settings.fp16), cluster.ranks, cluster.latency_s,
+                            cluster.bandwidth_Bps, fixed, count, settings.per_allreduce_s)
+    return terms, fixed
 
 
 def predict(model: ModelBytes, compute_s: float, cluster: Cluster, per_replica_batch: int,
@@ -222,8 +248,7 @@ def smallest_accumulation(model: ModelBytes, compute_s: float, cluster: Cluster,
                           settings: Settings, target: float = TARGET_EFFICIENCY) -> int | None:
     """The smallest accumulation_steps k >= the current one whose predicted efficiency reaches `target`."""
     def efficiency(k: int) -> float:
-        s = Settings(settings.fp16, k, settings.fusion_threshold_bytes, settings.cycle_time_s, settings.fixed_s)
-        return predict(model, compute_s, cluster, per_replica_batch, s).efficiency
+        return predict(model, compute_s, cluster, per_replica_batch, _with(settings, accumulation_steps=k)).efficiency
 
     k = settings.accumulation_steps
     if efficiency(k) >= target:
@@ -244,31 +269,40 @@ def _with(settings: Settings, **changes) -> Settings:
 
 def recommend(model: ModelBytes, compute_s: float, cluster: Cluster, per_replica_batch: int,
               settings: Settings = Settings()) -> list[Recommendation]:
-    """fp16 compression, the accumulation that reaches 90% efficiency (with and without fp16), the fusion threshold."""
+    """fp16 compression, the accumulation that reaches 90% efficiency (alone and with fp16), the fusion threshold.
+
+    Nothing on one node, where the model sees no network to save.
+    """
     args = (model, compute_s, cluster, per_replica_batch)
-    recs = []
+    if cluster.nodes == 1:
+        return [Recommendation("network", "", None, "one node: no network, nothing to set for it")]
     if settings.fp16:
-        recs.append(Recommendation("fp16 compression", "allreduce.fp16_compression=true", None, "already on"))
+        recs = [Recommendation("fp16 compression", "", None, "already on (allreduce.fp16_compression)")]
     else:
-        recs.append(Recommendation("fp16 compression", "--set allreduce.fp16_compression=true",
-                                   predict(*args, _with(settings, fp16=True)), "gradient bytes halved"))
-    for fp16 in (settings.fp16, True) if not settings.fp16 else (True,):
-        base = _with(settings, fp16=fp16)
-        k = smallest_accumulation(*args, base)
-        sets = f"--set train.accumulation_steps={k}" + (" --set allreduce.fp16_compression=true"
-                                                        if fp16 and not settings.fp16 else "")
-        name = "accumulation" + (" + fp16" if fp16 and not settings.fp16 else "")
-        if k is None:
-            recs.append(Recommendation(name, "", None, f"{TARGET_EFFICIENCY:.0%} not reached with "
-                                       f"{MAX_ACCUMULATION} micro-batches per step"))
-        elif k == settings.accumulation_steps and fp16 == settings.fp16:
-            recs.append(Recommendation(name, "", None, f"not needed: {TARGET_EFFICIENCY:.0%} reached already"))
-        else:
-            p = predict(*args, _with(base, accumulation_steps=k))
-            recs.append(Recommendation(name, sets, p, f"{p.global_batch:,} images per step, the same memory "
-                                       "per micro-batch; the learning rate scales with it"))
+        recs = [Recommendation("fp16 compression", "--set allreduce.fp16_compression=true",
+                               predict(*args, _with(settings, fp16=True)), "gradient bytes halved")]
+    if predict(*args, settings).efficiency >= TARGET_EFFICIENCY:
+        recs.append(Recommendation("accumulation", "", None, f"not needed: {TARGET_EFFICIENCY:.0%} reached already"))
+    else:
+        recs.append(_accumulation("accumulation", args, settings, ""))
+        if not settings.fp16:
+            recs.append(_accumulation("accumulation + fp16", args, _with(settings, fp16=True),
+                                      " --set allreduce.fp16_compression=true"))
     recs.append(_fusion(model, cluster, settings, args))
     return recs
+
+
+def _accumulation(name: str, args: tuple, settings: Settings, also: str) -> Recommendation:
+    k = smallest_accumulation(*args, settings)
+    if k is None:
+        return Recommendation(name, "", None, f"{TARGET_EFFICIENCY:.0%} not reached with {MAX_ACCUMULATION} "
+                              "micro-batches per step")
+    if k == settings.accumulation_steps:  # only with fp16 (else the target was met, and not asked for)
+        return Recommendation(name, "", None, f"not needed: fp16 compression alone reaches {TARGET_EFFICIENCY:.0%}")
+    p = predict(*args, _with(settings, accumulation_steps=k))
+    return Recommendation(name, f"--set train.accumulation_steps={k}{also}", p,
+                          f"{p.global_batch:,} images per step, the same memory per micro-batch; "
+                          "the learning rate scales with it")
 
 
 def _fusion(model: ModelBytes, cluster: Cluster, settings: Settings, args: tuple) -> Recommendation:

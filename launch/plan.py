@@ -2,7 +2,7 @@
 
     python -m launch plan --config FILE --nodes N --gpus-per-node G --bandwidth 25Gbit --latency 20us
         (--step-time SECONDS | --measure [--measure-steps S]) [--set key=value ...]
-        [--fusion-threshold-mb MB] [--cycle-time-ms MS] [--fixed-ms MS] [--json]
+        [--fusion-threshold-mb MB] [--cycle-time-ms MS] [--fixed-ms MS] [--per-allreduce-ms MS] [--json]
 
 The config is loaded and checked as the launcher checks it; the bytes every
 step allreduces are counted on the config's model, built in a child process
@@ -53,7 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cycle-time-ms", type=float, default=defaults()["cycle_time_ms"], metavar="MS",
                    help="Horovod's cycle time, as `launch --cycle-time-ms` (default: the launcher's)")
     p.add_argument("--fixed-ms", type=float, metavar="MS",
-                   help="Horovod's constant time per allreduce (default: half a cycle plus a negotiation)")
+                   help="Horovod's constant time per step's cycle (default: half a cycle plus a negotiation)")
+    p.add_argument("--per-allreduce-ms", type=float, default=0.0, metavar="MS",
+                   help="a constant time of each fused allreduce besides its ring latency (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -80,7 +82,8 @@ def _check_numbers(args: argparse.Namespace) -> tuple[cm.Cluster, float | None]:
                                ("--measure-steps", args.measure_steps, 1),
                                ("--fusion-threshold-mb", args.fusion_threshold_mb, 0),
                                ("--cycle-time-ms", args.cycle_time_ms, 0),
-                               ("--fixed-ms", 0 if args.fixed_ms is None else args.fixed_ms, 0)):
+                               ("--fixed-ms", 0 if args.fixed_ms is None else args.fixed_ms, 0),
+                               ("--per-allreduce-ms", args.per_allreduce_ms, 0)):
         if not value >= least or value == float("inf"):
             raise LaunchError(f"{flag} {value}: must be at least {least}" + (" and finite" if least == 0 else ""))
     cluster = cm.Cluster(args.nodes, args.gpus_per_node, _parse("--bandwidth", cm.parse_bandwidth, args.bandwidth),
@@ -143,11 +146,12 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, LaunchError) as e:
         return report_bad_input(e)
     model = cm.ModelBytes(sizes["trainable_params"], sizes["trainable_bytes"], sizes["state_bytes"],
-                          sizes["trainable_tensors"], sizes["state_tensors"])
+                          sizes["trainable_tensors"], sizes["state_tensors"],
+                          tuple(sizes["trainable_tensor_bytes"]), tuple(sizes["state_tensor_bytes"]))
     settings = cm.Settings(
         fp16=cfg.allreduce.fp16_compression, accumulation_steps=cfg.train.accumulation_steps,
         fusion_threshold_bytes=args.fusion_threshold_mb * cm.MIB, cycle_time_s=args.cycle_time_ms / 1000,
-        fixed_s=None if args.fixed_ms is None else args.fixed_ms / 1000)
+        fixed_s=None if args.fixed_ms is None else args.fixed_ms / 1000, per_allreduce_s=args.per_allreduce_ms / 1000)
     prediction = cm.predict(model, compute_s, cluster, batch, settings)
     recommendations = cm.recommend(model, compute_s, cluster, batch, settings)
     facts = plan_report.Facts(

@@ -77,7 +77,9 @@ def _body(f: Facts, p: cm.Prediction) -> list[str]:
     lines = [f"compute per step  {p.compute_s:9.4f} s   ({k} x {f.compute_s:.4f} s, {how})"]
     if p.network:
         lines += [
-            f"communication     {p.comm_s:9.4f} s   = fixed {t.count} x {_ms(p.fixed_s)} = {_ms(t.fixed)}",
+            f"communication     {p.comm_s:9.4f} s   = fixed {_ms(p.fixed_s)}" + (
+                f" + {t.count} x {_ms(p.settings.per_allreduce_s)} = {_ms(t.fixed)}"
+                if p.settings.per_allreduce_s else "") + "  (Horovod's cycle wait and negotiation)",
             f"{'':31}+ 2(p-1)·a = {t.count} x 2 x {p.ranks - 1} x {f.cluster.latency_s * 1e6:g} us = "
             f"{_ms(t.latency)}",
             f"{'':31}+ 2(p-1)/p·S/B = 2 x {p.ranks - 1}/{p.ranks} x {_mb(p.message_bytes)} / "

@@ -56,8 +56,11 @@ def test_bad_durations_are_one_line_naming_the_text(text, why):
 def test_ring_allreduce_by_hand():
     # 4 ranks, 1 MB at 100 MB/s, 10 us, 2 ms fixed: 2 ms + 6 x 10 us + 1.5 x 10 ms.
     assert cm.ring_allreduce_seconds(1e6, 4, 1e-5, 1e8, 0.002) == pytest.approx(0.002 + 6e-5 + 0.015)
+    # Three fused allreduces in one cycle: the cycle's constant once, the ring latency three times.
     terms = cm.allreduce_terms(1e6, 4, 1e-5, 1e8, 0.002, count=3)
-    assert (terms.fixed, terms.latency, terms.bandwidth) == pytest.approx((0.006, 18e-5, 0.015))
+    assert (terms.fixed, terms.latency, terms.bandwidth) == pytest.approx((0.002, 18e-5, 0.015))
+    terms = cm.allreduce_terms(1e6, 4, 1e-5, 1e8, 0.002, count=3, per_allreduce_s=1e-4)
+    assert terms.fixed == pytest.approx(0.0023) and terms.total == pytest.approx(0.0023 + 18e-5 + 0.015)
     assert cm.ring_allreduce_seconds(1e9, 1, 1.0, 1.0, 5.0) == 0
     # Half of the 5 ms cycle, and a gather and broadcast of log2(8) = 3 steps each.
     assert cm.horovod_fixed_seconds(0.005, 8, 1e-5) == pytest.approx(0.0025 + 6e-5)
@@ -67,8 +70,22 @@ def test_fusion_chunks():
     assert cm.fusion_chunks(300 * cm.MIB, 128 * cm.MIB) == 3
     assert cm.fusion_chunks(128 * cm.MIB, 128 * cm.MIB) == 1
     assert cm.fusion_chunks(128 * cm.MIB + 1, 128 * cm.MIB) == 2
+    assert cm.fusion_chunks(300 * cm.MIB, 128 * cm.MIB, tensors=1) == 1  # a tensor is never split
     assert cm.fusion_chunks(10, 0, tensors=7) == 7  # fusion off: one allreduce per tensor
     assert cm.fusion_chunks(0, 128) == 0
+
+
+def test_fusion_packs_whole_tensors_in_order():
+    assert cm.fused_allreduces([3, 3, 3], 5) == 3  # 3 + 3 > 5: each alone, not ceil(9 / 5) = 2
+    assert cm.fused_allreduces([2, 2, 2, 2], 4) == 2
+    assert cm.fused_allreduces([1, 4, 1, 1], 4) == 3  # [1], [4], [1, 1]: in order, no reordering
+    assert cm.fused_allreduces([10], 4) == 1  # larger than the threshold: alone, whole
+    assert cm.fused_allreduces([1, 1, 1], 0) == 3 and cm.fused_allreduces([], 4) == 0
+    model = cm.ModelBytes(6, 24, 8, 3, 2, trainable_tensor_bytes=(8, 8, 8), state_tensor_bytes=(4, 4))
+    # float32 at 16 bytes: [8, 8], [8, 4 (state), 4 (state)], [4, 4 (the two scalars)]
+    assert model.allreduces(False, 16) == 3 and model.allreduces(False, 12) == 4  # [8], [8], [8, 4], [4, 4, 4]
+    # float16 gradients [4, 4, 4] apart from the float32 state [4, 4, 4, 4]
+    assert model.allreduces(True, 12) == 1 + 2 and model.allreduces(True, 16) == 2
 
 
 MODEL = cm.ModelBytes(trainable_params=25_000_000, trainable_bytes=100_000_000, state_bytes=200_000,
@@ -89,11 +106,11 @@ def test_a_step_by_hand():
     assert not one_node.network and one_node.comm_s == 0 and one_node.efficiency == 1
 
 
-def test_fusion_threshold_adds_fixed_and_latency_per_chunk():
+def test_fusion_threshold_adds_a_ring_latency_per_allreduce():
     small = cm.Settings(fixed_s=0.001, fusion_threshold_bytes=40 * cm.MIB)  # 100.2 MB: 3 allreduces
     p, one = cm.predict(MODEL, 0.1, NET, 32, small), cm.predict(MODEL, 0.1, NET, 32, FIXED)
     assert p.allreduces == 3
-    assert p.comm_s - one.comm_s == pytest.approx(2 * (0.001 + 14e-5))
+    assert p.comm_s - one.comm_s == pytest.approx(2 * 14e-5) and p.terms.fixed == 0.001
     assert p.terms.bandwidth == pytest.approx(one.terms.bandwidth)
     off = cm.predict(MODEL, 0.1, NET, 32, cm.Settings(fixed_s=0.001, fusion_threshold_bytes=0))
     assert off.allreduces == 200 + 100 + 2

@@ -57,31 +57,34 @@ def test_bad_input_is_one_line_and_exit_2(name):
 
 
 def _counted_resnet20():
-    """ResNet-20 as the trainer builds it for this config, counted here with numpy: (trainable, state)."""
+    """ResNet-20 as the trainer builds it for this config, counted here: (trainable, state values, tensors)."""
     from trainer.config import load_config
     from trainer.models import build_net
 
     cfg = load_config("configs/bench_resnet20.yaml")
     net = build_net(cfg.model, (32, 32, 3), 10)
     trainable = sum(int(np.prod(w.shape)) for w in net.trainable_weights)
-    state = sum(int(np.prod(w.shape)) for w in net.non_trainable_weights if w.dtype == "float32")
+    floats = [w for w in net.non_trainable_weights if w.dtype == "float32"]
+    state = sum(int(np.prod(w.shape)) for w in floats)
     assert net.count_params() == trainable + state
-    return trainable, state
+    return trainable, state, len(net.trainable_weights) + len(floats)
 
 
 def test_plan_counts_the_model_and_applies_the_formula(tmp_path):
+    # Fusion off: one allreduce per tensor, so the count checks the tensors counted too.
     res = run([sys.executable, *PLAN, *RESNET20, "--nodes", "4", "--gpus-per-node", "2", *NET, "--step-time", "50ms",
-               "--cycle-time-ms", "4", "--set", "train.accumulation_steps=2", "--json"], timeout=300)
+               "--cycle-time-ms", "4", "--fusion-threshold-mb", "0", "--set", "train.accumulation_steps=2", "--json"],
+              timeout=300)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    trainable, state = _counted_resnet20()
+    trainable, state, tensors = _counted_resnet20()
     assert (out["trainable_params"], out["state_params"]) == (trainable, state)
     p = out["prediction"]
     s = 4 * trainable + 4 * state + 8
-    assert p["message_bytes"] == s and p["gradient_bytes"] == 4 * trainable and p["allreduces"] == 1
+    assert p["message_bytes"] == s and p["gradient_bytes"] == 4 * trainable and p["allreduces"] == tensors + 2
     # 8 ranks, 12.5 MB/s, 100 us; fixed: 4 ms / 2 + 2 x log2(8) x 100 us; batch 64 / 8 = 8 images per rank.
     fixed = 0.002 + 6 * 1e-4
-    comm = fixed + 14 * 1e-4 + 14 / 8 * s / 12.5e6
+    comm = fixed + (tensors + 2) * 14 * 1e-4 + 14 / 8 * s / 12.5e6
     assert out["per_replica_batch"] == 8 and p["global_batch"] == 128
     assert p["comm_s"] == pytest.approx(comm) and p["step_s"] == pytest.approx(0.1 + comm)
     assert p["efficiency"] == pytest.approx(0.1 / (0.1 + comm))

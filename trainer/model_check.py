@@ -36,7 +36,7 @@ def check(model_cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
 
 
 def size(model_cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> dict:
-    """The trainable variables (whose gradients are allreduced) and the float state, counted and in bytes."""
+    """The trainable variables (whose gradients are allreduced) and the float state: counts and bytes."""
     import numpy as np
 
     from trainer.models import build_net
@@ -50,7 +50,10 @@ def size(model_cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes:
     trainable = model.trainable_variables
     return {"trainable_params": count(trainable), "trainable_bytes": count(trainable, True),
             "trainable_tensors": len(trainable),
-            "state_params": count(state), "state_bytes": count(state, True), "state_tensors": len(state)}
+            "state_params": count(state), "state_bytes": count(state, True), "state_tensors": len(state),
+            # each tensor's bytes, in the order of the step's allreduce: for Horovod's fusion
+            "trainable_tensor_bytes": [count([v], True) for v in trainable],
+            "state_tensor_bytes": [count([v], True) for v in state]}
 
 
 def main(argv: list[str]) -> int:
