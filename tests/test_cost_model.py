@@ -86,6 +86,7 @@ def test_fusion_packs_whole_tensors_in_order():
     assert model.allreduces(False, 16) == 3 and model.allreduces(False, 12) == 4  # [8], [8], [8, 4], [4, 4, 4]
     # float16 gradients [4, 4, 4] apart from the float32 state [4, 4, 4, 4]
     assert model.allreduces(True, 12) == 1 + 2 and model.allreduces(True, 16) == 2
+    assert model.allreduces(True, 100) == 2 and model.allreduces(False, 100) == 1  # two dtypes never fuse
 
 
 MODEL = cm.ModelBytes(trainable_params=25_000_000, trainable_bytes=100_000_000, state_bytes=200_000,
