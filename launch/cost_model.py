@@ -37,6 +37,7 @@ SCALAR_BYTES = 8  # the loss and the stop flag, two float32 scalars in every ste
 TARGET_EFFICIENCY = 0.9
 MAX_ACCUMULATION = 4096
 
+
 @dataclass(frozen=True)
 class AllreduceTerms:
     """The terms of T = fixed + 2(p-1)·a + 2(p-1)/p·S/B, in seconds, summed over `count` allreduces."""

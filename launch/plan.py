@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -37,10 +38,11 @@ DESCRIPTION = ("Predict the communication, step time, images/s and scaling effic
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_options(p)
-    p.add_argument("--nodes", type=int, required=True, help="nodes (hosts), one network link each")
-    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node, one rank each")
-    p.add_argument("--bandwidth", required=True, help="each node's link rate: 25Gbit, 100mbit, 10Gbps, 1.25GB/s")
-    p.add_argument("--latency", required=True, help="the link's latency per message: 20us, 1.5ms, 0")
+    p.add_argument("--nodes", type=int, required=True, metavar="N", help="nodes (hosts), one network link each")
+    p.add_argument("--gpus-per-node", type=int, required=True, metavar="G", help="GPUs per node, one rank each")
+    p.add_argument("--bandwidth", required=True, metavar="RATE",
+                   help="each node's link rate: 25Gbit, 100mbit, 10Gbps, 1.25GB/s")
+    p.add_argument("--latency", required=True, metavar="TIME", help="the link's latency per message: 20us, 1.5ms, 0")
     compute = p.add_mutually_exclusive_group(required=True)
     compute.add_argument("--step-time", metavar="SECONDS",
                          help="one GPU's compute per micro-batch (data.global_batch_size / (N x G) images), "
@@ -126,7 +128,7 @@ def measure(args: argparse.Namespace, batch: int) -> float:
         res = plan_report.run_quietly(argv)
         if res.returncode != 0:
             last = (res.stderr.strip().splitlines() or [f"exit code {res.returncode}"])[-1]
-            raise LaunchError(f"--measure: the trainer at np=1 failed: {last}")
+            raise LaunchError(f"--measure: the trainer at np=1 failed: {re.sub(r'^launch: (.*?)error: ', '', last)}")
         with open(os.path.join(tmp, "run", "metrics.jsonl"), encoding="utf-8") as f:
             record = [json.loads(line) for line in f if line.strip()][-1]
     rank0 = (record.get("per_rank") or [{}])[0]
@@ -140,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
         validate(cfg)
         batch = per_replica_batch(cfg, cluster.ranks, f"{cluster.nodes} nodes x {cluster.gpus_per_node}")
         spec, from_data = plan_data(cfg)
+        if args.measure and not from_data:
+            raise LaunchError(f"--measure needs the config's data, and data.dir={cfg.data.dir!r} has no "
+                              "metadata.json here (give --step-time instead)")
         sizes = model_size(cfg, spec)
         if compute_s is None:
             compute_s = measure(args, batch)

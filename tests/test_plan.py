@@ -44,6 +44,10 @@ CASES = {
                              *TWO, *NET, "--step-time", "0.1"],
                             "launch: error: data.dir='/nonexistent': has no metadata.json here; set "
                             "model.image_size and model.num_classes to plan without the data"),
+    "measure without the data": (["--config", "configs/digits.yaml", "--set", "data.dir=/nonexistent", "--set",
+                                  "model.image_size=8", "--set", "model.num_classes=10", *TWO, *NET, "--measure"],
+                                 "launch: error: --measure needs the config's data, and data.dir='/nonexistent' "
+                                 "has no metadata.json here (give --step-time instead)"),
 }
 
 
@@ -110,3 +114,13 @@ def test_plan_prints_a_table_from_the_model_alone_when_the_data_is_absent():
     assert "(from model.*: the data is not here)" in res.stdout
     for part in ("2(p-1)·a = 1 x 2 x 7 x 20 us = 0.28 ms", "efficiency", "recommendations", "fp16 compression"):
         assert part in res.stdout, res.stdout
+
+
+def test_measure_runs_the_trainer_at_np_1_on_the_per_gpu_batch():
+    res = run([sys.executable, *PLAN, *RESNET20, *TWO, *NET, "--measure", "--measure-steps", "3", "--json"],
+              timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "measuring 3 steps of 32 images at np=1" in res.stderr  # 64 images over 2 ranks
+    out = json.loads(res.stdout)
+    compute = out["compute_per_micro_batch_sec"]
+    assert out["compute_measured"] and 1e-4 < compute < 60 and out["prediction"]["compute_s"] == compute
