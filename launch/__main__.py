@@ -1,4 +1,4 @@
-"""`python -m launch run|slurm ...`; see launch.main."""
+"""`python -m launch run|slurm|plan ...`; see launch.main."""
 import sys
 
 from launch.main import main

@@ -1,20 +1,22 @@
-"""`python -m launch`: one entry point for the launcher's two commands.
+"""`python -m launch`: one entry point for the launcher's commands.
 
     python -m launch run --np 2 --config FILE ...   start the workers (horovodrun, or srun in a Slurm job)
     python -m launch slurm --config FILE ...        write the sbatch script for a run and submit it
+    python -m launch plan --config FILE --nodes N ...  predict step time and efficiency on a cluster
     python -m launch --np 2 --config FILE ...       `run`: the form `make run` and sbatch scripts use
 
-This module only dispatches: launch.cli is `run`, launch.slurm_cli is `slurm`,
-and neither imports the other; the options they share are launch.options.
+This module only dispatches: launch.cli is `run`, launch.slurm_cli is `slurm`
+and launch.plan is `plan`; `run` and `slurm` do not import each other, and the
+options they share are launch.options.
 """
 
 import argparse
 import sys
 
 from data_pipeline.arguments import ArgumentParser
-from launch import cli, slurm_cli
+from launch import cli, plan, slurm_cli
 
-COMMANDS = ("run", "slurm")
+COMMANDS = ("run", "slurm", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                            description=slurm_cli.DESCRIPTION)
     slurm_cli.add_arguments(slurm)
     slurm.set_defaults(func=slurm_cli.run)
+    planner = sub.add_parser("plan", help="predict the step time, images/s and scaling efficiency on a cluster, "
+                             "and what to set", description=plan.DESCRIPTION)
+    plan.add_arguments(planner)
+    planner.set_defaults(func=plan.run)
     return p
 
 

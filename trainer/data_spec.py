@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from data_pipeline import metadata as md
 from trainer.checkpoint import CHECKPOINT_DIR, CheckpointManager, check_model
 from trainer.config import ConfigError, ExperimentConfig, effective_batch_size
-from trainer.model_check import ERROR_PREFIX
+from trainer.model_check import ERROR_PREFIX, SIZE_PREFIX
 from trainer.model_names import smallest_image_size
 
 
@@ -125,9 +125,27 @@ def check_model_build(cfg: ExperimentConfig, spec: DataSpec) -> None:
     shapes, the weights file matches nothing, or the model has no such layer.
     """
     m = cfg.model
-    if not (m.builder or m.initial_weights or m.freeze_until):
-        return
-    args = {"model": dataclasses.asdict(m), "input_shape": list(spec.input_shape), "num_classes": spec.num_classes}
+    if m.builder or m.initial_weights or m.freeze_until:
+        _model_child(cfg, spec, count=False)
+
+
+def model_size(cfg: ExperimentConfig, spec: DataSpec) -> dict:
+    """What every step allreduces, counted on the model built in a child process on the CPU (trainer.model_check).
+
+    {trainable_params, trainable_bytes, trainable_tensors, state_params,
+    state_bytes, state_tensors}; ConfigError as check_model_build's.
+    """
+    out = _model_child(cfg, spec, count=True)
+    lines = [line[len(SIZE_PREFIX):] for line in out.splitlines() if line.startswith(SIZE_PREFIX)]
+    if not lines:
+        raise ConfigError(f"model: counting its variables printed no {SIZE_PREFIX.strip()!r} line")
+    return json.loads(lines[-1])
+
+
+def _model_child(cfg: ExperimentConfig, spec: DataSpec, count: bool) -> str:
+    """Runs trainer.model_check on the config's model (its stdout), or raises ConfigError with its line."""
+    args = {"model": dataclasses.asdict(cfg.model), "input_shape": list(spec.input_shape),
+            "num_classes": spec.num_classes, "count": count}
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
     # The builder's module is found as the workers find it: from the folder the job starts in.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH", "")) if p)
@@ -137,3 +155,4 @@ def check_model_build(cfg: ExperimentConfig, spec: DataSpec) -> None:
         lines = [line[len(ERROR_PREFIX):] for line in res.stderr.splitlines() if line.startswith(ERROR_PREFIX)]
         raise ConfigError(lines[-1] if lines else f"model: building it to check it exited with {res.returncode}: "
                           + " / ".join(res.stderr.strip().splitlines()[-3:]))
+    return res.stdout

@@ -6,6 +6,10 @@ model.freeze_until (a layer name the model has). trainer.data_spec.check_model
 runs it in a child process on the CPU when any of them is set, so the
 launcher, which stays up for the whole job, neither holds TensorFlow's memory
 nor a GPU. The one line of a failure goes to stderr; the exit code is 2.
+
+With `"count": true` it builds the model only (as it trains once unfrozen, no
+initial weights) and prints one line, SIZE_PREFIX and a JSON object: what
+every step allreduces (trainer/step.py), for `python -m launch plan`.
 """
 
 import json
@@ -14,6 +18,8 @@ import sys
 from trainer.config import ModelConfig
 
 ERROR_PREFIX = "model check: "  # the line the launcher takes, among whatever TensorFlow logs
+SIZE_PREFIX = "model size: "
+_FLOATS = ("float16", "bfloat16", "float32", "float64")  # as trainer/step.py: the float state it allreduces
 
 
 def check(model_cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
@@ -29,9 +35,34 @@ def check(model_cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
         freeze_layers(model, model_cfg.freeze_until)
 
 
+def size(model_cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> dict:
+    """The trainable variables (whose gradients are allreduced) and the float state: counts and bytes."""
+    import numpy as np
+
+    from trainer.models import build_net
+
+    model = build_net(model_cfg, input_shape, num_classes)
+    state = [v for v in model.non_trainable_variables if v.dtype in _FLOATS]
+
+    def count(variables, nbytes=False):
+        return sum(int(np.prod(v.shape)) * (np.dtype(v.dtype).itemsize if nbytes else 1) for v in variables)
+
+    trainable = model.trainable_variables
+    return {"trainable_params": count(trainable), "trainable_bytes": count(trainable, True),
+            "trainable_tensors": len(trainable),
+            "state_params": count(state), "state_bytes": count(state, True), "state_tensors": len(state),
+            # each tensor's bytes, in the order of the step's allreduce: for Horovod's fusion
+            "trainable_tensor_bytes": [count([v], True) for v in trainable],
+            "state_tensor_bytes": [count([v], True) for v in state]}
+
+
 def main(argv: list[str]) -> int:
     args = json.loads(argv[0])
     try:
+        if args.get("count"):
+            print(SIZE_PREFIX + json.dumps(size(ModelConfig(**args["model"]), tuple(args["input_shape"]),
+                                                int(args["num_classes"]))))
+            return 0
         check(ModelConfig(**args["model"]), tuple(args["input_shape"]), int(args["num_classes"]))
     except ValueError as e:  # ConfigError and InitialWeightsError: bad input, one line
         print(ERROR_PREFIX + str(e).splitlines()[0], file=sys.stderr)
