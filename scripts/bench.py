@@ -30,7 +30,7 @@ max. Results are merged into bench/results.json.
 
     python scripts/bench.py [--repeats 3] [--epoch-seconds 11]
         [--only conversion,loader,input,input_recipe,predict,trainer,precision,jit,accumulation,nonfinite,
-                models,scaling,keras_cost,peers]
+                models,scaling,keras_cost,peers,network]
         [--scaling-variants default,cycle_1ms,...] [--peer-steps 5]
 
 `peers` and `keras_cost` are scripts/bench_peers.py: ResNet-50 against Horovod's
@@ -43,6 +43,8 @@ and peak RSS). `precision`, `jit`, `accumulation` and `nonfinite` are scripts/be
 (the training step's options side by side), with epochs of --feature-epoch-seconds.
 `models` is scripts/bench_models.py: EfficientNetV2B0 and MobileNetV3Small at
 np=1 and np=2, with the fused BatchNorm and with Keras's (ratios fused/keras).
+`network` is scripts/bench_network.py: allreduce and training across emulated
+nodes (network namespaces, tc-shaped links; needs root) against the cost model.
 """
 
 import argparse
@@ -58,6 +60,7 @@ import bench_conversion
 import bench_features
 import bench_input
 import bench_models
+import bench_network
 import bench_peers
 import bench_predict
 import bench_scaling
@@ -67,7 +70,7 @@ PY = sys.executable
 BATCH = 64
 EPOCHS = 3  # the first is warm-up; the other two are the steady-state measurement
 SECTIONS = ("conversion", "loader", "input", "input_recipe", "predict", "trainer", *bench_features.SECTIONS, "models",
-            "scaling", "keras_cost", "peers")
+            "scaling", "keras_cost", "peers", "network")
 
 
 def plain(threads: int, steps: int) -> subprocess.Popen:
@@ -254,6 +257,7 @@ def main() -> int:
     p.add_argument("--conversion-images", type=int, default=1000, help="images in the conversion's 1x set")
     p.add_argument("--loader-images", type=int, default=1000, help="JPEGs generated for the loader benchmark")
     p.add_argument("--loader-seconds", type=float, default=20.0, help="length of one loader measurement")
+    p.add_argument("--network-repeats", type=int, default=2, help="repetitions of the network section's training")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args()
     parts = set(args.only.split(","))
@@ -292,6 +296,10 @@ def main() -> int:
         merge_results(args.out, "keras_cost", bench_peers.keras_cost(args.repeats, 2 * args.peer_steps))
     if "peers" in parts:
         merge_results(args.out, "peers", bench_peers.peers(args.repeats, args.peer_steps))
+    if "network" in parts:
+        with tempfile.TemporaryDirectory(prefix="bench-network-") as work:
+            result = bench_network.network(args.network_repeats, work)
+        merge_results(args.out, "network", {**result, "machine": machine(), "date": timestamp()})
     print(f"\nwritten to {args.out}")
     return 0
 

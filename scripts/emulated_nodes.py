@@ -24,10 +24,12 @@ Used by tests/slurm_nodes.py (a two-node Slurm cluster), tests/test_network.py
 and scripts/bench_network.py. Needs root.
 """
 
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -228,3 +230,24 @@ class EmulatedNodes:
             for step in reversed(self._made):
                 subprocess.run(["ip", *step], capture_output=True)
             self._made.clear()
+
+
+def allreduce_times(nodes: EmulatedNodes, hosts: str, sizes: list[int], budget_seconds: float = 2.0,
+                    extra: tuple[str, ...] = (), env: dict | None = None, timeout: float = 900) -> list[dict]:
+    """scripts/allreduce_probe.py under horovodrun from the first node (Gloo over the nodes' NIC): one dict per size.
+
+    `hosts` is horovodrun's -H (node1:1,node2:1); `extra` more horovodrun flags
+    (--cycle-time-ms, --fusion-threshold-mb) or, after "--", probe flags (--fp16).
+    """
+    root = Path(__file__).resolve().parents[1]
+    launcher_flags, probe_flags = (list(extra), []) if "--" not in extra else (
+        list(extra[:extra.index("--")]), list(extra[extra.index("--") + 1:]))
+    ranks = sum(int(h.rsplit(":", 1)[1]) for h in hosts.split(","))
+    argv = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(ranks), "-H", hosts, "--gloo",
+            "--network-interfaces", NIC, *launcher_flags, sys.executable, str(root / "scripts" / "allreduce_probe.py"),
+            "--sizes", ",".join(map(str, sizes)), "--budget-seconds", str(budget_seconds), *probe_flags]
+    res = nodes.run(nodes.names[0], argv, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
+                    timeout=timeout, cwd=str(root))
+    if res.returncode:
+        raise RuntimeError(f"allreduce probe failed ({res.returncode}): {(res.stdout + res.stderr)[-3000:]}")
+    return [json.loads(line.split(":", 1)[1]) for line in res.stdout.splitlines() if line.startswith("[0]<stdout>:{")]
