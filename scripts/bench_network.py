@@ -105,17 +105,24 @@ def sweep(nodes: EmulatedNodes, hosts: str, rate: float) -> dict:
     points = allreduce_times(nodes, hosts, sizes, budget_seconds=2.0, extra=("--cycle-time-ms", str(CYCLE_MS)))
     fit = fit_ring(points, ranks)
     for p in points:
+        p["bandwidth_term_seconds"] = 2 * (ranks - 1) / ranks * p["bytes"] * 8 / rate
         p["fitted_seconds"] = fit["fixed_s"] + 2 * (ranks - 1) / ranks * p["bytes"] * 8 / fit["bandwidth_bps"]
         p["fit_error"] = abs(p["fitted_seconds"] - p["seconds"]) / p["seconds"]
-        p["predicted_seconds"] = ring_allreduce_seconds(p["bytes"], ranks, 0.0, rate / 8, points[0]["seconds"])
+        # The model as `launch plan` uses it: the tc rate as B, the fitted per-call constant as its fixed term.
+        p["predicted_seconds"] = ring_allreduce_seconds(p["bytes"], ranks, 0.0, rate / 8, fit["fixed_s"])
         p["predicted_error"] = abs(p["predicted_seconds"] - p["seconds"]) / p["seconds"]
+    # Where the bandwidth term is at least twice the constant, the link, not the cycle's phase, sets the time.
+    bound = [p for p in points if p["bandwidth_term_seconds"] >= 2 * fit["fixed_s"]]
     result = {"hosts": hosts, "ranks": ranks, "tc_rate_bps": rate, **fit,
               "bandwidth_vs_tc": fit["bandwidth_bps"] / rate,
               "max_fit_error": max(p["fit_error"] for p in points),
-              "max_predicted_error": max(p["predicted_error"] for p in points), "points": points}
+              "max_predicted_error": max(p["predicted_error"] for p in points),
+              "max_predicted_error_bandwidth_bound": max((p["predicted_error"] for p in bound), default=None),
+              "points": points}
     print(f"allreduce {hosts} at {rate / 1e6:.0f} Mbit/s: fitted B {fit['bandwidth_bps'] / 1e6:.1f} Mbit/s "
           f"({result['bandwidth_vs_tc']:.3f} of tc), c {fit['fixed_s'] * 1e3:.2f} ms, fit error <= "
-          f"{result['max_fit_error']:.3f}, model at the tc rate <= {result['max_predicted_error']:.3f}", flush=True)
+          f"{result['max_fit_error']:.3f}, model at the tc rate <= {result['max_predicted_error']:.3f} "
+          f"(<= {result['max_predicted_error_bandwidth_bound'] or 0:.3f} where the link sets the time)", flush=True)
     return result
 
 
