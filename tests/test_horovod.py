@@ -49,6 +49,14 @@ def rank_records(output: str) -> dict[int, list[dict]]:
     return {r: [json.loads(x) for x in xs] for r, xs in messages(output, "epoch_metrics").items()}
 
 
+def auto_precision() -> str:
+    """What `train.precision: auto` resolves to on this machine (the default of every test run)."""
+    from trainer.assembly import cpu_flags, cpu_has_bfloat16, gpu_compute_capability, resolve_precision
+
+    capability = gpu_compute_capability()
+    return resolve_precision("auto", capability, capability is None and cpu_has_bfloat16(cpu_flags()))
+
+
 def without_rank(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != "rank"}
 
@@ -111,6 +119,9 @@ def test_only_rank0_writes_checkpoints_events_and_summary(trained):
     assert summary["steps_per_epoch"] == 1437 // 64
     assert summary["images_per_sec"] > 0
     assert summary["val_accuracy"] > 0.8
+    # The default train.precision, `auto`, as this machine resolves it (mixed_bfloat16 on a bfloat16 CPU).
+    assert summary["precision"] == auto_precision()
+    assert f"precision {auto_precision()}, " in out
     assert (run_dir / "config.yaml").is_file()
     assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name]
 

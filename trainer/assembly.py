@@ -23,17 +23,41 @@ def gpu_compute_capability() -> tuple[int, int] | None:
     return tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
 
 
-def resolve_precision(precision: str, capability: tuple[int, int] | None) -> str:
+# The x86 instruction sets of bfloat16 arithmetic, as Linux names them in /proc/cpuinfo's flags.
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_bfloat16(flags: str) -> bool:
+    """Whether a CPU's flags (as /proc/cpuinfo lists them, space-separated) include a bfloat16 instruction set."""
+    return not set(flags.split()).isdisjoint(BFLOAT16_CPU_FLAGS)
+
+
+def cpu_flags() -> str:
+    """The `flags` of /proc/cpuinfo's first processor; empty where there is none (not Linux, not x86)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return value
+    except OSError:
+        pass
+    return ""
+
+
+def resolve_precision(precision: str, capability: tuple[int, int] | None, cpu_bfloat16: bool = False) -> str:
     """`train.precision` with `auto` resolved for the device (`capability` None: CPU).
 
     GPUs follow NVIDIA's recipes (not measured here): bfloat16 from compute
     capability 8.0 (Ampere), whose range needs no loss scaling, float16
-    before. On the CPU float32: see docs/benchmarks.md for the measurement.
+    before. On a CPU (`cpu_bfloat16`: cpu_has_bfloat16 of its flags)
+    mixed_bfloat16 where it has bfloat16 instructions, float32 otherwise:
+    see docs/benchmarks.md for the measurement.
     """
     if precision != "auto":
         return precision
     if capability is None:
-        return "float32"
+        return "mixed_bfloat16" if cpu_bfloat16 else "float32"
     return "mixed_bfloat16" if tuple(capability) >= (8, 0) else "mixed_float16"
 
 
@@ -147,7 +171,8 @@ def build_compiled_model(cfg: ExperimentConfig, spec: DataSpec, schedule, stop_r
     training at a step all ranks agree on; evaluation passes none.
     """
     capability = gpu_compute_capability()
-    precision = resolve_precision(cfg.train.precision, capability)
+    precision = resolve_precision(cfg.train.precision, capability,
+                                  capability is None and cpu_has_bfloat16(cpu_flags()))
     compile_parts = resolve_jit(cfg.train.jit_compile, capability)
     log.info("precision %s, XLA for the gradients and the update: %s", precision, compile_parts)
     previous = keras.config.dtype_policy()

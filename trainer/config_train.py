@@ -74,8 +74,10 @@ class TrainConfig:
       precision: float32, mixed_bfloat16 or mixed_float16 (the Keras dtype
         policy: float32 weights, the layers compute in the 16-bit type; the
         last layer and its softmax stay float32); `auto` is mixed_bfloat16 on
-        GPUs of compute capability >= 8.0, mixed_float16 on older GPUs and
-        float32 on CPUs (docs/training.md).
+        GPUs of compute capability >= 8.0, mixed_float16 on older GPUs,
+        mixed_bfloat16 on CPUs with bfloat16 instructions (the avx512_bf16 or
+        amx_bf16 flag in /proc/cpuinfo) and float32 on other CPUs; summary.json
+        says which (docs/training.md).
       initial_loss_scale: with mixed_float16, the loss scale to start from; it
         halves on every step whose gradients overflow (that step is skipped on
         all ranks) and doubles after 2000 steps without overflow.

@@ -61,6 +61,7 @@ def evaluate_checkpoint(cfg, ctx, which: str, export_dir: str) -> None:
         report = {
             "checkpoint": state["path"], "epoch": state.get("epoch"), "global_step": state.get("global_step"),
             "config_sha256": state.get("config_sha256"), "evaluated_weights": weights.name,
+            "precision": model.dtype_policy.name,
             "world_size": ctx.size, "val_examples": result["examples"], "eval_time_sec": round(result["time_sec"], 3),
             **{f"val_{k}": v for k, v in result.items() if k not in ("examples", "time_sec")},
         }

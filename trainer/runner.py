@@ -262,6 +262,7 @@ class TrainingRun:
             "train_loss": history["loss"][-1] if history else None,
             "train_accuracy": history["accuracy"][-1] if history else None,
             "model": self.cfg.model.name,
+            "precision": self.model.dtype_policy.name,  # train.precision as resolved (`auto`: for this device)
             "wall_time_sec": round(time.time() - self.started, 2),
         }
 
