@@ -4,7 +4,8 @@
 
 Left: allreduce time against message size at each emulated rate, measured
 (points) and the ring model at the tc rate (lines). Right: the trainer's
-measured step time against `launch plan`'s prediction, with the ±25% band.
+measured step time against `launch plan`'s prediction, with the ±25% band
+(the knobs once per repetition).
 
 matplotlib is needed for this picture only: it is installed with
 `pip install --target` into a folder of pip's cache on first use and put on
@@ -45,16 +46,18 @@ def allreduce_panel(ax, sweeps: list[dict]) -> None:
     ax.grid(True, which="both", alpha=0.3)
 
 
-def trainer_panel(ax, points: list[dict], knobs: dict) -> None:
-    rows = [(p, f"{p['model']} {p['tc_rate_bps'] / 1e6:g}M") for p in points]
-    rows += [(v, k) for k, v in knobs.items() if k != "default"]
-    measured = [r["step_seconds"]["median"] for r, _ in rows]
-    predicted = [r["predicted_step_seconds"]["median"] for r, _ in rows]
+def trainer_panel(ax, points: list[dict], runs: list[dict]) -> None:
+    """Each trainer point's medians; each knob of each repetition on its own (r1, r2, ...)."""
+    rows = [(p["step_seconds"]["median"], p["predicted_step_seconds"]["median"],
+             f"{p['model']} {p['tc_rate_bps'] / 1e6:g}M") for p in points]
+    rows += [(v["step_seconds"], v["predicted_step_seconds"], f"{k} r{i}")
+             for i, run in enumerate(runs, 1) for k, v in run["knobs"].items() if k != "default"]
+    measured, predicted = [r[0] for r in rows], [r[1] for r in rows]
     lo, hi = min(measured + predicted) / 1.5, max(measured + predicted) * 1.5
     ax.fill_between([lo, hi], [lo / 1.25, hi / 1.25], [lo * 1.25, hi * 1.25], color="0.9", label="±25%")
     ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
     ax.plot(measured, predicted, "o", ms=5)
-    for m, p, (_, label) in zip(measured, predicted, rows):
+    for m, p, (_, _, label) in zip(measured, predicted, rows):
         ax.annotate(label, (m, p), fontsize=6, xytext=(3, -8), textcoords="offset points")
     ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="measured step (s)",
            ylabel="predicted step (s)", title="Trainer on 2 nodes: step time\nmeasured vs `launch plan`")
@@ -81,7 +84,7 @@ def main() -> int:
     net = results["network"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
     allreduce_panel(left, net["allreduce"])
-    trainer_panel(right, net["trainer"], net["knobs"])
+    trainer_panel(right, net["trainer"], net["runs"])
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"written to {args.out}")
