@@ -19,7 +19,6 @@ from trainer.config import ModelConfig
 
 ERROR_PREFIX = "model check: "  # the line the launcher takes, among whatever TensorFlow logs
 SIZE_PREFIX = "model size: "
-_FLOATS = ("float16", "bfloat16", "float32", "float64")  # as trainer/step.py: the float state it allreduces
 
 
 def check(model_cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
@@ -40,9 +39,10 @@ def size(model_cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes:
     import numpy as np
 
     from trainer.models import build_net
+    from trainer.step import float_state
 
     model = build_net(model_cfg, input_shape, num_classes)
-    state = [v for v in model.non_trainable_variables if v.dtype in _FLOATS]
+    state = float_state(model.non_trainable_variables)
 
     def count(variables, nbytes=False):
         return sum(int(np.prod(v.shape)) * (np.dtype(v.dtype).itemsize if nbytes else 1) for v in variables)

@@ -31,6 +31,14 @@ from trainer.preemption import STOP_LOG
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
+def float_state(variables, frozen_ids=frozenset()) -> list:
+    """The non-trainable float variables each step averages over ranks (BatchNorm statistics), in their order.
+
+    launch plan counts the same list (trainer.model_check.size).
+    """
+    return [v for v in variables if v.dtype in _FLOATS and id(v) not in frozen_ids]
+
+
 @keras.saving.register_keras_serializable(package="hvd_keras_cnn")
 class DataParallelModel(keras.Model):
     """A functional model whose training step averages gradients across all ranks."""
@@ -170,7 +178,7 @@ class DataParallelModel(keras.Model):
         # Float state outside the gradients (BatchNorm moving statistics) moves
         # in the forward pass, before anyone knows whether the step will be
         # skipped: its values from before are kept to put back.
-        state = [v for v in self.non_trainable_variables if v.dtype in _FLOATS and id(v) not in self.frozen_variables]
+        state = float_state(self.non_trainable_variables, self.frozen_variables)
         skips = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
         before = [tf.identity(v.value) for v in state] if skips else []
         loss, y_pred, grads = gradients_fn(x, y, sample_weight)
