@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from bench_common import ROOT, bench_env, stats, trainer_summary
-from emulated_nodes import EmulatedNodes, allreduce_times
+from emulated_nodes import EmulatedNodes, allreduce_times, ranks_of
 
 PY = sys.executable
 SIZES = [4096 * 4 ** i for i in range(9)]  # 4 KiB .. 256 MiB
@@ -99,7 +99,7 @@ def fit_ring(points: list[dict], ranks: int) -> dict:
 def sweep(nodes: EmulatedNodes, hosts: str, rate: float) -> dict:
     from launch.cost_model import ring_allreduce_seconds
 
-    ranks = sum(int(h.rsplit(":", 1)[1]) for h in hosts.split(","))
+    ranks = ranks_of(hosts)
     sizes = [s for s in SIZES if 2 * (ranks - 1) / ranks * s * 8 / rate <= MAX_CALL_SECONDS]
     nodes.shape(rate)
     points = allreduce_times(nodes, hosts, sizes, budget_seconds=2.0, extra=("--cycle-time-ms", str(CYCLE_MS)))

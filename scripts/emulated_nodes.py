@@ -34,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 
+from launch.hosts import parse_hosts
+
 NIC = "eth1"  # one name in every namespace: Horovod's common-interface probe matches interfaces by name
 
 
@@ -65,6 +67,24 @@ def tbf_args(rate_bps: float) -> list[str]:
     """
     burst = max(16 * 1024, int(rate_bps / 8 / 1000))
     return ["tbf", "rate", f"{int(rate_bps)}bit", "burst", str(burst), "latency", "200ms"]
+
+
+def stop_processes(procs: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM to those still running (newest first), then SIGKILL to any not ended within `grace` seconds."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def ranks_of(hosts: str) -> int:
+    """The ranks horovodrun's -H `hosts` (node1:1,node2:2) starts."""
+    return sum(slots for _, slots in parse_hosts(hosts))
 
 
 def _exit_on_sigterm(signum, frame):
@@ -225,15 +245,7 @@ class EmulatedNodes:
     def stop(self) -> None:
         """Stops what it started by pid (SIGKILL after 10 s), kills what is left in the namespaces, unlinks all."""
         try:
-            for p in self.procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            for p in self.procs:
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_processes(self.procs, grace=10)
         finally:
             # What a job left behind in a namespace (a rank of a killed job) goes first, by pid.
             for name in self.netns:
@@ -257,7 +269,7 @@ def allreduce_times(nodes: EmulatedNodes, hosts: str, sizes: list[int], budget_s
     root = Path(__file__).resolve().parents[1]
     launcher_flags, probe_flags = (list(extra), []) if "--" not in extra else (
         list(extra[:extra.index("--")]), list(extra[extra.index("--") + 1:]))
-    ranks = sum(int(h.rsplit(":", 1)[1]) for h in hosts.split(","))
+    ranks = ranks_of(hosts)
     argv = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(ranks), "-H", hosts, "--gloo",
             "--network-interfaces", NIC, *launcher_flags, sys.executable, str(root / "scripts" / "allreduce_probe.py"),
             "--sizes", ",".join(map(str, sizes)), "--budget-seconds", str(budget_seconds), *probe_flags]

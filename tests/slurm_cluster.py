@@ -12,12 +12,12 @@ beyond 127.0.0.1. It needs root, as slurmd starts jobs as their users.
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
+from emulated_nodes import stop_processes
 from helpers import free_port
 
 # What the one-node and the two-node clusters (slurm_nodes.py) share.
@@ -176,12 +176,4 @@ class SlurmCluster:
                 deadline = time.monotonic() + 45
                 while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).stdout.split():
                     time.sleep(0.2)
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs, grace=15)
