@@ -30,7 +30,7 @@ max. Results are merged into bench/results.json.
 
     python scripts/bench.py [--repeats 3] [--epoch-seconds 11]
         [--only conversion,loader,input,input_recipe,predict,trainer,precision,jit,accumulation,nonfinite,
-                models,scaling,keras_cost,peers,network]
+                models,scaling,keras_cost,peers,network,network_knobs]
         [--scaling-variants default,cycle_1ms,...] [--peer-steps 5]
 
 `peers` and `keras_cost` are scripts/bench_peers.py: ResNet-50 against Horovod's
@@ -44,7 +44,8 @@ and peak RSS). `precision`, `jit`, `accumulation` and `nonfinite` are scripts/be
 `models` is scripts/bench_models.py: EfficientNetV2B0 and MobileNetV3Small at
 np=1 and np=2, with the fused BatchNorm and with Keras's (ratios fused/keras).
 `network` is scripts/bench_network.py: allreduce and training across emulated
-nodes (network namespaces, tc-shaped links; needs root) against the cost model.
+nodes (network namespaces, tc-shaped links; needs root) against the cost model;
+`network_knobs` is its knobs alone (with the link and one sweep they need).
 """
 
 import argparse
@@ -70,7 +71,7 @@ PY = sys.executable
 BATCH = 64
 EPOCHS = 3  # the first is warm-up; the other two are the steady-state measurement
 SECTIONS = ("conversion", "loader", "input", "input_recipe", "predict", "trainer", *bench_features.SECTIONS, "models",
-            "scaling", "keras_cost", "peers", "network")
+            "scaling", "keras_cost", "peers", "network", "network_knobs")
 
 
 def plain(threads: int, steps: int) -> subprocess.Popen:
@@ -296,10 +297,11 @@ def main() -> int:
         merge_results(args.out, "keras_cost", bench_peers.keras_cost(args.repeats, 2 * args.peer_steps))
     if "peers" in parts:
         merge_results(args.out, "peers", bench_peers.peers(args.repeats, args.peer_steps))
-    if "network" in parts:
-        with tempfile.TemporaryDirectory(prefix="bench-network-") as work:
-            result = bench_network.network(args.network_repeats, work)
-        merge_results(args.out, "network", {**result, "machine": machine(), "date": timestamp()})
+    for section in ("network", "network_knobs"):
+        if section in parts:
+            with tempfile.TemporaryDirectory(prefix="bench-network-") as work:
+                result = getattr(bench_network, section)(args.network_repeats, work)
+            merge_results(args.out, section, {**result, "machine": machine(), "date": timestamp()})
     print(f"\nwritten to {args.out}")
     return 0
 

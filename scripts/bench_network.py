@@ -48,7 +48,9 @@ MODELS = {
                       (200e6, 1e9)),
 }
 KNOB_POINT = ("resnet50_64px", 1e9)
-KNOBS = {  # name: (config --set, launcher options, the per-replica batch factor)
+# name: (config --set, launcher options, images a step against the default's). Every knob keeps the
+# model's micro-batch (data.global_batch_size); accumulation_4 runs four of them a step.
+KNOBS = {
     "default": ((), (), 1),
     "fp16_compression": (("allreduce.fp16_compression=true",), (), 1),
     "accumulation_4": (("train.accumulation_steps=4",), (), 4),
@@ -154,11 +156,25 @@ def step_seconds(summary: dict) -> float:
     return summary["global_batch_size"] / summary["images_per_sec"]
 
 
+def run_sets(name: str, ranks: int, sets: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The --set list of model `name` at `ranks` ranks (its per-replica micro-batch each), then `sets`.
+
+    data.global_batch_size is the micro-batch over all ranks: a knob that
+    accumulates keeps it and sets train.accumulation_steps alone.
+    """
+    _, batch_sets, batch, _ = MODELS[name]
+    return (*(s.format(n=ranks * batch) for s in batch_sets), *sets)
+
+
 def trainer_point(nodes: EmulatedNodes, name: str, rate: float, latency: float, step1: float,
                   sets: tuple[str, ...] = (), options: tuple[str, ...] = (), factor: int = 1) -> dict:
-    """One 2-node run at `rate` against `launch plan`'s prediction from the np=1 step time `step1`."""
-    config, batch_sets, batch, _ = MODELS[name]
-    sets2 = (*(s.format(n=2 * batch * factor) for s in batch_sets), *sets)
+    """One 2-node run at `rate` against `launch plan`'s prediction from the np=1 step time `step1`.
+
+    `factor`: micro-batches a step (train.accumulation_steps in `sets`);
+    `launch plan` takes the compute time of one micro-batch.
+    """
+    config = MODELS[name][0]
+    sets2 = run_sets(name, 2, sets)
     nodes.shape(rate)
     summary = two_node_summary(nodes, config, sets2, options)
     step2 = step_seconds(summary)
@@ -178,10 +194,9 @@ def trainer_point(nodes: EmulatedNodes, name: str, rate: float, latency: float, 
     return point
 
 
-def np1_step(name: str, sets: tuple[str, ...] = (), factor: int = 1) -> float:
-    config, batch_sets, batch, _ = MODELS[name]
-    summary = trainer_summary(1, config, (*(s.format(n=batch * factor) for s in batch_sets), *sets))
-    return step_seconds(summary)
+def np1_step(name: str, sets: tuple[str, ...] = ()) -> float:
+    """Seconds per step of model `name` at np=1, with `sets` (a knob's)."""
+    return step_seconds(trainer_summary(1, MODELS[name][0], run_sets(name, 1, sets)))
 
 
 def trainer_repetition(nodes: EmulatedNodes, latency: float) -> tuple[list[dict], dict]:
@@ -190,12 +205,17 @@ def trainer_repetition(nodes: EmulatedNodes, latency: float) -> tuple[list[dict]
     for name, (_, _, _, rates) in MODELS.items():
         step1 = np1_step(name)
         points += [trainer_point(nodes, name, rate, latency, step1) for rate in rates]
+    return points, knob_repetition(nodes, latency)
+
+
+def knob_repetition(nodes: EmulatedNodes, latency: float) -> dict:
+    """Each knob at KNOB_POINT, one after another, each after its own np=1 step time."""
     name, rate = KNOB_POINT
     knobs = {}
     for knob, (sets, options, factor) in KNOBS.items():
-        step1 = np1_step(name, sets, factor)
+        step1 = np1_step(name, sets)
         knobs[knob] = trainer_point(nodes, name, rate, latency, step1, sets, options, factor)
-    return points, knobs
+    return knobs
 
 
 def with_fitted_link(point: dict, fitted_bps: float) -> None:
@@ -238,11 +258,33 @@ def network(repeats: int, work: str) -> dict:
     """The whole section: link latency, allreduce sweeps, trainer points and knobs."""
     started = time.monotonic()
     with EmulatedNodes(Path(work) / "nodes", ("node1", "node2", "node3", "node4")) as nodes:
-        nodes.shape(None)
-        latency = round_trip(nodes) / 2
-        print(f"link: one-way latency {latency * 1e6:.1f} us (half the median TCP round trip)", flush=True)
+        latency = link_latency(nodes)
         sweeps = [sweep(nodes, hosts, rate) for hosts, rate in SWEEPS]
         repetitions = [trainer_repetition(nodes, latency) for _ in range(repeats)]
+    return results(latency, sweeps, repetitions, repeats, started)
+
+
+def network_knobs(repeats: int, work: str) -> dict:
+    """The knobs alone (`--only network_knobs`): link latency, the 2-node sweep at their rate, the knobs."""
+    started = time.monotonic()
+    with EmulatedNodes(Path(work) / "nodes", ("node1", "node2")) as nodes:
+        latency = link_latency(nodes)
+        sweeps = [sweep(nodes, SWEEPS[0][0], KNOB_POINT[1])]
+        repetitions = [([], knob_repetition(nodes, latency)) for _ in range(repeats)]
+    return results(latency, sweeps, repetitions, repeats, started)
+
+
+def link_latency(nodes: EmulatedNodes) -> float:
+    """One-way latency of the unshaped link: half the median TCP round trip of one byte."""
+    nodes.shape(None)
+    latency = round_trip(nodes) / 2
+    print(f"link: one-way latency {latency * 1e6:.1f} us (half the median TCP round trip)", flush=True)
+    return latency
+
+
+def results(latency: float, sweeps: list[dict], repetitions: list[tuple[list[dict], dict]], repeats: int,
+            started: float) -> dict:
+    """The section's entry in bench/results.json: every point, each with its prediction from the fitted link too."""
     fitted = {s["tc_rate_bps"]: s["bandwidth_bps"] for s in sweeps if s["hosts"] == SWEEPS[0][0]}
     for rep_points, rep_knobs in repetitions:
         for point in [*rep_points, *rep_knobs.values()]:
@@ -254,4 +296,3 @@ def network(repeats: int, work: str) -> dict:
             "max_step_error_fitted_link": max(p["step_error_fitted_link"]["median"] for p in every),
             "repeats": repeats, "seconds": time.monotonic() - started,
             "runs": [{"points": p, "knobs": k} for p, k in repetitions]}
-

@@ -5,7 +5,8 @@
 Left: allreduce time against message size at each emulated rate, measured
 (points) and the ring model at the tc rate (lines). Right: the trainer's
 measured step time against `launch plan`'s prediction, with the ±25% band
-(the knobs once per repetition).
+(the knobs once per repetition, from the `network_knobs` entry when there is one:
+`--only network_knobs` measures them again alone).
 
 matplotlib is needed for this picture only: it is installed with
 `pip install --target` into a folder of pip's cache on first use and put on
@@ -84,7 +85,7 @@ def main() -> int:
     net = results["network"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
     allreduce_panel(left, net["allreduce"])
-    trainer_panel(right, net["trainer"], net["runs"])
+    trainer_panel(right, net["trainer"], results.get("network_knobs", net)["runs"])
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"written to {args.out}")

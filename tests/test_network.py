@@ -31,3 +31,22 @@ def test_allreduce_over_a_shaped_link_takes_the_time_of_its_bandwidth(tmp_path):
     # The ranks' traffic crossed node2's bucket: every call sent at least half the message from there.
     sent = int(qdisc.split("Sent ")[1].split()[0])
     assert sent >= (large["calls"] + 1) * LARGE / 2, qdisc
+
+
+@pytest.mark.parametrize("knob", ["default", "accumulation_4", "fp16_compression"])
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_each_network_knob_runs_the_images_a_step_its_comparison_assumes(knob, ranks):
+    """The knobs' images/s against the default's is `factor` x default step / knob step: the runs must do that work.
+
+    A knob that accumulates keeps the model's micro-batch. Scaling the
+    global batch by the factor as well ran 4 x 64 images a step where 4 x 16
+    were meant, and made accumulation look 4x slower than it is.
+    """
+    from bench_network import KNOB_POINT, KNOBS, MODELS, run_sets
+    from trainer.config import effective_batch_size, load_config
+
+    name = KNOB_POINT[0]
+    config, _, batch, _ = MODELS[name]
+    sets, _, factor = KNOBS[knob]
+    cfg = load_config(config, run_sets(name, ranks, sets))
+    assert (cfg.data.global_batch_size, effective_batch_size(cfg)) == (ranks * batch, ranks * batch * factor)
