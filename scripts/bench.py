@@ -247,7 +247,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epoch-seconds", type=float, default=11.0, help="target length of one timed epoch")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of: {', '.join(SECTIONS)}")
+    # network_knobs is a part of network measured again alone: not run twice by default.
+    p.add_argument("--only", default=",".join(x for x in SECTIONS if x != "network_knobs"),
+                   help=f"comma list of: {', '.join(SECTIONS)}")
     p.add_argument("--feature-epoch-seconds", type=float, default=5.0,
                    help="target length of one timed epoch in the precision, jit and accumulation sections")
     p.add_argument("--digits-epochs", type=int, default=20, help="epochs of the precision section's digits runs")
