@@ -51,10 +51,9 @@ def rank_records(output: str) -> dict[int, list[dict]]:
 
 def auto_precision() -> str:
     """What `train.precision: auto` resolves to on this machine (the default of every test run)."""
-    from trainer.assembly import cpu_flags, cpu_has_bfloat16, gpu_compute_capability, resolve_precision
+    from trainer.assembly import resolve_precision, this_device
 
-    capability = gpu_compute_capability()
-    return resolve_precision("auto", capability, capability is None and cpu_has_bfloat16(cpu_flags()))
+    return resolve_precision("auto", *this_device())
 
 
 def without_rank(record: dict) -> dict:

@@ -61,6 +61,45 @@ def resolve_precision(precision: str, capability: tuple[int, int] | None, cpu_bf
     return "mixed_bfloat16" if tuple(capability) >= (8, 0) else "mixed_float16"
 
 
+def this_device() -> tuple[tuple[int, int] | None, bool]:
+    """(compute capability or None on CPU, whether the CPU has bfloat16 instructions): what `auto` depends on."""
+    capability = gpu_compute_capability()
+    return capability, capability is None and cpu_has_bfloat16(cpu_flags())
+
+
+def agreed_precision(precision: str, devices: list) -> str:
+    """`train.precision` resolved alike for ranks on the `devices` (this_device() of each).
+
+    Ranks that resolved `auto` each for itself on different hardware would
+    compute apart, and mixed_float16 beside another policy would average
+    loss-scaled gradients with unscaled ones. Where their resolutions
+    differ, the one every device runs: mixed_float16 on GPUs, else float32.
+    """
+    resolved = {resolve_precision(precision, capability, bf16) for capability, bf16 in devices}
+    if len(resolved) == 1:
+        return resolved.pop()
+    return "mixed_float16" if all(capability is not None for capability, _ in devices) else "float32"
+
+
+def run_precision(cfg: ExperimentConfig, ctx) -> str:
+    """The precision every rank of this run uses (collective when `auto` with several ranks, not elastic).
+
+    Under elastic training no collective may run before the elastic
+    function: each rank resolves for itself, and trainer.elastic refuses a
+    worker whose result differs from rank 0's.
+    """
+    mine = this_device()
+    local = resolve_precision(cfg.train.precision, *mine)
+    if cfg.train.precision != "auto" or ctx.size == 1 or ctx.elastic:
+        return local
+    devices = ctx.allgather_object(mine, "precision.devices")
+    agreed = agreed_precision(cfg.train.precision, devices)
+    if agreed != local:
+        log.warning("train.precision auto: %s on every rank, where this rank's device alone would take %s "
+                    "(the ranks' devices differ: %s)", agreed, local, devices)
+    return agreed
+
+
 def resolve_jit(jit_compile: str, capability: tuple[int, int] | None) -> bool:
     """`train.jit_compile` as a bool: `auto` compiles on GPU only (slower on this CPU, docs/benchmarks.md)."""
     value = jit_compile.lower()
@@ -164,15 +203,17 @@ def training_loss(label_smoothing: float = 0.0, soft_labels: bool = False) -> ke
     return keras.losses.SparseCategoricalCrossentropy()
 
 
-def build_compiled_model(cfg: ExperimentConfig, spec: DataSpec, schedule, stop_request=None) -> DataParallelModel:
+def build_compiled_model(cfg: ExperimentConfig, spec: DataSpec, schedule, stop_request=None,
+                         precision: str | None = None) -> DataParallelModel:
     """The config's model, compiled, with its optimizer's variables created.
 
     `stop_request` (a trainer.preemption.StopRequest) lets a signal stop
     training at a step all ranks agree on; evaluation passes none.
+    `precision`: the dtype policy (run_precision); None resolves
+    train.precision for this process's device alone.
     """
     capability = gpu_compute_capability()
-    precision = resolve_precision(cfg.train.precision, capability,
-                                  capability is None and cpu_has_bfloat16(cpu_flags()))
+    precision = precision or resolve_precision(cfg.train.precision, *this_device())
     compile_parts = resolve_jit(cfg.train.jit_compile, capability)
     log.info("precision %s, XLA for the gradients and the update: %s", precision, compile_parts)
     previous = keras.config.dtype_policy()

@@ -77,7 +77,10 @@ class TrainConfig:
         GPUs of compute capability >= 8.0, mixed_float16 on older GPUs,
         mixed_bfloat16 on CPUs with bfloat16 instructions (the avx512_bf16 or
         amx_bf16 flag in /proc/cpuinfo) and float32 on other CPUs; summary.json
-        says which (docs/training.md).
+        says which (docs/training.md). Ranks on different devices take one
+        policy: the common one, else mixed_float16 on GPUs and float32 with
+        a CPU among them (an elastic worker that differs from rank 0 is
+        refused).
       initial_loss_scale: with mixed_float16, the loss scale to start from; it
         halves on every step whose gradients overflow (that step is skipped on
         all ranks) and doubles after 2000 steps without overflow.

@@ -24,6 +24,7 @@ import tensorflow as tf
 from horovod.common.elastic import ObjectState, run_fn
 from horovod.common.exceptions import HorovodInternalError
 
+from trainer.config import ConfigError
 from trainer.distributed import collective_failed
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,18 @@ def run(func):
     return run_fn(wrapper, _reset)
 
 
+def check_precision(synced: str, mine: str, configured: str) -> None:
+    """Refuses a worker whose precision is not rank 0's (`synced`, from the state): ranks must compute alike.
+
+    Elastic workers resolve train.precision `auto` each for its own device
+    (no collective may run before the elastic function); a worker on other
+    hardware ends here, with the reason, instead of training apart.
+    """
+    if synced != mine:
+        raise ConfigError(f"train.precision={configured}: this worker's device gives {mine}, rank 0's {synced}; "
+                          "elastic workers must agree: set train.precision explicitly")
+
+
 def train(ctx, training, commit_steps: int = 0):
     """Runs `training`, a trainer.runner.TrainingRun, under Horovod elastic; returns (context, outputs, history).
 
@@ -146,11 +159,12 @@ def train(ctx, training, commit_steps: int = 0):
     (0: at epoch ends only).
     """
     spe = training.steps_per_epoch
-    state = KerasState(training.model, ctx, epoch=0, batch=0, resumed=False)
+    state = KerasState(training.model, ctx, epoch=0, batch=0, resumed=False, precision=training.precision)
 
     @run
     def attempt(state: KerasState):
         ctx = state.ctx
+        check_precision(state.precision, training.precision, training.cfg.train.precision)
         outputs = training.make_outputs(ctx)
         if not state.resumed:
             state.epoch, state.batch = divmod(training.resume(ctx, outputs), spe)

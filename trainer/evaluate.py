@@ -38,7 +38,7 @@ def parse_args(argv):
 
 
 def evaluate_checkpoint(cfg, ctx, which: str, export_dir: str) -> None:
-    from trainer.assembly import build_compiled_model
+    from trainer.assembly import build_compiled_model, run_precision
     from trainer.data import make_evaluator
     from trainer.ema import EvaluatedWeights, averages
     from trainer.outputs import make_outputs
@@ -49,7 +49,7 @@ def evaluate_checkpoint(cfg, ctx, which: str, export_dir: str) -> None:
     # Any batch evaluates the same examples; the training one need not divide by this world size.
     per_replica = max(1, cfg.data.global_batch_size // ctx.size)
     model = build_compiled_model(cfg, spec, make_schedule(cfg.train, cfg.data.global_batch_size, ctx.size,
-                                                          spec.steps_per_epoch))
+                                                          spec.steps_per_epoch), precision=run_precision(cfg, ctx))
     evaluator = make_evaluator(cfg, spec, ctx, per_replica)
     outputs = make_outputs(ctx, cfg)
     state = broadcast_restore(ctx, lambda: outputs.restore(model, which, model_signature(cfg, spec)))

@@ -18,7 +18,7 @@ from data_pipeline.augment import describe as describe_augment
 from data_pipeline.collective import on_root
 from data_pipeline.reader import corrupt_shard_error
 from trainer import callbacks as cb
-from trainer.assembly import build_compiled_model, config_hash
+from trainer.assembly import build_compiled_model, config_hash, run_precision
 from trainer.checkpoint import CheckpointError
 from trainer.config import ExperimentConfig, effective_batch_size
 from trainer.data import SkippedRecords, check_shards, make_evaluator, precise_bn_dataset, train_dataset
@@ -91,7 +91,8 @@ class TrainingRun:
         # Its signal handlers are installed by run(), once the outputs have started.
         self.request = StopRequest()
         self.failures = RunFailures(self.request, cfg.train.stop_on_nonfinite)
-        self.model = build_compiled_model(cfg, spec, schedule, stop_request=self.request)
+        self.precision = run_precision(cfg, ctx)
+        self.model = build_compiled_model(cfg, spec, schedule, stop_request=self.request, precision=self.precision)
         # Undecodable training records replaced on this rank (data.skip_corrupt_records), over the whole start.
         self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.signature = model_signature(cfg, spec)
@@ -262,7 +263,7 @@ class TrainingRun:
             "train_loss": history["loss"][-1] if history else None,
             "train_accuracy": history["accuracy"][-1] if history else None,
             "model": self.cfg.model.name,
-            "precision": self.model.dtype_policy.name,  # train.precision as resolved (`auto`: for this device)
+            "precision": self.model.dtype_policy.name,  # train.precision as resolved (`auto`: alike on every rank)
             "wall_time_sec": round(time.time() - self.started, 2),
         }
 
