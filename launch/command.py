@@ -21,6 +21,9 @@ RUNNERS = ("horovodrun", "srun")
 GRACE_ENV = "HOROVOD_GRACEFUL_TERMINATION_TIME_S"
 # horovodrun's ssh option StrictHostKeyChecking (`no` unpatched, which ssh_config cannot override).
 STRICT_HOST_KEYS_ENV = "HOROVOD_SSH_STRICT_HOST_KEY_CHECKING"
+# Our Horovod patch: the background thread starts a cycle when a tensor is enqueued instead of
+# sleeping out the cycle time. Gloo only: under MPI the rank that waits for the others would poll a core.
+WAKE_ENV = "HOROVOD_WAKE_ON_ENQUEUE"
 _DEFAULT = defaults()  # one source for the defaults: the option table
 # The longest --signal-grace-sec: sbatch's --signal limit (launch slurm passes the grace to it),
 # and far below what the launcher's timer takes.
@@ -173,6 +176,8 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
     argv = [opts.horovodrun, "-np", str(opts.np), f"--{controller}"]
     env = without_enclosing_mpi_job(env)
     env[GRACE_ENV] = str(opts.signal_grace_sec)
+    if controller == "gloo":
+        env.setdefault(WAKE_ENV, "1")
     if opts.ssh_strict_host_keys:
         env[STRICT_HOST_KEYS_ENV] = "yes"
     if opts.elastic:

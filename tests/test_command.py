@@ -10,6 +10,7 @@ from helpers import run
 from launch.command import (
     GRACE_ENV,
     STRICT_HOST_KEYS_ENV,
+    WAKE_ENV,
     LaunchError,
     LaunchOptions,
     build_command,
@@ -344,6 +345,16 @@ def test_a_local_mpi_job_uses_shared_memory_only():
     assert "OMPI_MCA_btl" not in build_command(opts(controller="mpi", hosts="n1:1,n2:1"), {})[1]
     assert "OMPI_MCA_btl" not in build_command(opts(), {})[1]  # Gloo
     assert build_command(opts(controller="mpi"), {"OMPI_MCA_btl": "self,tcp"})[1]["OMPI_MCA_btl"] == "self,tcp"
+
+
+def test_gloo_jobs_wake_horovods_cycle_on_enqueue_and_mpi_jobs_do_not():
+    """Under MPI the rank that waits for the others in the cycle's collective would poll a core."""
+    assert build_command(opts(), {})[1][WAKE_ENV] == "1"
+    assert build_command(opts(controller="gloo", elastic=True, host_discovery_script="/bin/true"), {})[1][WAKE_ENV] \
+        == "1"
+    assert WAKE_ENV not in build_command(opts(controller="mpi"), {})[1]
+    assert WAKE_ENV not in build_command(opts(runner="srun"), {})[1]
+    assert build_command(opts(), {WAKE_ENV: "0"})[1][WAKE_ENV] == "0"  # the caller's choice stands
 
 
 def test_the_launcher_stops_an_mpi_runner_with_sigusr2_and_sends_sigterm_when_the_grace_is_over(tmp_path):
