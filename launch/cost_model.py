@@ -7,10 +7,13 @@ ranks (ordered by host), so one allreduce of S bytes takes
 
 with a the link's latency and B its bandwidth (bytes/s): the ring passes
 2(p-1) messages in turn, and each node's NIC carries one ring link out,
-2(p-1)/p·S bytes. `fixed` is Horovod's own time, assumed to be half a cycle
-time (the gradients are ready at any moment of a cycle) plus one negotiation
-among the ranks (a gather and a broadcast, 2·ceil(log2 p)·a); the `network`
-benchmark fits the real constant.
+2(p-1)/p·S bytes. `fixed` is Horovod's own time: one negotiation among the
+ranks (a gather and a broadcast, 2·ceil(log2 p)·a), plus, where Horovod's
+background thread sleeps out its cycle (the MPI controller), half a cycle
+time (the gradients are ready at any moment of a cycle). Under Gloo the
+launcher sets our patch's HOROVOD_WAKE_ON_ENQUEUE, and the cycle starts when
+the last rank's gradients are ready. The `network` benchmark fits the real
+constant.
 
 The trainer's step (trainer/step.py, `_allreduce`) does one grouped allreduce
 after the backward passes of all its micro-batches: the gradients (float32,
@@ -70,11 +73,12 @@ def ring_allreduce_seconds(nbytes: float, ranks: int, latency_s: float, bandwidt
     return allreduce_terms(nbytes, ranks, latency_s, bandwidth_Bps, fixed_s).total
 
 
-def horovod_fixed_seconds(cycle_time_s: float, ranks: int, latency_s: float) -> float:
-    """The assumed constant of a cycle: half a cycle's wait plus a negotiation (gather + broadcast)."""
+def horovod_fixed_seconds(cycle_time_s: float, ranks: int, latency_s: float, wake_on_enqueue: bool = True) -> float:
+    """The assumed constant of a cycle: a negotiation (gather + broadcast), and half a cycle's wait without wake."""
     if ranks <= 1:
         return 0.0
-    return cycle_time_s / 2 + 2 * math.ceil(math.log2(ranks)) * latency_s
+    wait = 0.0 if wake_on_enqueue else cycle_time_s / 2
+    return wait + 2 * math.ceil(math.log2(ranks)) * latency_s
 
 
 def fusion_chunks(nbytes: float, threshold_bytes: float, tensors: int | None = None) -> int:
@@ -172,6 +176,8 @@ class Settings:
       accumulation_steps: train.accumulation_steps (micro-batches per step, one allreduce).
       fusion_threshold_bytes: Horovod's fusion threshold (launch --fusion-threshold-mb); 0 disables fusion.
       cycle_time_s: Horovod's cycle time (launch --cycle-time-ms).
+      wake_on_enqueue: the cycle starts when the gradients are ready (the launcher's Gloo jobs); False:
+        Horovod sleeps out its cycle (MPI controller), half a cycle's wait a step.
       fixed_s: the constant of a step's cycle (paid once); None: horovod_fixed_seconds of the cycle time.
       per_allreduce_s: the constant of each allreduce of the cycle (0: only its ring latency).
     """
@@ -180,6 +186,7 @@ class Settings:
     accumulation_steps: int = 1
     fusion_threshold_bytes: float = HOROVOD_FUSION_THRESHOLD
     cycle_time_s: float = 0.005
+    wake_on_enqueue: bool = True
     fixed_s: float | None = None
     per_allreduce_s: float = 0.0
 
@@ -209,7 +216,7 @@ class Prediction:
 def communication(model: ModelBytes, cluster: Cluster, settings: Settings) -> tuple[AllreduceTerms, float]:
     """(the terms of a step's allreduces summed, the fixed constant of its cycle) over the network."""
     fixed = settings.fixed_s if settings.fixed_s is not None else \
-        horovod_fixed_seconds(settings.cycle_time_s, cluster.ranks, cluster.latency_s)
+        horovod_fixed_seconds(settings.cycle_time_s, cluster.ranks, cluster.latency_s, settings.wake_on_enqueue)
     count = model.allreduces(settings.fp16, settings.fusion_threshold_bytes)
     terms = allreduce_terms(model.message_bytes(settings.fp16), cluster.ranks, cluster.latency_s,
                             cluster.bandwidth_Bps, fixed, count, settings.per_allreduce_s)

@@ -2,7 +2,8 @@
 
     python -m launch plan --config FILE --nodes N --gpus-per-node G --bandwidth 25Gbit --latency 20us
         (--step-time SECONDS | --measure [--measure-steps S]) [--set key=value ...]
-        [--fusion-threshold-mb MB] [--cycle-time-ms MS] [--fixed-ms MS] [--per-allreduce-ms MS] [--json]
+        [--fusion-threshold-mb MB] [--cycle-time-ms MS] [--controller gloo|mpi] [--fixed-ms MS]
+        [--per-allreduce-ms MS] [--json]
 
 The config is loaded and checked as the launcher checks it; the bytes every
 step allreduces are counted on the config's model, built in a child process
@@ -54,8 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Horovod's fusion threshold, as `launch --fusion-threshold-mb` (default: Horovod's 128)")
     p.add_argument("--cycle-time-ms", type=float, default=defaults()["cycle_time_ms"], metavar="MS",
                    help="Horovod's cycle time, as `launch --cycle-time-ms` (default: the launcher's)")
+    p.add_argument("--controller", choices=("gloo", "mpi"), default="gloo",
+                   help="Horovod's controller, as `launch --gloo/--mpi` (srun: mpi): under gloo the cycle starts "
+                        "when the gradients are ready, under mpi a step waits half a cycle (default gloo)")
     p.add_argument("--fixed-ms", type=float, metavar="MS",
-                   help="Horovod's constant time per step's cycle (default: half a cycle plus a negotiation)")
+                   help="Horovod's constant time per step's cycle (default: a negotiation, plus half a cycle "
+                        "under mpi)")
     p.add_argument("--per-allreduce-ms", type=float, default=0.0, metavar="MS",
                    help="a constant time of each fused allreduce besides its ring latency (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -156,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
     settings = cm.Settings(
         fp16=cfg.allreduce.fp16_compression, accumulation_steps=cfg.train.accumulation_steps,
         fusion_threshold_bytes=args.fusion_threshold_mb * cm.MIB, cycle_time_s=args.cycle_time_ms / 1000,
+        wake_on_enqueue=args.controller == "gloo",
         fixed_s=None if args.fixed_ms is None else args.fixed_ms / 1000, per_allreduce_s=args.per_allreduce_ms / 1000)
     prediction = cm.predict(model, compute_s, cluster, batch, settings)
     recommendations = cm.recommend(model, compute_s, cluster, batch, settings)

@@ -34,6 +34,10 @@ def _mb(nbytes: float) -> str:
     return f"{nbytes / 1e6:,.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:,.1f} kB"
 
 
+def _fixed_what(settings) -> str:
+    return "Horovod's negotiation" if settings.wake_on_enqueue else "Horovod's cycle wait and negotiation"
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:,.2f} ms"
 
@@ -79,7 +83,7 @@ def _body(f: Facts, p: cm.Prediction) -> list[str]:
         lines += [
             f"communication     {p.comm_s:9.4f} s   = fixed {_ms(p.fixed_s)}" + (
                 f" + {t.count} x {_ms(p.settings.per_allreduce_s)} = {_ms(t.fixed)}"
-                if p.settings.per_allreduce_s else "") + "  (Horovod's cycle wait and negotiation)",
+                if p.settings.per_allreduce_s else "") + f"  ({_fixed_what(p.settings)})",
             f"{'':31}+ 2(p-1)·a = {t.count} x 2 x {p.ranks - 1} x {f.cluster.latency_s * 1e6:g} us = "
             f"{_ms(t.latency)}",
             f"{'':31}+ 2(p-1)/p·S/B = 2 x {p.ranks - 1}/{p.ranks} x {_mb(p.message_bytes)} / "

@@ -62,8 +62,10 @@ def test_ring_allreduce_by_hand():
     terms = cm.allreduce_terms(1e6, 4, 1e-5, 1e8, 0.002, count=3, per_allreduce_s=1e-4)
     assert terms.fixed == pytest.approx(0.0023) and terms.total == pytest.approx(0.0023 + 18e-5 + 0.015)
     assert cm.ring_allreduce_seconds(1e9, 1, 1.0, 1.0, 5.0) == 0
-    # Half of the 5 ms cycle, and a gather and broadcast of log2(8) = 3 steps each.
-    assert cm.horovod_fixed_seconds(0.005, 8, 1e-5) == pytest.approx(0.0025 + 6e-5)
+    # A gather and broadcast of log2(8) = 3 steps each; the cycle starts when the gradients are ready (Gloo).
+    assert cm.horovod_fixed_seconds(0.005, 8, 1e-5) == pytest.approx(6e-5)
+    # Sleeping out the cycle (MPI): half of the 5 ms cycle more.
+    assert cm.horovod_fixed_seconds(0.005, 8, 1e-5, wake_on_enqueue=False) == pytest.approx(0.0025 + 6e-5)
 
 
 def test_fusion_chunks():
