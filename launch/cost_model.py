@@ -7,13 +7,9 @@ ranks (ordered by host), so one allreduce of S bytes takes
 
 with a the link's latency and B its bandwidth (bytes/s): the ring passes
 2(p-1) messages in turn, and each node's NIC carries one ring link out,
-2(p-1)/p·S bytes. `fixed` is Horovod's own time: one negotiation among the
-ranks (a gather and a broadcast, 2·ceil(log2 p)·a), plus, where Horovod's
-background thread sleeps out its cycle (the MPI controller), half a cycle
-time (the gradients are ready at any moment of a cycle). Under Gloo the
-launcher sets our patch's HOROVOD_WAKE_ON_ENQUEUE, and the cycle starts when
-the last rank's gradients are ready. The `network` benchmark fits the real
-constant.
+2(p-1)/p·S bytes. `fixed` is Horovod's own time: a negotiation (gather and broadcast, 2·ceil(log2 p)·a),
+plus half a cycle where Horovod sleeps out its cycle (MPI); under Gloo the launcher wakes it on enqueue
+(our patch's HOROVOD_WAKE_ON_ENQUEUE). The `network` benchmark fits the real constant.
 
 The trainer's step (trainer/step.py, `_allreduce`) does one grouped allreduce
 after the backward passes of all its micro-batches: the gradients (float32,
@@ -77,8 +73,7 @@ def horovod_fixed_seconds(cycle_time_s: float, ranks: int, latency_s: float, wak
     """The assumed constant of a cycle: a negotiation (gather + broadcast), and half a cycle's wait without wake."""
     if ranks <= 1:
         return 0.0
-    wait = 0.0 if wake_on_enqueue else cycle_time_s / 2
-    return wait + 2 * math.ceil(math.log2(ranks)) * latency_s
+    return (0.0 if wake_on_enqueue else cycle_time_s / 2) + 2 * math.ceil(math.log2(ranks)) * latency_s
 
 
 def fusion_chunks(nbytes: float, threshold_bytes: float, tensors: int | None = None) -> int:
@@ -176,8 +171,7 @@ class Settings:
       accumulation_steps: train.accumulation_steps (micro-batches per step, one allreduce).
       fusion_threshold_bytes: Horovod's fusion threshold (launch --fusion-threshold-mb); 0 disables fusion.
       cycle_time_s: Horovod's cycle time (launch --cycle-time-ms).
-      wake_on_enqueue: the cycle starts when the gradients are ready (the launcher's Gloo jobs); False:
-        Horovod sleeps out its cycle (MPI controller), half a cycle's wait a step.
+      wake_on_enqueue: the cycle starts when the gradients are ready (Gloo); False: half a cycle's wait (MPI).
       fixed_s: the constant of a step's cycle (paid once); None: horovod_fixed_seconds of the cycle time.
       per_allreduce_s: the constant of each allreduce of the cycle (0: only its ring latency).
     """

@@ -243,6 +243,15 @@ def trainer_bench(args) -> None:
         print(f"{k:<36}{v['median']:>10.3f}{v['min']:>10.3f}{v['max']:>10.3f}  {target}")
 
 
+def network_sections(args, parts: set[str]) -> None:
+    """`network` and `network_knobs` (scripts/bench_network.py): emulated nodes in a temporary folder each."""
+    for section in ("network", "network_knobs"):
+        if section in parts:
+            with tempfile.TemporaryDirectory(prefix="bench-network-") as work:
+                result = getattr(bench_network, section)(args.network_repeats, work)
+            merge_results(args.out, section, {**result, "machine": machine(), "date": timestamp()})
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3)
@@ -299,11 +308,7 @@ def main() -> int:
         merge_results(args.out, "keras_cost", bench_peers.keras_cost(args.repeats, 2 * args.peer_steps))
     if "peers" in parts:
         merge_results(args.out, "peers", bench_peers.peers(args.repeats, args.peer_steps))
-    for section in ("network", "network_knobs"):
-        if section in parts:
-            with tempfile.TemporaryDirectory(prefix="bench-network-") as work:
-                result = getattr(bench_network, section)(args.network_repeats, work)
-            merge_results(args.out, section, {**result, "machine": machine(), "date": timestamp()})
+    network_sections(args, parts)
     print(f"\nwritten to {args.out}")
     return 0
 
