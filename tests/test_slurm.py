@@ -104,9 +104,14 @@ def test_sbatch_job_trains_with_two_ranks_and_completes(slurm, digits_shards, tm
     assert sorted(stopped) == [0, 1] and stopped[0] == stopped[1]
 
 
+EPOCHS = 8
+
+
 def test_time_limit_requeue_scancel_and_resubmission_resume_from_checkpoints(slurm, digits_shards, tmp_path):
     run_dir = tmp_path / "run"
-    epochs = ("--set", "train.epochs=4")
+    # Epochs to spare after each stop: an epoch of digits takes about 0.25 s at np=2, and the stops come
+    # 0.3 s after a checkpoint (with 4 epochs, the scancel once came after the last one).
+    epochs = ("--set", f"train.epochs={EPOCHS}")
     job_id, _ = submit(slurm, run_dir, digits_shards, *epochs)
     wait_for(run_dir, 22, slurm, job_id)
     time.sleep(0.3)  # into epoch 2
@@ -151,10 +156,10 @@ def test_time_limit_requeue_scancel_and_resubmission_resume_from_checkpoints(slu
     assert "srun --mpi=pmix --ntasks 2" in log2
     assert f"resumed from {second_stop} " in log2, log2[-3000:]
     # One record per epoch: the resumed job replaced those of the epochs the stops cut short.
-    assert [r["epoch"] for r in epoch_records(run_dir)] == [1, 2, 3, 4]
-    assert [r["epoch"] for r in rank_records(log2)[1]] == list(range(step2 // 22 + 1, 5))
-    assert checkpoint_steps(run_dir)[-1] == 4 * 22
-    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
+    assert [r["epoch"] for r in epoch_records(run_dir)] == list(range(1, EPOCHS + 1))
+    assert [r["epoch"] for r in rank_records(log2)[1]] == list(range(step2 // 22 + 1, EPOCHS + 1))
+    assert checkpoint_steps(run_dir)[-1] == EPOCHS * 22
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == EPOCHS
 
 
 def test_a_worker_error_under_srun_is_one_line_and_the_jobs_exit_code(slurm, digits_shards, tmp_path):
