@@ -113,6 +113,7 @@ def test_bad_keys_and_types_name_the_key_and_value(override, message):
         ("train.jit_compile=maybe", "train.jit_compile='maybe': must be auto, true or false"),
         ("train.accumulation_steps=0", "train.accumulation_steps=0: must be >= 1"),
         ("train.precise_bn=sometimes", "train.precise_bn='sometimes': must be auto, true or false"),
+        ("runtime.bind_cores=fast", "runtime.bind_cores='fast': must be auto or none"),
         ("train.precise_bn_examples=0", "train.precise_bn_examples=0: must be >= 1"),
         ("train.initial_loss_scale=0.5", "train.initial_loss_scale=0.5: must be >= 1"),
         ("train.label_smoothing=1", "train.label_smoothing=1.0: must be in [0, 1)"),

@@ -162,6 +162,12 @@ class RuntimeConfig:
         cores of this machine between its local ranks, so ranks do not
         oversubscribe them.
       inter_op_threads: ops run at once (at most 1024); 0 as above.
+      bind_cores: auto: on a CPU host, the ranks that share its cores each
+        get their own share of them (whole cores, by socket, in local rank
+        order), and all their threads run there; ranks that the launcher or
+        a cgroup already gave their own cores keep them, and so do GPU ranks
+        and elastic jobs. none: the scheduler places every thread on any
+        allowed core. Rank 0 logs the cores of every rank.
       deterministic: enable TensorFlow op determinism (slower; exact reruns).
         The record order is deterministic without it (data.deterministic_order).
       log_all_ranks: log INFO from every rank, not only from rank 0, and the
@@ -180,6 +186,7 @@ class RuntimeConfig:
 
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    bind_cores: str = "auto"
     deterministic: bool = False
     log_all_ranks: bool = False
     fault_stop_after_step: int = 0

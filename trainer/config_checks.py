@@ -145,6 +145,7 @@ def _validate_runtime(r, tb) -> None:
     for key in ("intra_op_threads", "inter_op_threads"):
         # TensorFlow takes an int32 and starts that many threads; 100000000000 was a ValueError traceback.
         _check(0 <= getattr(r, key) <= MAX_THREADS, f"runtime.{key}", getattr(r, key), f"must be in 0..{MAX_THREADS}")
+    _check(r.bind_cores in ("auto", "none"), "runtime.bind_cores", r.bind_cores, "must be auto or none")
     _check(tb.step_frequency >= 0, "tensorboard.step_frequency", tb.step_frequency, "must be >= 0")
     _check(tb.sample_images >= 0, "tensorboard.sample_images", tb.sample_images, "must be >= 0")
     profile_range(tb.profile_steps)

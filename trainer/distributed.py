@@ -13,6 +13,8 @@ import horovod.tensorflow as hvd
 import numpy as np
 import tensorflow as tf
 
+from trainer import cpu_binding
+
 log = logging.getLogger(__name__)
 
 
@@ -29,6 +31,29 @@ def threads_per_rank(local_size: int, cpus: int | None = None) -> int:
     """Cores of this machine divided between the ranks that run on it."""
     cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
     return max(1, cpus // max(1, local_size))
+
+
+def bind_local_ranks(cpu_host: bool) -> str | None:
+    """On CPU hosts, each local rank's threads on its own share of the cores its host's ranks share (cpu_binding).
+
+    A collective: every rank calls it. GPU ranks take part without binding:
+    where their CPU threads belong depends on the GPU's socket, which the
+    launcher knows (srun --cpu-bind, mpirun --bind-to). Returns this rank's
+    cores (`0-3`), or None where nothing was bound; rank 0 logs every rank's.
+    """
+    mine = cpu_binding.placement() if cpu_host else (cpu_binding.socket.gethostname(), ())
+    placements = hvd.allgather_object(mine, name="bind_cores.placements")
+    shares = [cpu_binding.share(placements, r) for r in range(len(placements))]
+    if not any(shares):
+        return None
+    if shares[hvd.rank()]:
+        cpu_binding.bind_process(shares[hvd.rank()])
+    cores = cpu_binding.format_cores(cpu_binding.process_cores())
+    everyone = hvd.allgather_object(cores, name="bind_cores.result")
+    if hvd.rank() == 0:
+        log.info("CPU cores per rank (runtime.bind_cores=auto): %s",
+                 "; ".join(f"{r}: {c}" for r, c in enumerate(everyone)))
+    return cores
 
 
 def gpu_for_local_rank(gpus: list, local_rank: int):
@@ -52,17 +77,19 @@ class DistContext:
     inter_op_threads: int = 0
     gpu: str | None = None
     elastic: bool = False
+    cores: str | None = None
 
     @property
     def is_chief(self) -> bool:
         return self.rank == 0
 
     @classmethod
-    def initialize(cls, intra_op_threads: int = 0, inter_op_threads: int = 0) -> "DistContext":
+    def initialize(cls, intra_op_threads: int = 0, inter_op_threads: int = 0,
+                   bind_cores: str = "none") -> "DistContext":
         """Initialises Horovod and pins this process's device or CPU threads.
 
         Must run before TensorFlow creates its runtime: device visibility and
-        thread pools cannot be changed after that.
+        thread pools cannot be changed after that. bind_cores "auto": see bind_local_ranks.
         """
         hvd.init()
         gpus = tf.config.list_physical_devices("GPU")
@@ -79,6 +106,10 @@ class DistContext:
             inter_op_threads = inter_op_threads or share
             tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
             tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+        # horovodrun --min-np/--max-np starts workers with this set.
+        elastic = os.environ.get("HOROVOD_ELASTIC") == "1"
+        # The same on every rank (config, world size, elastic), as the collectives in it need.
+        cores = bind_local_ranks(gpu is None) if bind_cores == "auto" and hvd.size() > 1 and not elastic else None
         return cls(
             rank=hvd.rank(),
             local_rank=hvd.local_rank(),
@@ -87,8 +118,8 @@ class DistContext:
             intra_op_threads=intra_op_threads,
             inter_op_threads=inter_op_threads,
             gpu=gpu,
-            # horovodrun --min-np/--max-np starts workers with this set.
-            elastic=os.environ.get("HOROVOD_ELASTIC") == "1",
+            elastic=elastic,
+            cores=cores,
         )
 
     @property

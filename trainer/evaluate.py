@@ -90,7 +90,8 @@ def main(argv=None) -> int:
 
     from trainer.distributed import DistContext
 
-    ctx = DistContext.initialize(cfg.runtime.intra_op_threads, cfg.runtime.inter_op_threads)
+    ctx = DistContext.initialize(cfg.runtime.intra_op_threads, cfg.runtime.inter_op_threads,
+                                 cfg.runtime.bind_cores)
     setup_logging(lambda: ctx.rank, ctx.is_chief or cfg.runtime.log_all_ranks)
     logging.getLogger("trainer.evaluate").info("rank %d of %d evaluating checkpoint %s", ctx.rank, ctx.size,
                                                 args.checkpoint)

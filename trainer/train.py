@@ -145,7 +145,8 @@ def main(argv=None) -> int:
     from trainer.preemption import Stopped
     from trainer.runner import run
 
-    ctx = DistContext.initialize(cfg.runtime.intra_op_threads, cfg.runtime.inter_op_threads)
+    ctx = DistContext.initialize(cfg.runtime.intra_op_threads, cfg.runtime.inter_op_threads,
+                                 cfg.runtime.bind_cores)
     import horovod.tensorflow as hvd
 
     setup_logging(hvd.rank, cfg.runtime.log_all_ranks)
