@@ -9,11 +9,11 @@ written in the option table, launch.options.
 import math
 import re
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from launch.hosts import HostError, format_hosts, parse_hosts
-from launch.options import defaults, horovod_env, horovodrun_args, unsafe_value
+from launch.options import CYCLE_MS, WAKE_ENV, defaults, horovod_env, horovodrun_args, unsafe_value
 
 RUNNERS = ("horovodrun", "srun")
 # horovodrun's time between the SIGTERM it passes to a worker and the SIGKILL
@@ -21,9 +21,6 @@ RUNNERS = ("horovodrun", "srun")
 GRACE_ENV = "HOROVOD_GRACEFUL_TERMINATION_TIME_S"
 # horovodrun's ssh option StrictHostKeyChecking (`no` unpatched, which ssh_config cannot override).
 STRICT_HOST_KEYS_ENV = "HOROVOD_SSH_STRICT_HOST_KEY_CHECKING"
-# Our Horovod patch: the background thread starts a cycle when a tensor is enqueued instead of
-# sleeping out the cycle time. Gloo only: under MPI the rank that waits for the others would poll a core.
-WAKE_ENV = "HOROVOD_WAKE_ON_ENQUEUE"
 _DEFAULT = defaults()  # one source for the defaults: the option table
 # The longest --signal-grace-sec: sbatch's --signal limit (launch slurm passes the grace to it),
 # and far below what the launcher's timer takes.
@@ -55,8 +52,7 @@ class LaunchOptions:
       autotune: let Horovod tune fusion buffer and cycle time.
       fusion_threshold_mb: Horovod tensor fusion buffer size.
       cycle_time_ms: how often Horovod's background thread coordinates the
-        ranks. 5 ms by default (Horovod's own default is 1 ms): fewer wake-ups
-        that take a core from the compute threads, for a little latency.
+        ranks when no tensor wakes it; None: launch.options.CYCLE_MS.
       stall_warning_sec: Horovod logs which ranks are missing from a collective
         after this long.
       stall_shutdown_sec: ... and shuts the job down after this long (0: never),
@@ -166,6 +162,10 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
     """The horovodrun (or srun) argv and the environment to run it with."""
     controller = check_options(opts)
     env = dict(base_env)
+    if controller == "gloo":
+        env.setdefault(WAKE_ENV, "1")
+    if opts.cycle_time_ms is None:
+        opts = replace(opts, cycle_time_ms=CYCLE_MS[env.get(WAKE_ENV) == "1"])
     env.setdefault("PYTHONUNBUFFERED", "1")  # rank output interleaves line by line
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, once per rank
     if opts.runner == "srun":
@@ -176,8 +176,6 @@ def build_command(opts: LaunchOptions, base_env: dict[str, str]) -> tuple[list[s
     argv = [opts.horovodrun, "-np", str(opts.np), f"--{controller}"]
     env = without_enclosing_mpi_job(env)
     env[GRACE_ENV] = str(opts.signal_grace_sec)
-    if controller == "gloo":
-        env.setdefault(WAKE_ENV, "1")
     if opts.ssh_strict_host_keys:
         env[STRICT_HOST_KEYS_ENV] = "yes"
     if opts.elastic:

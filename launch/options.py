@@ -65,6 +65,15 @@ class Option:
     shell: str | None = None
 
 
+# Our Horovod patch: the background thread starts a cycle when a tensor is enqueued instead of
+# sleeping out the cycle time. Gloo only: under MPI the rank that waits for the others would poll a core.
+WAKE_ENV = "HOROVOD_WAKE_ON_ENQUEUE"
+# Horovod's cycle time where --cycle-time-ms is not given, by whether the cycle wakes on enqueue.
+# Woken, a cycle that ends without an enqueue is a negotiation round of every rank for nothing, so
+# cycles can be long: 50 ms was faster than 5 at np=2. Sleeping out its cycle (MPI), every collective
+# waits half a cycle: 5 ms, itself faster than Horovod's own 1 ms (docs/benchmarks.md).
+CYCLE_MS = {True: 50.0, False: 5.0}
+
 OPTIONS = (
     Option("runner", "--srun", "start the ranks with srun (MPI through PMIx) instead of horovodrun; "
            "needs a Slurm allocation", default="horovodrun", const="srun"),
@@ -79,9 +88,10 @@ OPTIONS = (
            horovodrun="--autotune", env="HOROVOD_AUTOTUNE"),
     Option("fusion_threshold_mb", "--fusion-threshold-mb", "Horovod tensor fusion buffer, in MB", type=int,
            metavar="MB", horovodrun="--fusion-threshold-mb", env="HOROVOD_FUSION_THRESHOLD", env_scale=1024 * 1024),
-    # 5 ms, not Horovod's 1 ms: measured faster at np=2 on a CPU host (docs/benchmarks.md#scaling-settings).
-    Option("cycle_time_ms", "--cycle-time-ms", "Horovod background cycle time (default 5 ms; Horovod's own is 1 ms)",
-           type=float, default=5.0, metavar="MS", horovodrun="--cycle-time-ms", env="HOROVOD_CYCLE_TIME"),
+    # Not Horovod's 1 ms: launch.command.CYCLE_MS, measured faster at np=2 on a CPU host (docs/benchmarks.md).
+    Option("cycle_time_ms", "--cycle-time-ms", "Horovod background cycle time (default 50 ms under Gloo, whose "
+           "cycle also starts on enqueue, 5 ms under MPI; Horovod's own is 1 ms)",
+           type=float, metavar="MS", horovodrun="--cycle-time-ms", env="HOROVOD_CYCLE_TIME"),
     Option("ssh_port", "--ssh-port", "ssh port of the other hosts (horovodrun reaches them over ssh)", type=int,
            metavar="PORT", forward=False, horovodrun="--ssh-port"),
     Option("ssh_identity_file", "--ssh-identity-file", "private key for ssh to the other hosts", type=str,

@@ -29,7 +29,7 @@ from launch import cost_model as cm
 from launch import plan_report
 from launch.cli import report_bad_input
 from launch.command import LaunchError
-from launch.options import add_config_options, defaults
+from launch.options import CYCLE_MS, add_config_options
 from trainer.config import ConfigError, ExperimentConfig, load_config, validate, validate_world
 from trainer.data_spec import DataSpec, model_size, resolve_data
 
@@ -53,8 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--measure-steps", type=int, default=10, metavar="S", help="steps per measured epoch (10)")
     p.add_argument("--fusion-threshold-mb", type=int, default=cm.HOROVOD_FUSION_THRESHOLD // cm.MIB, metavar="MB",
                    help="Horovod's fusion threshold, as `launch --fusion-threshold-mb` (default: Horovod's 128)")
-    p.add_argument("--cycle-time-ms", type=float, default=defaults()["cycle_time_ms"], metavar="MS",
-                   help="Horovod's cycle time, as `launch --cycle-time-ms` (default: the launcher's)")
+    p.add_argument("--cycle-time-ms", type=float, metavar="MS",
+                   help="Horovod's cycle time, as `launch --cycle-time-ms` (default: the launcher's, by controller)")
     p.add_argument("--controller", choices=("gloo", "mpi"), default="gloo",
                    help="Horovod's controller, as `launch --gloo/--mpi` (srun: mpi): under gloo the cycle starts "
                         "when the gradients are ready, under mpi a step waits half a cycle (default gloo)")
@@ -83,12 +83,17 @@ def _parse(flag: str, parse, text: str):
         raise LaunchError(f"{flag}: {e}") from None
 
 
+def cycle_time_ms(args: argparse.Namespace) -> float:
+    """--cycle-time-ms, or the launcher's default for --controller."""
+    return CYCLE_MS[args.controller == "gloo"] if args.cycle_time_ms is None else args.cycle_time_ms
+
+
 def _check_numbers(args: argparse.Namespace) -> tuple[cm.Cluster, float | None]:
     """The cluster and the given step time, from the options; LaunchError for any bad one."""
     for flag, value, least in (("--nodes", args.nodes, 1), ("--gpus-per-node", args.gpus_per_node, 1),
                                ("--measure-steps", args.measure_steps, 1),
                                ("--fusion-threshold-mb", args.fusion_threshold_mb, 0),
-                               ("--cycle-time-ms", args.cycle_time_ms, 0),
+                               ("--cycle-time-ms", cycle_time_ms(args), 0),
                                ("--fixed-ms", 0 if args.fixed_ms is None else args.fixed_ms, 0),
                                ("--per-allreduce-ms", args.per_allreduce_ms, 0)):
         if not value >= least or value == float("inf"):
@@ -160,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
                           tuple(sizes["trainable_tensor_bytes"]), tuple(sizes["state_tensor_bytes"]))
     settings = cm.Settings(
         fp16=cfg.allreduce.fp16_compression, accumulation_steps=cfg.train.accumulation_steps,
-        fusion_threshold_bytes=args.fusion_threshold_mb * cm.MIB, cycle_time_s=args.cycle_time_ms / 1000,
+        fusion_threshold_bytes=args.fusion_threshold_mb * cm.MIB, cycle_time_s=cycle_time_ms(args) / 1000,
         wake_on_enqueue=args.controller == "gloo",
         fixed_s=None if args.fixed_ms is None else args.fixed_ms / 1000, per_allreduce_s=args.per_allreduce_ms / 1000)
     prediction = cm.predict(model, compute_s, cluster, batch, settings)

@@ -39,7 +39,7 @@ from emulated_nodes import EmulatedNodes, allreduce_times, ranks_of
 PY = sys.executable
 SIZES = [4096 * 4 ** i for i in range(9)]  # 4 KiB .. 256 MiB
 MAX_CALL_SECONDS = 6.0  # sizes whose bandwidth term alone exceeds this are left out at that rate
-CYCLE_MS = 5  # the launcher's default cycle time (launch/options.py), so the probe sees the trainer's constant
+CYCLE_MS = 5  # the launcher's cycle where Horovod sleeps it out (MPI; launch.options.CYCLE_MS), as the probe does
 SWEEPS = (("node1:1,node2:1", 50e6), ("node1:1,node2:1", 200e6), ("node1:1,node2:1", 1e9),
           ("node1:1,node2:1,node3:1,node4:1", 200e6), ("node1:2,node2:2", 200e6))
 MODELS = {

@@ -27,7 +27,7 @@ def opts(**kw):
 def test_default_command_runs_local_gloo_workers():
     argv, env = build_command(opts(overrides=("train.epochs=3", "run_dir=runs/x")), {"PATH": "/bin"})
     assert argv == [
-        "/venv/bin/horovodrun", "-np", "2", "--gloo", "-H", "localhost:2", "--cycle-time-ms", "5",
+        "/venv/bin/horovodrun", "-np", "2", "--gloo", "-H", "localhost:2", "--cycle-time-ms", "50",
         "--stall-check-warning-time-seconds", "60", "--stall-check-shutdown-time-seconds", "600",
         "/venv/bin/python", "-m", "trainer.train", "--config", "configs/digits.yaml",
         "--set", "train.epochs=3", "--set", "run_dir=runs/x",
@@ -355,6 +355,22 @@ def test_gloo_jobs_wake_horovods_cycle_on_enqueue_and_mpi_jobs_do_not():
     assert WAKE_ENV not in build_command(opts(controller="mpi"), {})[1]
     assert WAKE_ENV not in build_command(opts(runner="srun"), {})[1]
     assert build_command(opts(), {WAKE_ENV: "0"})[1][WAKE_ENV] == "0"  # the caller's choice stands
+
+
+def cycle_ms(argv_env) -> str:
+    argv, env = argv_env
+    return argv[argv.index("--cycle-time-ms") + 1] if "--cycle-time-ms" in argv else env["HOROVOD_CYCLE_TIME"]
+
+
+def test_the_cycle_is_long_where_an_enqueue_starts_it_and_short_where_it_does_not():
+    """Woken on enqueue (Gloo) a cycle without one is a negotiation for nothing; under MPI each collective waits."""
+    assert cycle_ms(build_command(opts(), {})) == "50"
+    assert cycle_ms(build_command(opts(controller="mpi"), {})) == "5"
+    assert cycle_ms(build_command(opts(runner="srun"), {})) == "5"
+    assert cycle_ms(build_command(opts(), {WAKE_ENV: "0"})) == "5"  # Gloo sleeping out its cycles
+    assert cycle_ms(build_command(opts(runner="srun"), {WAKE_ENV: "1"})) == "50"
+    for controller in ("gloo", "mpi"):  # a cycle time given stands
+        assert cycle_ms(build_command(opts(controller=controller, cycle_time_ms=2.5), {})) == "2.5"
 
 
 def test_the_launcher_stops_an_mpi_runner_with_sigusr2_and_sends_sigterm_when_the_grace_is_over(tmp_path):
