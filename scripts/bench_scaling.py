@@ -13,16 +13,15 @@ import time
 
 from bench_common import machine, stats, timestamp
 
-# name -> (launcher options, extra environment). "default" is the launcher as a user runs it.
+# name -> (launcher options, extra environment, config --set). "default" is the launcher as a user runs it.
 VARIANTS = {
-    "default": ((), {}),  # a 5 ms cycle
-    "cycle_1ms": (("--cycle-time-ms", "1"), {}),  # Horovod's own default
-    "cycle_20ms": (("--cycle-time-ms", "20"), {}),
-    "fusion_0mb": (("--fusion-threshold-mb", "0"), {}),
-    "autotune": (("--autotune",), {}),
-    "mpi": (("--mpi",), {}),
-    # One core per local rank for its Horovod background thread: rank 0 on core 0, rank 1 on core 1.
-    "thread_affinity": ((), {"HOROVOD_THREAD_AFFINITY": "0,1"}),
+    "default": ((), {}, ()),  # a 50 ms cycle woken on enqueue, each rank on its own core
+    "cycle_5ms": (("--cycle-time-ms", "5"), {}, ()),  # the launcher's cycle before 2026-12-05
+    "cycle_1ms": (("--cycle-time-ms", "1"), {}, ()),  # Horovod's own default
+    "unbound": ((), {}, ("runtime.bind_cores=none",)),  # every thread on any core
+    "fusion_0mb": (("--fusion-threshold-mb", "0"), {}, ()),
+    "autotune": (("--autotune",), {}, ()),
+    "mpi": (("--mpi",), {}, ()),
 }
 
 
@@ -35,8 +34,8 @@ def scaling_bench(args, steps: int, trainer_rate, plain, plain_rate, variants=tu
         runs["two_plain_keras_1thread_summed"].append(sum(plain_rate(q) for q in pair))
         order = variants[rep % len(variants):] + variants[: rep % len(variants)]
         for name in order:
-            options, env = VARIANTS[name]
-            runs[name].append(trainer_rate(2, steps, *options, env=env))
+            options, env, sets = VARIANTS[name]
+            runs[name].append(trainer_rate(2, steps, *options, sets=sets, env=env))
         print(f"scaling repeat {rep + 1}/{args.repeats}: "
               + ", ".join(f"{k}={v[-1]:.1f}" for k, v in runs.items()), flush=True)
     pair = runs["two_plain_keras_1thread_summed"]
@@ -49,7 +48,8 @@ def scaling_bench(args, steps: int, trainer_rate, plain, plain_rate, variants=tu
         print(f"{v:<20}{e['median']:>11.3f}{e['min']:>8.3f}{e['max']:>8.3f}{tail}")
     return {
         "model": "resnet20", "per_replica_batch_size": 64, "steps_per_epoch": steps, "repeats": args.repeats,
-        "variants": {v: {"launch_options": list(VARIANTS[v][0]), "env": VARIANTS[v][1]} for v in variants},
+        "variants": {v: {"launch_options": list(VARIANTS[v][0]), "env": VARIANTS[v][1], "sets": list(VARIANTS[v][2])}
+                     for v in variants},
         "images_per_sec": {k: stats(v) for k, v in runs.items()},
         "scaling_efficiency": efficiency, "ratio_to_default": vs_default,
         "machine": machine(), "date": timestamp(), "bench_seconds": round(time.time() - started, 1),
