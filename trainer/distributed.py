@@ -38,8 +38,8 @@ def bind_local_ranks(cpu_host: bool) -> str | None:
 
     A collective: every rank calls it. GPU ranks take part without binding:
     where their CPU threads belong depends on the GPU's socket, which the
-    launcher knows (srun --cpu-bind, mpirun --bind-to). Returns this rank's
-    cores (`0-3`), or None where nothing was bound; rank 0 logs every rank's.
+    launcher knows (srun --cpu-bind, mpirun --bind-to). Returns every rank's
+    cores, read back from the kernel (`0: 0-3; 1: 4-7`), or None where nothing was bound.
     """
     mine = cpu_binding.placement() if cpu_host else (cpu_binding.socket.gethostname(), ())
     placements = hvd.allgather_object(mine, name="bind_cores.placements")
@@ -50,10 +50,7 @@ def bind_local_ranks(cpu_host: bool) -> str | None:
         cpu_binding.bind_process(shares[hvd.rank()])
     cores = cpu_binding.format_cores(cpu_binding.process_cores())
     everyone = hvd.allgather_object(cores, name="bind_cores.result")
-    if hvd.rank() == 0:
-        log.info("CPU cores per rank (runtime.bind_cores=auto): %s",
-                 "; ".join(f"{r}: {c}" for r, c in enumerate(everyone)))
-    return cores
+    return "; ".join(f"{r}: {c}" for r, c in enumerate(everyone))
 
 
 def gpu_for_local_rank(gpus: list, local_rank: int):
@@ -77,7 +74,7 @@ class DistContext:
     inter_op_threads: int = 0
     gpu: str | None = None
     elastic: bool = False
-    cores: str | None = None
+    cores_per_rank: str | None = None  # where runtime.bind_cores bound the ranks (log_binding)
 
     @property
     def is_chief(self) -> bool:
@@ -109,7 +106,7 @@ class DistContext:
         # horovodrun --min-np/--max-np starts workers with this set.
         elastic = os.environ.get("HOROVOD_ELASTIC") == "1"
         # The same on every rank (config, world size, elastic), as the collectives in it need.
-        cores = bind_local_ranks(gpu is None) if bind_cores == "auto" and hvd.size() > 1 and not elastic else None
+        bound = bind_local_ranks(gpu is None) if bind_cores == "auto" and hvd.size() > 1 and not elastic else None
         return cls(
             rank=hvd.rank(),
             local_rank=hvd.local_rank(),
@@ -119,8 +116,13 @@ class DistContext:
             inter_op_threads=inter_op_threads,
             gpu=gpu,
             elastic=elastic,
-            cores=cores,
+            cores_per_rank=bound,
         )
+
+    def log_binding(self, logger: logging.Logger) -> None:
+        """Logs where runtime.bind_cores put every rank (once logging is set up), if it bound them."""
+        if self.cores_per_rank:
+            logger.info("CPU cores per rank (runtime.bind_cores=auto): %s", self.cores_per_rank)
 
     @property
     def input_threads(self) -> int:

@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     setup_logging(lambda: ctx.rank, ctx.is_chief or cfg.runtime.log_all_ranks)
     logging.getLogger("trainer.evaluate").info("rank %d of %d evaluating checkpoint %s", ctx.rank, ctx.size,
                                                 args.checkpoint)
+    ctx.log_binding(logging.getLogger("trainer.evaluate"))
     from trainer.failures import WriteFailed
 
     try:

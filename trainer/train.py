@@ -154,6 +154,7 @@ def main(argv=None) -> int:
     log.info("rank %d of %d (local %d of %d), pid %d, intra/inter-op threads %d/%d, gpu %s",
              ctx.rank, ctx.size, ctx.local_rank, ctx.local_size, os.getpid(),
              ctx.intra_op_threads, ctx.inter_op_threads, ctx.gpu)
+    ctx.log_binding(log)
 
     def train():
         validate_world(cfg, ctx.size)
