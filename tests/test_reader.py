@@ -346,7 +346,7 @@ def test_slow_input_is_measured_and_warned_about(tmp_path, caplog):
     import horovod.tensorflow as hvd
     import keras
 
-    from trainer import callbacks as cb
+    from trainer.input_wait import InputBoundWarning, InputWait
     from trainer.step import DataParallelModel
     from trainer.summaries import EpochScalars
 
@@ -365,12 +365,14 @@ def test_slow_input_is_measured_and_warned_about(tmp_path, caplog):
 
     ds = tf.data.Dataset.from_tensors((tf.zeros([8, 4]), tf.zeros([8], tf.int32))).repeat().map(slow).prefetch(1)
     scalars = EpochScalars(tf.summary.create_file_writer(str(tmp_path / "tb")), str(tmp_path / "val"))
-    callbacks = [cb.InputWait(), cb.InputBoundWarning(), scalars]
-    with caplog.at_level(logging.WARNING, logger="trainer.callbacks"):
-        history = model.fit(ds, epochs=2, steps_per_epoch=5, callbacks=callbacks, verbose=0, shuffle=False).history
+    callbacks = [InputWait(), InputBoundWarning(), scalars]
+    with caplog.at_level(logging.WARNING, logger="trainer.input_wait"):
+        history = model.fit(ds, epochs=3, steps_per_epoch=5, callbacks=callbacks, verbose=0, shuffle=False).history
     # Each batch waits >= 50 ms for a step of about a millisecond.
     assert all(f > 0.5 for f in history["input_wait_fraction"]), history
+    # A warning at the first input-bound epoch, the others counted in one line at the end.
     assert caplog.text.count("input-bound") == 2
+    assert "epoch 1: input-bound" in caplog.text and "input-bound in 3 of 3 epochs" in caplog.text
     tags = set()
     for event in tf.compat.v1.train.summary_iterator(str(next((tmp_path / "tb").iterdir()))):
         tags |= {v.tag for v in event.summary.value}
@@ -381,7 +383,7 @@ def test_fast_input_is_measured_as_not_waiting(caplog):
     import horovod.tensorflow as hvd
     import keras
 
-    from trainer import callbacks as cb
+    from trainer.input_wait import InputBoundWarning, InputWait
     from trainer.step import DataParallelModel
 
     hvd.init()
@@ -392,8 +394,8 @@ def test_fast_input_is_measured_as_not_waiting(caplog):
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", jit_compile=False)
     # A batch already in memory, prefetched: each get_next returns at once.
     ds = tf.data.Dataset.from_tensors((tf.zeros([512, 512]), tf.zeros([512], tf.int32))).repeat().prefetch(4)
-    callbacks = [cb.InputWait(), cb.InputBoundWarning()]
-    with caplog.at_level(logging.WARNING, logger="trainer.callbacks"):
+    callbacks = [InputWait(), InputBoundWarning()]
+    with caplog.at_level(logging.WARNING, logger="trainer.input_wait"):
         history = model.fit(ds, epochs=2, steps_per_epoch=20, callbacks=callbacks, verbose=0, shuffle=False).history
     assert all(f < 0.1 for f in history["input_wait_fraction"]), history
     assert all(w < 0.005 for w in history["input_wait"]), history

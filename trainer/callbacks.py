@@ -123,56 +123,6 @@ class StepTimer(keras.callbacks.Callback):
             logs["step_time_sec"] = mine["step_time_mean_sec"]
 
 
-class InputWait(keras.callbacks.Callback):
-    """Replaces the per-step `input_wait` in the epoch logs with the epoch's figures.
-
-    `input_wait` becomes the mean wait per step (seconds) and
-    `input_wait_fraction` the share of the epoch's time spent waiting for
-    input. The first step of every fit is left out: it builds the iterator and
-    fills the buffers, once per start. Must come before AverageMetrics.
-    """
-
-    def on_train_begin(self, logs=None):
-        self._first_of_fit = True
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._wait, self._steps = 0.0, 0
-        self._start = None if self._first_of_fit else time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self._first_of_fit:
-            self._first_of_fit = False
-            self._start = time.perf_counter()
-            return
-        if logs and "input_wait" in logs:
-            self._wait += float(logs["input_wait"])
-            self._steps += 1
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is None or "input_wait" not in logs:
-            return
-        elapsed = time.perf_counter() - self._start if self._start is not None else 0.0
-        logs["input_wait"] = self._wait / self._steps if self._steps else 0.0
-        logs["input_wait_fraction"] = min(1.0, self._wait / elapsed) if elapsed > 0 else 0.0
-
-
-class InputBoundWarning(keras.callbacks.Callback):
-    """Warns when the epoch spent more than `threshold` of its time waiting for input (ranks averaged)."""
-
-    def __init__(self, threshold: float = 0.1):
-        super().__init__()
-        self.threshold = threshold
-
-    def on_epoch_end(self, epoch, logs=None):
-        fraction = (logs or {}).get("input_wait_fraction")
-        if fraction is not None and fraction > self.threshold:
-            log.warning(
-                "epoch %d: input-bound, %.0f%% of the step time was spent waiting for input (averaged over ranks); "
-                "more decode threads (runtime.intra_op_threads), fewer local ranks, lighter data.augment, or "
-                "faster storage would help", epoch + 1, 100 * fraction,
-            )
-
-
 class AverageMetrics(keras.callbacks.Callback):
     """Replaces each epoch metric with its mean over ranks, so all ranks log the same numbers.
 

@@ -36,6 +36,7 @@ from trainer.checkpoint_guard import nonfinite_variable
 from trainer.config import ConfigError, ExperimentConfig, best_mode, dump_yaml, profile_range
 from trainer.console import progress_wanted
 from trainer.failures import WRITE_ERRORS, WriteFailed, WriteGuard, describe_write_error
+from trainer.input_wait import InputBoundWarning
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ class ChiefOutputs(RunOutputs):
             *extra,
         ]
         evaluated = "EMA weights" if self.cfg.train.ema and self.cfg.train.ema_evaluate else ""
-        return [*console, cb.EpochLine(epochs, evaluated=evaluated), cb.InputBoundWarning(),
+        return [*console, cb.EpochLine(epochs, evaluated=evaluated), InputBoundWarning(),
                 WriteGuard(self.failures, writers)]
 
     def write_input_sample(self, dataset, step: int) -> None:

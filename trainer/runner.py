@@ -28,6 +28,7 @@ from trainer.ema import EvaluatedWeights, UseEvaluatedWeights, UseTrainingWeight
 from trainer.evaluation import PeriodicValidation, recorded_validation, validation_metrics
 from trainer.failures import AgreeOnFailures, RunFailures, StopOnNonFinite
 from trainer.freeze import set_phase, split_phases
+from trainer.input_wait import InputWait
 from trainer.outputs import make_outputs
 from trainer.precise_bn import PreciseBatchNorm, PreciseStatistics, batches_for
 from trainer.preemption import StopOnRequest, Stopped, StopRequest
@@ -152,7 +153,7 @@ class TrainingRun:
             *([StopOnNonFinite(self.failures)] if self.cfg.train.stop_on_nonfinite else []),
             cb.EpochTimer(self.global_batch),
             timer,
-            cb.InputWait(),
+            InputWait(),
             cb.AverageMetrics(ctx),
             *([SkippedRecords(ctx, self.skipped)] if self.cfg.data.skip_corrupt_records else []),
             UseEvaluatedWeights(weights, every, epochs),  # the average (train.ema), for the next two
