@@ -88,7 +88,7 @@ OPTIONS = (
            horovodrun="--autotune", env="HOROVOD_AUTOTUNE"),
     Option("fusion_threshold_mb", "--fusion-threshold-mb", "Horovod tensor fusion buffer, in MB", type=int,
            metavar="MB", horovodrun="--fusion-threshold-mb", env="HOROVOD_FUSION_THRESHOLD", env_scale=1024 * 1024),
-    # Not Horovod's 1 ms: launch.command.CYCLE_MS, measured faster at np=2 on a CPU host (docs/benchmarks.md).
+    # Not Horovod's 1 ms: CYCLE_MS above, by controller, measured faster at np=2 on a CPU host (docs/benchmarks.md).
     Option("cycle_time_ms", "--cycle-time-ms", "Horovod background cycle time (default 50 ms under Gloo, whose "
            "cycle also starts on enqueue, 5 ms under MPI; Horovod's own is 1 ms)",
            type=float, metavar="MS", horovodrun="--cycle-time-ms", env="HOROVOD_CYCLE_TIME"),

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from trainer.cpu_binding import core_order, format_cores, share
+from trainer.cpu_binding import any_share, core_order, format_cores, share
 
 
 def by_number(cpus):
@@ -12,7 +12,9 @@ def by_number(cpus):
 
 
 def shares(placements):
-    return [share(placements, r, by_number) for r in range(len(placements))]
+    result = [share(placements, r, by_number) for r in range(len(placements))]
+    assert any_share(placements) is any(result)  # the shortcut every rank takes before its own share
+    return result
 
 
 def test_ranks_that_share_a_hosts_cores_split_them_in_rank_order():

@@ -12,6 +12,7 @@ that the launcher already bound (mpirun --bind-to core, srun --cpu-bind) or
 that a cgroup gave other cores keep theirs.
 """
 
+import collections
 import os
 import socket
 
@@ -37,6 +38,11 @@ def core_order(cpus, topology: str = TOPOLOGY) -> list[int]:
     return sorted(cpus, key=key)
 
 
+def _splits(cores: tuple[int, ...], ranks: int) -> bool:
+    """Whether `ranks` ranks that share `cores` split them: more than one rank, and a core for each."""
+    return ranks >= 2 and len(cores) >= ranks
+
+
 def share(placements: list[tuple[str, tuple[int, ...]]], rank: int, order=core_order) -> set[int] | None:
     """The cores rank `rank` gets, from every rank's (host name, allowed cores); None: keep what it has.
 
@@ -47,18 +53,23 @@ def share(placements: list[tuple[str, tuple[int, ...]]], rank: int, order=core_o
     """
     mine = placements[rank]
     peers = [r for r, p in enumerate(placements) if p == mine]
-    cpus = order(mine[1])
-    if len(peers) < 2 or len(cpus) < len(peers):
+    if not _splits(mine[1], len(peers)):
         return None
+    cpus = order(mine[1])
     base, extra = divmod(len(cpus), len(peers))
     i = peers.index(rank)
     start = i * base + min(i, extra)
     return set(cpus[start:start + base + (i < extra)])
 
 
-def placement() -> tuple[str, tuple[int, ...]]:
-    """This process's host name and the cores it may run on."""
-    return socket.gethostname(), tuple(sorted(os.sched_getaffinity(0)))
+def any_share(placements: list[tuple[str, tuple[int, ...]]]) -> bool:
+    """Whether `share` gives any rank cores, without working out each rank's (the same answer on every rank)."""
+    return any(_splits(p[1], n) for p, n in collections.Counter(placements).items())
+
+
+def placement(cpu_host: bool = True) -> tuple[str, tuple[int, ...]]:
+    """This process's host name and the cores it may run on; no cores for a rank that is not to be bound (GPU)."""
+    return socket.gethostname(), (tuple(sorted(os.sched_getaffinity(0))) if cpu_host else ())
 
 
 def _threads() -> set[int]:

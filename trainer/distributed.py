@@ -41,13 +41,12 @@ def bind_local_ranks(cpu_host: bool) -> str | None:
     launcher knows (srun --cpu-bind, mpirun --bind-to). Returns every rank's
     cores, read back from the kernel (`0: 0-3; 1: 4-7`), or None where nothing was bound.
     """
-    mine = cpu_binding.placement() if cpu_host else (cpu_binding.socket.gethostname(), ())
-    placements = hvd.allgather_object(mine, name="bind_cores.placements")
-    shares = [cpu_binding.share(placements, r) for r in range(len(placements))]
-    if not any(shares):
+    placements = hvd.allgather_object(cpu_binding.placement(cpu_host), name="bind_cores.placements")
+    if not cpu_binding.any_share(placements):
         return None
-    if shares[hvd.rank()]:
-        cpu_binding.bind_process(shares[hvd.rank()])
+    mine = cpu_binding.share(placements, hvd.rank())
+    if mine:
+        cpu_binding.bind_process(mine)
     cores = cpu_binding.format_cores(cpu_binding.process_cores())
     everyone = hvd.allgather_object(cores, name="bind_cores.result")
     return "; ".join(f"{r}: {c}" for r, c in enumerate(everyone))
