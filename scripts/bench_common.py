@@ -37,8 +37,20 @@ def merge_results(path: str, key: str, result: dict) -> None:
 
 
 def machine() -> dict:
-    """The machine a figure was measured on: figures from different machines do not compare."""
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    """The machine a figure was measured on: figures from different machines do not compare.
+
+    The CPU's model and its bfloat16 instruction sets are part of it: the
+    same 2 cores of another model differ in speed, and `train.precision:
+    auto` follows those flags.
+    """
+    from trainer.assembly import BFLOAT16_CPU_FLAGS, cpu_flags, cpuinfo
+
+    flags = set(cpu_flags().split())
+    # A virtual machine may name only the vendor's line ("AMD EPYC"): the family and model tell its generation.
+    cpu = f"{cpuinfo('model name')} (family {cpuinfo('cpu family')}, model {cpuinfo('model')})"
+    return {"cpus": os.cpu_count(), "cpu": cpu,
+            "bfloat16_flags": [f for f in BFLOAT16_CPU_FLAGS if f in flags],
+            "platform": platform.platform(), "python": platform.python_version()}
 
 
 def timestamp() -> str:

@@ -32,17 +32,22 @@ def cpu_has_bfloat16(flags: str) -> bool:
     return not set(flags.split()).isdisjoint(BFLOAT16_CPU_FLAGS)
 
 
-def cpu_flags() -> str:
-    """The `flags` of /proc/cpuinfo's first processor; empty where there is none (not Linux, not x86)."""
+def cpuinfo(key: str) -> str:
+    """Field `key` of /proc/cpuinfo's first processor (`flags`, `model name`); empty where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "flags":
-                    return value
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_flags() -> str:
+    """The `flags` of /proc/cpuinfo's first processor; empty where there is none (not Linux, not x86)."""
+    return cpuinfo("flags")
 
 
 def resolve_precision(precision: str, capability: tuple[int, int] | None, cpu_bfloat16: bool = False) -> str:
