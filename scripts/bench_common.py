@@ -43,11 +43,12 @@ def machine() -> dict:
     same 2 cores of another model differ in speed, and `train.precision:
     auto` follows those flags.
     """
-    from trainer.assembly import BFLOAT16_CPU_FLAGS, cpu_flags, cpuinfo
+    from trainer.assembly import BFLOAT16_CPU_FLAGS, cpuinfo
 
-    flags = set(cpu_flags().split())
+    info = cpuinfo()
+    flags = set(info.get("flags", "").split())
     # A virtual machine may name only the vendor's line ("AMD EPYC"): the family and model tell its generation.
-    cpu = f"{cpuinfo('model name')} (family {cpuinfo('cpu family')}, model {cpuinfo('model')})"
+    cpu = f"{info.get('model name', '')} (family {info.get('cpu family', '')}, model {info.get('model', '')})"
     return {"cpus": os.cpu_count(), "cpu": cpu,
             "bfloat16_flags": [f for f in BFLOAT16_CPU_FLAGS if f in flags],
             "platform": platform.platform(), "python": platform.python_version()}

@@ -47,8 +47,10 @@ def allreduce_panel(ax, sweeps: list[dict]) -> None:
     ax.grid(True, which="both", alpha=0.3)
 
 
-def trainer_panel(ax, points: list[dict], runs: list[dict], matplotlib) -> None:
+def trainer_panel(ax, points: list[dict], runs: list[dict]) -> None:
     """Each trainer point's medians; each knob of each repetition on its own (r1, r2, ...)."""
+    from matplotlib import ticker  # main() has put matplotlib on sys.path
+
     rows = [(p["step_seconds"]["median"], p["predicted_step_seconds"]["median"],
              f"{p['model']} {p['tc_rate_bps'] / 1e6:g}M") for p in points]
     rows += [(v["step_seconds"], v["predicted_step_seconds"], f"{k} r{i}")
@@ -67,9 +69,9 @@ def trainer_panel(ax, points: list[dict], runs: list[dict], matplotlib) -> None:
     # Labels at 1-2-5 steps in plain seconds: the log axis's own minor labels overlap on a span of two decades.
     ticks = [t for t in (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20) if lo <= t <= hi]
     for axis in (ax.xaxis, ax.yaxis):
-        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        axis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
-        axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axis.set_minor_formatter(ticker.NullFormatter())
+        axis.set_major_locator(ticker.FixedLocator(ticks))
+        axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
 
 
 def main() -> int:
@@ -87,12 +89,11 @@ def main() -> int:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401  (trainer_panel's formatter)
 
     net = results["network"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
     allreduce_panel(left, net["allreduce"])
-    trainer_panel(right, net["trainer"], results.get("network_knobs", net)["runs"], matplotlib)
+    trainer_panel(right, net["trainer"], results.get("network_knobs", net)["runs"])
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"written to {args.out}")

@@ -32,22 +32,24 @@ def cpu_has_bfloat16(flags: str) -> bool:
     return not set(flags.split()).isdisjoint(BFLOAT16_CPU_FLAGS)
 
 
-def cpuinfo(key: str) -> str:
-    """Field `key` of /proc/cpuinfo's first processor (`flags`, `model name`); empty where there is none."""
+def cpuinfo() -> dict[str, str]:
+    """The fields of /proc/cpuinfo's first processor (`flags`, `model name`, ...); empty where there is none."""
+    fields = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
+                if not line.strip():
+                    break  # the end of the first processor's block
                 name, _, value = line.partition(":")
-                if name.strip() == key:
-                    return value.strip()
+                fields.setdefault(name.strip(), value.strip())
     except OSError:
         pass
-    return ""
+    return fields
 
 
 def cpu_flags() -> str:
     """The `flags` of /proc/cpuinfo's first processor; empty where there is none (not Linux, not x86)."""
-    return cpuinfo("flags")
+    return cpuinfo().get("flags", "")
 
 
 def resolve_precision(precision: str, capability: tuple[int, int] | None, cpu_bfloat16: bool = False) -> str:
