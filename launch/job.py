@@ -92,7 +92,8 @@ def _run_job(argv: list[str], env: dict[str, str], requeue_job: str | None, verb
     code = output.report.exit_code(code)
     if stopped and code == 0 and finished is not None and not finished():
         # Seen once in a Slurm time-limit test: horovodrun exited 0 after its SIGTERM while
-        # rank 0 had said it stopped at a checkpoint with 143.
+        # rank 0 had said it stopped at a checkpoint with 143 (its safe_shell_exec read 0 for
+        # a worker it reaped itself, fixed in our patch; kept for runners that still do).
         print(f"launch: error: the workers were stopped at a checkpoint and {runner} exited with 0, but the run "
               f"has not trained all its epochs: exiting with {EXIT_STOPPED}, as for a stop", file=sys.stderr,
               flush=True)

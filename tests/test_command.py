@@ -414,7 +414,8 @@ def test_a_runner_that_exits_0_after_a_stop_does_not_make_an_unfinished_run_a_su
     """After the stop it passed on, the launcher believes a 0 only for a run whose summary.json has all its epochs.
 
     The stand-in runner exits 0 on SIGTERM, as horovodrun once did in the Slurm
-    time-limit test while rank 0 had stopped at a checkpoint (exit 143).
+    time-limit test while rank 0 had stopped at a checkpoint (exit 143): its
+    safe_shell_exec read 0 for a worker it had reaped itself (tests/test_worker_exit_codes.py).
     """
     import signal
     import threading

@@ -142,14 +142,15 @@ def one_line(output: str, prefix: str) -> str:
     return found[0]
 
 
-def worker_codes(output: str) -> set[int]:
-    """The non-zero exit codes horovodrun reports for the workers.
+def worker_codes(output: str) -> dict[int, int]:
+    """The non-zero exit codes horovodrun reports for the workers, by rank.
 
-    When one worker exits, horovodrun terminates the others, and it may reap
-    one that is exiting too early and report it as 0 (a race in its
-    safe_shell_exec): not every rank's code is always reported.
+    When one worker exits, horovodrun terminates the others; a worker that is
+    exiting with a code of its own by then is reported with that code (our
+    patch of its safe_shell_exec: unpatched, it read 0 or 143 for some).
     """
-    return {int(code) for code in re.findall(r"^Process \d+ exit with status code (\d+)\.$", output, re.M)}
+    return {int(rank): int(code) for rank, code in
+            re.findall(r"^Process (\d+) exit with status code (\d+)\.$", output, re.M)}
 
 
 def worker_crashes(output: str) -> list[str]:
@@ -175,7 +176,7 @@ def test_a_diverging_run_stops_every_rank_at_one_step_and_keeps_the_last_finite_
     assert sorted(stops) == [0, 1] and stops[0][0].split(":")[0] == stops[1][0].split(":")[0], out[-3000:]
     step = int(stops[0][0].split(":")[0])
     assert 22 < step < 66
-    assert worker_codes(out) == {3}, out[-3000:]
+    assert worker_codes(out) == {0: 3, 1: 3}, out[-3000:]
     line = one_line(out, "training error: ")
     assert re.search(rf"the (loss is (nan|inf)|weights are not finite \(\S+\)) at step {step}; every rank stopped "
                      rf"there \(train.stop_on_nonfinite\); newest checkpoint: {checkpoint_dir(run_dir, 22)}$",
@@ -220,7 +221,7 @@ def test_a_full_disk_stops_every_rank_with_one_line_and_the_run_resumes_after(di
         res = run([*argv, "--verbose"], timeout=600)
         out = res.stdout + res.stderr
         assert res.returncode != 0, out[-3000:]
-        assert worker_codes(out) == {74}, out[-3000:]
+        assert worker_codes(out) == {0: 74, 1: 74}, out[-3000:]
         assert sorted(messages(out, "stopping at step")) == [0, 1], out[-3000:]
         line = one_line(out, "write error: ")
         newest = f"newest good checkpoint: {checkpoint_dir(run_dir, 22)}"
