@@ -18,9 +18,9 @@ export could not be written (one line: the file and the errno); 1 anything else.
 
 import logging
 import os
-import sys
 
 from data_pipeline.arguments import ArgumentParser
+from trainer import exit_after_collecting
 from trainer.config import ConfigError, check_environment, load_config, validate
 from trainer.data_spec import check_evaluation, model_signature, resolve_data
 from trainer.exit_codes import EXIT_WRITE_FAILED
@@ -106,4 +106,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after_collecting(main())

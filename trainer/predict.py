@@ -34,6 +34,8 @@ import sys
 import numpy as np
 import tensorflow as tf
 
+from trainer import exit_after_collecting
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 SIGNATURE = "serving_default"
 IMAGES_SIGNATURE = "serving_images"
@@ -268,4 +270,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after_collecting(main())

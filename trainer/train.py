@@ -25,6 +25,7 @@ import time
 
 from data_pipeline.arguments import ArgumentParser
 from data_pipeline.metadata import DataError
+from trainer import exit_after_collecting
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, check_environment, check_run_dir, load_config, validate, validate_world
 from trainer.data_spec import check_start
@@ -232,4 +233,4 @@ def print_summary(summary: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after_collecting(main())
