@@ -167,7 +167,7 @@ def at_step(step: int):
 
 def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits_shards, tmp_path):
     run_dir = tmp_path / "run"
-    argv = launch_argv(run_dir, digits_shards, "--set", "train.epochs=40")
+    argv = launch_argv(run_dir, digits_shards, "--set", "train.epochs=12")
     proc = start_and_wait_for(argv, run_dir / "checkpoints", ready=at_step(44))  # after epoch 2
     time.sleep(0.2)  # land inside a later epoch
     proc.send_signal(signal.SIGTERM)  # what Slurm sends before it kills a job; the launcher passes it on
@@ -194,7 +194,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits
 
     # Resume with the MPI controller and fp16 gradient compression this time:
     # the checkpoint does not depend on either, and the replicas must still agree.
-    res = run(launch_argv(run_dir, digits_shards, "--set", "train.epochs=40", "--mpi",
+    res = run(launch_argv(run_dir, digits_shards, "--set", "train.epochs=12", "--mpi",
                           "--set", "allreduce.fp16_compression=true"), timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
@@ -202,23 +202,23 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes_there(digits
     spe = 22
     records = epoch_records(run_dir)
     first_epoch = step // spe + 1  # the interrupted epoch is finished first, then the rest
-    assert [r["epoch"] for r in rank_records(out)[1]] == list(range(first_epoch, 41))
+    assert [r["epoch"] for r in rank_records(out)[1]] == list(range(first_epoch, 13))
     # Across the stop and the resume, metrics.jsonl holds every epoch once, each validated: the resumed
     # run replaced the record of the epoch the stop cut short by the completed epoch's.
-    assert [r["epoch"] for r in records] == list(range(1, 41))
+    assert [r["epoch"] for r in records] == list(range(1, 13))
     assert records[:first_epoch - 1] == before[:first_epoch - 1]
     assert all("val_accuracy" in r for r in records)
     after = messages(out, "weights after training:")
     assert after[0] == after[1]
-    assert checkpoint_steps(run_dir)[-1] == 40 * spe
+    assert checkpoint_steps(run_dir)[-1] == 12 * spe
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["val_accuracy"] > 0.95
 
     # A third start finds the run finished, says so, and trains nothing.
-    res = run(launch_argv(run_dir, digits_shards, "--set", "train.epochs=40"), timeout=600)
+    res = run(launch_argv(run_dir, digits_shards, "--set", "train.epochs=12"), timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    assert "already finished at epoch 40" in out
+    assert "already finished at epoch 12" in out
     assert "epoch_metrics" not in out
     assert epoch_records(run_dir) == records
     assert f"val_accuracy            {summary['val_accuracy']:.4f}" in out

@@ -30,8 +30,10 @@ sys.exit(code)
 
 
 def eager_reads(tmp_path, steps: int) -> int:
+    """The reads of a run of `steps` steps an epoch; the small model with BatchNorm, as ResNet-20 traces 2x longer."""
     res = run([sys.executable, "-c", COUNTING_RUN, "--config", "configs/bench_resnet20.yaml",
-               "--set", f"run_dir={tmp_path}/run-{steps}", "--set", "model.image_size=8",
+               "--set", f"run_dir={tmp_path}/run-{steps}", "--set", "model.name=simple_cnn",
+               "--set", "model.image_size=8",
                "--set", f"train.steps_per_epoch={steps}", "--set", "train.epochs=2",
                "--set", "data.global_batch_size=4", "--set", "train.keep_checkpoints=1"])
     assert res.returncode == 0, res.stderr[-3000:]

@@ -131,12 +131,12 @@ def test_digits_learns_under_mixed_precision(digits_shards, tmp_path, precision)
 
     res = run([sys.executable, "-m", "trainer.train", "--config", "configs/digits.yaml",
                "--set", f"run_dir={tmp_path}/run", "--set", f"data.dir={digits_shards}",
-               "--set", "train.epochs=30", "--set", f"train.precision={precision}", "--set", "train.export_top_k=3"])
+               "--set", "train.epochs=10", "--set", f"train.precision={precision}", "--set", "train.export_top_k=3"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"precision {precision}," in res.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    # 20 epochs gave 0.986-0.989 here (float32 0.983); 30 leave a margin.
-    assert summary["val_accuracy"] >= 0.98, summary
+    # 10 epochs gave 0.986 (mixed_float16) and 0.983 (mixed_bfloat16) here; a broken loss scale stays near 0.1.
+    assert summary["val_accuracy"] >= 0.97, summary
     # The export serves float32 whatever the training precision.
     import tensorflow as tf
 
