@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from helpers import checkpoint_dir, checkpoint_steps, resize_filesystem, run, small_filesystem
+from launch.runner_report import GLOO_END
 from test_horovod import launch_argv, messages
 
 NO_SPACE = "No space left on device (errno 28, ENOSPC)"
@@ -149,8 +150,8 @@ def worker_codes(output: str) -> dict[int, int]:
     exiting with a code of its own by then is reported with that code (our
     patch of its safe_shell_exec: unpatched, it read 0 or 143 for some).
     """
-    return {int(rank): int(code) for rank, code in
-            re.findall(r"^Process (\d+) exit with status code (\d+)\.$", output, re.M)}
+    ends = (GLOO_END.match(line) for line in output.splitlines())
+    return {int(m.group(1)): int(m.group(2)) for m in ends if m}
 
 
 def worker_crashes(output: str) -> list[str]:

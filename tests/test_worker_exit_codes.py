@@ -23,17 +23,16 @@ from horovod.runner.common.util import safe_shell_exec
 
 EXIT_CODE = 74
 WORKER = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-          "open(sys.argv[1], 'w').close(); time.sleep({sleep}); raise SystemExit({code})")
+          f"open(sys.argv[1], 'w').close(); time.sleep(0.2); raise SystemExit({EXIT_CODE})")
 
 
-def end_while_terminated(tmp_path, name: str, shell_tail: str = "", sleep: float = 0.2) -> tuple[int, float]:
+def end_while_terminated(tmp_path, name: str, shell_tail: str = "") -> tuple[int, float]:
     """The code execute() reports, and its seconds, for a worker terminated once it ignores SIGTERM.
 
     The command is `env ... python -c WORKER READY` (as horovodrun's), then `shell_tail`.
     """
     ready = tmp_path / name
-    worker = WORKER.format(sleep=sleep, code=EXIT_CODE)
-    command = f'env HVD_TEST=1 {sys.executable} -c "{worker}" {ready}{shell_tail}'
+    command = f'env HVD_TEST=1 {sys.executable} -c "{WORKER}" {ready}{shell_tail}'
     terminate = threading.Event()
 
     def once_ready():
